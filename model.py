@@ -1,0 +1,654 @@
+"""
+The Z-Reward score model: a vision-language model read as a distribution over rubric scores.
+
+Given a prompt p, an image I and a rubric dimension d, the model's next-token logits at the
+score position, restricted to the K = 9 bin tokens, give q(s | p, I, d) over the half-point grid
+s in {1.0, 1.5, ..., 5.0}; the reward is its expectation mu = sum_s s q(s) (Eq. 16) and sigma its
+spread. This is Q-Align's reading of a score from token logits, applied to Z-Reward's rubric.
+
+- bins: the digits "1".."9" (single tokens in every Qwen tokenizer: the pre-tokenizer splits
+  digits one by one), level L means score 1 + (L - 1) / 2. The rubric asks for a 1-9 answer, so a
+  base model emits these tokens naturally. Every bin is checked to be exactly one token.
+- score head: hidden state at the score position times only the K LM-head rows of the bin
+  tokens, never the full-vocabulary logits.
+- two prompt modes: "direct" (the score token is the first answer token; SFT and the RISD
+  student) and "reasoning" (a trace, then "Score: N"; the GDSO teacher).
+- checkpoints: one safetensors file with the weights and everything needed to rebuild the model
+  offline (HF config, tokenizer, image-processor settings, chat template, bins, prompt version).
+- the embedded default, ScoreModel.tiny(): a ~0.5M-parameter Qwen3.5-architecture VLM built from
+  a config, with a byte-level BPE tokenizer made in code. Nothing is downloaded.
+
+References: Z-Reward (Jin, Cai et al., arXiv 2606.09076), Q-Align (Wu et al., arXiv 2312.17090),
+Qwen3.5 / Qwen3-VL / Qwen2.5-VL in Hugging Face transformers.
+"""
+
+import inspect
+import json
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from data import DIMENSIONS, SCORE_MARKER, VOCAB
+
+# -----------------------------------------------------------------------------
+# the rubric: bins, dimensions, prompts
+
+BINS = tuple(1.0 + 0.5 * i for i in range(9))  # the nine-level half-point grid, S_min = 1, S_max = 5
+BIN_TOKENS = tuple(str(i + 1) for i in range(9))  # level L <-> score 1 + (L - 1) / 2
+S_MIN, S_MAX = BINS[0], BINS[-1]
+PROMPT_VERSION = "zr-rubric-v1"  # bump whenever a word of the prompts below changes
+CHECKPOINT_FORMAT = "zreward-score-model-v1"
+
+RUBRICS = {
+    "alignment": "Rate text-image alignment: are the objects, colors, counts and positions of the prompt in the image, and nothing else?",
+    "realism": "Rate realism: is the image free of noise, blur and artifacts?",
+    "aesthetics": "Rate aesthetics: are the objects well centered, the scene uncluttered and the contrast good?",
+    "plausibility": "Rate physical plausibility: does every object rest on its ground, without floating or overlapping another?",
+}
+INSTRUCTIONS = {
+    "direct": "Answer with one digit from 1 (worst) to 9 (best).",
+    "reasoning": f"Check each item on its own line, then answer '{SCORE_MARKER} N' with one digit N from 1 (worst) to 9 (best).",
+}
+assert set(RUBRICS) == set(DIMENSIONS)
+
+
+def rubric_messages(prompt, dimension, mode):
+    """The chat for one query: the image, the generation prompt, the rubric and the instruction."""
+    if dimension not in RUBRICS:
+        raise ValueError(f"unknown dimension {dimension!r}; expected one of {DIMENSIONS}")
+    if mode not in INSTRUCTIONS:
+        raise ValueError(f"unknown prompt mode {mode!r}; expected 'direct' or 'reasoning'")
+    text = f"Prompt: {prompt}\n{RUBRICS[dimension]}\n{INSTRUCTIONS[mode]}"
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+# -----------------------------------------------------------------------------
+# the embedded tiny default: tokenizer, image processor and config built in code
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>")
+# ChatML, as Qwen's templates write it; images become <|vision_start|><|image_pad|><|vision_end|>
+TINY_CHAT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{{- '<|im_start|>' + m['role'] + '\n' -}}"
+    "{%- if m['content'] is string -%}{{- m['content'] -}}"
+    "{%- else -%}{%- for c in m['content'] -%}"
+    "{%- if c['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- else -%}{{- c['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer with whole-word merges for the synthetic world's words.
+
+    It is an instance of the Qwen3.5 tokenizer class (same normalizer, pre-tokenizer and byte-level
+    decoder), so it round-trips through save/load and splits digits one by one like the real one.
+    Any text encodes (bytes are the fallback); the merges only make the world's words one token.
+    """
+    from tokenizers import Tokenizer, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers.models.qwen3_5.tokenization_qwen3_5 import Qwen3_5Tokenizer
+
+    words = set(VOCAB) | {"Score", "Prompt", "Rate", "Answer", "Check", "user", "assistant", "system"}
+    for text in list(RUBRICS.values()) + list(INSTRUCTIONS.values()):
+        words |= {w for w in "".join(c if c.isalpha() else " " for c in text).split()}
+    # train BPE with the Qwen3.5 pre-tokenizer until every word, alone or after a space, is one
+    # token (an unbounded vocabulary merges each distinct pre-token completely; deterministic)
+    pipeline = Qwen3_5Tokenizer()._tokenizer
+    bpe = Tokenizer(BPE())
+    bpe.normalizer, bpe.pre_tokenizer = pipeline.normalizer, pipeline.pre_tokenizer
+    trainer = trainers.BpeTrainer(vocab_size=100_000, min_frequency=1, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([" ".join(sorted(words)), "\n".join(sorted(words))], trainer=trainer)
+    model = json.loads(bpe.to_str())["model"]
+    vocab, merges = dict(model["vocab"]), [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    for tok in SPECIAL_TOKENS:
+        vocab[tok] = len(vocab)
+    tok = Qwen3_5Tokenizer(vocab=vocab, merges=merges, unk_token="<|endoftext|>", eos_token="<|im_end|>",
+                           pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+def tiny_image_processor():
+    """Qwen's image processor at the tiny world's scale: 64x64 images pass without resizing."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                    image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+                                    size={"shortest_edge": 32 * 32, "longest_edge": 256 * 256})
+
+
+def tiny_config(tokenizer, hidden=64, layers=2, vision_depth=2):
+    """Size "S" of DESIGN.md section 4: hybrid Gated-DeltaNet + full attention, tied embeddings."""
+    from transformers import Qwen3_5Config
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab_size = 64 * math.ceil(len(tokenizer) / 64)  # room to grow, aligned rows
+    layer_types = ["linear_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    return Qwen3_5Config(
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+            layer_types=layer_types, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+            # rotary dim = head_dim * 0.25 = 8; M-RoPE splits its 4 frequencies over (t, h, w)
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25,
+                                 mrope_section=[2, 1, 1], mrope_interleaved=True),
+            max_position_embeddings=1024, tie_word_embeddings=True,
+            eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=vision_depth, hidden_size=hidden, intermediate_size=2 * hidden, num_heads=2,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden,
+                           num_position_embeddings=64),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+
+
+# -----------------------------------------------------------------------------
+# differentiable image preprocessing (torch only, so a generator's gradient reaches its pixels)
+
+def _round_ste(x):
+    """Round to the uint8 grid in the forward pass, identity in the backward pass."""
+    return x + ((x * 255).round() / 255 - x).detach()
+
+
+def preprocess_differentiable(images, image_processor):
+    """Float images (B, 3, H, W) in [0, 1] -> (pixel_values, image_grid_thw) like Qwen's processor.
+
+    Matches Qwen2VLImageProcessorPil exactly when no resize is needed (the tiny world's 64x64). A
+    resize follows Pillow: separable antialiased bicubic (a = -0.5), one axis at a time, rounded to
+    uint8 after each pass (straight-through, so the gradient is the resize's); within one uint8 level.
+    """
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    ip = image_processor
+    B, C, H, W = images.shape
+    p, m, tp = ip.patch_size, ip.merge_size, ip.temporal_patch_size
+    h, w = smart_resize(H, W, factor=p * m, min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
+    x = _round_ste(images.clamp(0, 1))  # the processor sees uint8 pixels
+    # Pillow resizes one axis at a time, rounding to uint8 in between, and starts with the pass
+    # whose intermediate image is smaller (vertical first iff w0 * h < w * h0; measured on Pillow 13)
+    sizes = [(H, w), (h, w)] if W * h >= w * H else [(h, W), (h, w)]
+    for size in sizes:
+        if tuple(x.shape[-2:]) != size:
+            x = _round_ste(F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1))
+    mean = torch.tensor(ip.image_mean, dtype=x.dtype, device=x.device).view(1, C, 1, 1)
+    std = torch.tensor(ip.image_std, dtype=x.dtype, device=x.device).view(1, C, 1, 1)
+    x = (x - mean) / std
+    gh, gw = h // p, w // p
+    # (B, C, gh/m, m, p, gw/m, m, p) -> (B, gh/m, gw/m, m, m, C, p, p): merge-block-major patch rows
+    x = x.reshape(B, C, gh // m, m, p, gw // m, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
+    # a still image is repeated over the temporal patch: (..., C, tp, p, p)
+    x = x.unsqueeze(-3).expand(*x.shape[:-2], tp, p, p)
+    pixel_values = x.reshape(B * gh * gw, C * tp * p * p)
+    grid = torch.tensor([[1, gh, gw]] * B, dtype=torch.long, device=images.device)
+    return pixel_values, grid
+
+
+# -----------------------------------------------------------------------------
+# the score model
+
+@dataclass
+class ScoreOutput:
+    probs: torch.Tensor  # (N, K) q(s), softmax over the bin logits
+    mean: torch.Tensor  # (N,) mu = sum_s s q(s), the reward (Eq. 16)
+    std: torch.Tensor  # (N,) sigma
+    logits: torch.Tensor  # (N, K) bin logits, fp32
+    traces: list | None = None  # reasoning mode: the generated trace text per query
+    valid: torch.Tensor | None = None  # reasoning mode: (N,) bool, trace reached a score token
+
+
+def score_stats(logits, values):
+    """probs, mu and sigma of the score distribution (kernels/score.py fuses this on GPU)."""
+    try:
+        from kernels import score_stats as fused
+    except ImportError:
+        fused = None
+    if fused is not None:
+        return fused(logits, values)
+    probs = logits.float().softmax(-1)
+    mu = probs @ values
+    var = (probs * (values - mu[:, None]) ** 2).sum(-1)
+    return probs, mu, var.clamp_min(0).sqrt()
+
+
+def _pad(seqs, value, left):
+    """Pad a list of 1-D long tensors to one (B, L) tensor, on the left or the right."""
+    L = max((len(s) for s in seqs), default=0)
+    out = torch.full((len(seqs), L), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if left:
+            out[i, L - len(s):] = s
+        else:
+            out[i, :len(s)] = s
+    return out
+
+
+class ScoreModel(nn.Module):
+    """A Hugging Face VLM plus the K-bin score head. The one class the training scripts import."""
+
+    def __init__(self, vlm, tokenizer, image_processor, source="tiny"):
+        super().__init__()
+        self.vlm = vlm
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.source = source  # where the model and its processor came from, for the metadata
+        ids = []
+        for value, tok in zip(BINS, BIN_TOKENS):
+            pieces = tokenizer.encode(tok, add_special_tokens=False)
+            if len(pieces) != 1:
+                raise ValueError(f"bin {value} (token {tok!r}) is not a single token in this tokenizer: it encodes "
+                                 f"to {len(pieces)} tokens {tokenizer.convert_ids_to_tokens(pieces)}")
+            ids.append(pieces[0])
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"bin tokens {BIN_TOKENS} do not map to distinct token ids: {ids}")
+        self.register_buffer("bin_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
+        self.register_buffer("bin_values", torch.tensor(BINS, dtype=torch.float32), persistent=False)
+        self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.stop_ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+                               | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        # Qwen2.5-VL takes no mm_token_type_ids; Qwen3-VL and Qwen3.5 require them with images
+        self._takes_mm_types = "mm_token_type_ids" in inspect.signature(vlm.model.forward).parameters
+
+    # --- constructors ------------------------------------------------------------------------
+
+    @classmethod
+    def tiny(cls, seed=0, **sizes):
+        """The embedded default: deterministic given the seed, nothing downloaded."""
+        from transformers import Qwen3_5ForConditionalGeneration
+
+        tokenizer = build_tiny_tokenizer()
+        config = tiny_config(tokenizer, **sizes)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            vlm = Qwen3_5ForConditionalGeneration(config)
+        return cls(vlm.eval(), tokenizer, tiny_image_processor(), source="tiny")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype=None, **kwargs):
+        """Any local HF folder or hub id of a Qwen3.5 / Qwen3-VL / Qwen2.5-VL image-text-to-text model."""
+        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+        vlm = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        image_processor = AutoImageProcessor.from_pretrained(name_or_path, backend="pil")
+        return cls(vlm.eval(), tokenizer, image_processor, source=str(name_or_path))
+
+    @classmethod
+    def load(cls, path, like=None, dtype=None):
+        """Rebuild a saved score model offline from its safetensors file alone.
+
+        Refuses, with the reason, a file that is not a Z-Reward checkpoint, one written with another
+        bin set, and (when `like` is given) one whose architecture or config differs from `like`'s.
+        """
+        meta, tensors = read_checkpoint(path)
+        check_compatible(meta, path, like)
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        cfg = json.loads(meta["hf_config"])
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        with params_on_meta():
+            vlm = AutoModelForImageTextToText.from_config(config)
+        load_weights(vlm, tensors, path)
+        if dtype is not None:
+            vlm.to(dtype)
+        tokenizer = _tokenizer_from_meta(meta)
+        image_processor = _image_processor_from_meta(meta)
+        model = cls(vlm.eval(), tokenizer, image_processor, source=meta["source"])
+        model.metadata = meta
+        return model
+
+    def save(self, path, **extra):
+        """Write weights + metadata to one safetensors file, atomically (temp file, then rename).
+
+        `extra` (training flags, step, metrics) is stored as JSON under its own keys.
+        """
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.vlm.state_dict().items()}
+        write_checkpoint(path, dedupe_tied(state), self.metadata_dict(**extra))
+
+    def metadata_dict(self, **extra):
+        tok_json = self.tokenizer.backend_tokenizer.to_str()
+        special = {k: getattr(self.tokenizer, k) for k in ("eos_token", "pad_token", "unk_token", "bos_token")}
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "architecture": type(self.vlm).__name__,
+            "hf_config": self.vlm.config.to_json_string(use_diff=False),
+            "bins": json.dumps(list(BINS)),
+            "bin_tokens": json.dumps(list(BIN_TOKENS)),
+            "prompt_version": PROMPT_VERSION,
+            "source": self.source,
+            "tokenizer": tok_json,
+            "tokenizer_special": json.dumps(special),
+            "chat_template": self.tokenizer.chat_template or "",
+            "image_processor": json.dumps({"class": type(self.image_processor).__name__,
+                                           **_image_processor_settings(self.image_processor)}),
+        }
+        for k, v in extra.items():
+            meta[k] = v if isinstance(v, str) else json.dumps(v)
+        return meta
+
+    # --- inputs ------------------------------------------------------------------------------
+
+    @property
+    def device(self):
+        return self.bin_ids.device
+
+    def prompt_text(self, prompt, dimension, mode):
+        """The chat text up to the answer, with one <|image_pad|> per image (expanded in encode)."""
+        kwargs = {"enable_thinking": mode == "reasoning"}  # Qwen3.5 templates; ignored by the tiny one
+        return self.tokenizer.apply_chat_template(rubric_messages(prompt, dimension, mode), tokenize=False,
+                                                  add_generation_prompt=True, **kwargs)
+
+    def pixels(self, images):
+        """PIL images / paths -> (pixel_values, image_grid_thw); a float tensor goes the differentiable way."""
+        if torch.is_tensor(images):
+            return preprocess_differentiable(images.to(self.device), self.image_processor)
+        pil = []
+        for im in images:
+            if isinstance(im, (str, os.PathLike)):
+                if not os.path.exists(im):
+                    raise FileNotFoundError(f"image not found: {im}")
+                im = Image.open(im)
+            pil.append(im.convert("RGB"))
+        out = self.image_processor(images=pil, return_tensors="pt")
+        return out["pixel_values"].to(self.device), out["image_grid_thw"].to(self.device)
+
+    def encode(self, prompts, images, dimensions, mode="direct", completions=None):
+        """Build a batch: left-padded prompts, then (optionally) right-padded completions.
+
+        prompts, dimensions: lists of N strings (a single dimension string is broadcast);
+        images: N PIL images or paths, or a float tensor (N, 3, H, W) in [0, 1];
+        completions: N strings or lists of token ids appended after the prompt (teacher forcing).
+        Returns a dict of model inputs plus `prompt_len` (the padded prompt length Lp): the logits
+        at position Lp - 1 predict the first answer token, the direct-mode score token.
+        """
+        N = len(prompts)
+        if isinstance(dimensions, str):
+            dimensions = [dimensions] * N
+        pixel_values, grid = self.pixels(images)
+        merge = self.image_processor.merge_size
+        pad_tok = "<|image_pad|>"
+        seqs = []
+        for i in range(N):
+            text = self.prompt_text(prompts[i], dimensions[i], mode)
+            n_img = int(grid[i].prod()) // merge ** 2
+            if text.count(pad_tok) != 1:
+                raise ValueError(f"chat template produced {text.count(pad_tok)} image placeholders, expected 1")
+            ids = self.tokenizer.encode(text.replace(pad_tok, pad_tok * n_img), add_special_tokens=False)
+            seqs.append(torch.tensor(ids, dtype=torch.long))
+        input_ids = _pad(seqs, self.pad_id, left=True)
+        attention_mask = _pad([torch.ones_like(s) for s in seqs], 0, left=True)
+        Lp = input_ids.shape[1]
+        if completions is not None:
+            comp = [torch.tensor(c if not isinstance(c, str) else self.tokenizer.encode(c, add_special_tokens=False),
+                                 dtype=torch.long) for c in completions]
+            input_ids = torch.cat([input_ids, _pad(comp, self.pad_id, left=False)], 1)
+            attention_mask = torch.cat([attention_mask, _pad([torch.ones_like(c) for c in comp], 0, left=False)], 1)
+        batch = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device),
+                 "pixel_values": pixel_values.to(self.vlm.dtype), "image_grid_thw": grid, "prompt_len": Lp}
+        if self._takes_mm_types:
+            batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).int()
+        return batch
+
+    def _model_inputs(self, batch):
+        return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values",
+                                                          "image_grid_thw", "mm_token_type_ids")}
+
+    # --- forward: hidden states, score head, token log-probs -----------------------------------
+
+    def bin_weight(self):
+        """The K rows of the LM head for the bin tokens: (K, D)."""
+        return self.vlm.get_output_embeddings().weight[self.bin_ids]
+
+    def score_logits(self, hidden):
+        """hidden (N, D) at score positions -> bin logits (N, K) in fp32, never the full vocabulary."""
+        head = self.vlm.get_output_embeddings()
+        logits = hidden.float() @ self.bin_weight().float().T
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias[self.bin_ids].float()
+        return logits
+
+    def forward(self, batch, score_index, targets=None, temperature=1.0):
+        """One teacher-forced pass.
+
+        score_index: (B,) sequence positions whose hidden state predicts the score token.
+        targets: optional (B, L) next-token ids aligned with positions (-100 = ignore): the
+        log-probs log pi(targets[b, t] | prefix up to t) come back as `token_logprobs` (B, L),
+        computed by the fused linear kernel without the (B, L, V) logits.
+        Returns a dict with `score_logits` (B, K) and, with targets, `token_logprobs`.
+        Keeping everything inside forward lets DDP / FSDP2 hooks see every parameter use.
+        """
+        hidden = self.vlm.model(**self._model_inputs(batch), use_cache=False).last_hidden_state  # (B, L, D)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        out = {"score_logits": self.score_logits(hidden[rows, score_index])}
+        if targets is not None:
+            from kernels import token_logprobs
+
+            keep = targets != -100
+            lp = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+            weight = self.vlm.get_output_embeddings().weight
+            lp[keep] = token_logprobs(hidden[keep], weight, targets[keep], temperature=temperature)
+            out["token_logprobs"] = lp
+        return out
+
+    def distribution(self, score_logits):
+        probs, mu, sigma = score_stats(score_logits, self.bin_values)
+        return ScoreOutput(probs=probs, mean=mu, std=sigma, logits=score_logits)
+
+    # --- scoring -----------------------------------------------------------------------------
+
+    def score(self, prompts, images, dimension, mode="direct", batch_size=None, max_new_tokens=64,
+              temperature=0.0):
+        """Score N (prompt, image) pairs on one dimension (or a list of N dimensions).
+
+        direct: one forward, the score token read at the end of the prompt.
+        reasoning: generate a trace (greedy unless temperature > 0), then read the distribution at
+        the score token after the last "Score:"; a trace without one is marked invalid and scored
+        at the end of the trace. Gradients flow when grad mode is on (direct mode).
+        """
+        N = len(prompts)
+        dims = [dimension] * N if isinstance(dimension, str) else list(dimension)
+        bs = batch_size or N
+        outs = []
+        for a in range(0, N, bs):
+            sl = slice(a, a + bs)
+            if mode == "direct":
+                batch = self.encode(prompts[sl], images[sl], dims[sl], "direct")
+                idx = torch.full((batch["input_ids"].shape[0],), batch["prompt_len"] - 1, device=self.device)
+                outs.append(self.distribution(self(batch, idx)["score_logits"]))
+            else:
+                outs.append(self.score_with_reasoning(prompts[sl], images[sl], dims[sl], max_new_tokens, temperature))
+        cat = lambda name: torch.cat([getattr(o, name) for o in outs]) if outs and getattr(outs[0], name) is not None else None
+        traces = sum((o.traces for o in outs), []) if mode != "direct" else None
+        return ScoreOutput(probs=cat("probs"), mean=cat("mean"), std=cat("std"), logits=cat("logits"),
+                           traces=traces, valid=cat("valid"))
+
+    @torch.no_grad()
+    def generate(self, batch, max_new_tokens=64, temperature=1.0, top_p=1.0):
+        """Sample completions with the KV cache; returns a list of token-id lists, cut after a stop token."""
+        sample = temperature > 0
+        kwargs = dict(do_sample=sample, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
+        out = self.vlm.generate(**self._model_inputs(batch), max_new_tokens=max_new_tokens,
+                                eos_token_id=self.stop_ids, pad_token_id=self.pad_id, top_k=None, **kwargs)
+        comps = []
+        for row in out[:, batch["input_ids"].shape[1]:].tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in self.stop_ids), len(row))
+            comps.append(row[:cut])
+        return comps
+
+    def find_score_index(self, completion):
+        """Index in `completion` (token ids) of the bin token after the last "Score:", or -1.
+
+        Searching backward over bin tokens only and decoding a short window keeps this cheap for
+        long traces, and works whatever tokens the marker was split into.
+        """
+        bins = set(self.bin_ids.tolist())
+        for i in range(len(completion) - 1, -1, -1):
+            if completion[i] in bins:
+                before = self.tokenizer.decode(completion[max(0, i - 8):i], skip_special_tokens=False)
+                if before.rstrip().endswith(SCORE_MARKER):
+                    return i
+        return -1
+
+    def parsed_score(self, completion):
+        """The score the trace's text states (the parse-text ablation), or None if it has none."""
+        i = self.find_score_index(completion)
+        return None if i < 0 else BINS[self.bin_ids.tolist().index(completion[i])]
+
+    def score_with_reasoning(self, prompts, images, dims, max_new_tokens=64, temperature=0.0, completions=None):
+        """Generate traces (unless given), then read q at each trace's score token, teacher-forced."""
+        if completions is None:
+            was_training = self.training
+            self.eval()
+            completions = self.generate(self.encode(prompts, images, dims, "reasoning"), max_new_tokens, temperature)
+            self.train(was_training)
+        batch = self.encode(prompts, images, dims, "reasoning", completions=completions)
+        pos = [self.find_score_index(c) for c in completions]
+        valid = torch.tensor([p >= 0 for p in pos], device=self.device)
+        # the hidden state one position before the score token predicts it; an invalid trace is
+        # read at its last token so the output stays defined (callers mask it by `valid`)
+        idx = torch.tensor([batch["prompt_len"] + (p if p >= 0 else len(c)) - 1 for p, c in zip(pos, completions)],
+                           device=self.device)
+        out = self.distribution(self(batch, idx)["score_logits"])
+        out.traces = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+        out.valid = valid
+        return out
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: one safetensors file, weights plus JSON metadata
+
+def _image_processor_settings(ip):
+    keys = ("patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std", "size", "resample",
+            "do_resize", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")
+    out = {}
+    for k in keys:
+        v = getattr(ip, k, None)
+        if v is not None:
+            if k == "size":  # a SizeDict: keep the set fields
+                v = {kk: getattr(v, kk) for kk in ("shortest_edge", "longest_edge", "height", "width")
+                     if getattr(v, kk, None) is not None}
+            out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _image_processor_from_meta(meta):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    settings = json.loads(meta["image_processor"])
+    settings.pop("class", None)
+    return Qwen2VLImageProcessorPil(**settings)
+
+
+def _tokenizer_from_meta(meta):
+    from tokenizers import Tokenizer
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    special = {k: v for k, v in json.loads(meta["tokenizer_special"]).items() if v is not None}
+    backend = Tokenizer.from_str(meta["tokenizer"])
+    # the tiny tokenizer is a Qwen3.5 one; a loaded HF tokenizer keeps its own pipeline as saved
+    tok = TokenizersBackend(tokenizer_object=backend, **special)
+    tok.chat_template = meta.get("chat_template") or None
+    return tok
+
+
+def dedupe_tied(state):
+    """safetensors refuses aliased tensors: keep the first name of each shared storage."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[k] = v
+    return out
+
+
+def write_checkpoint(path, tensors, metadata):
+    """Atomic write: a crash mid-save never leaves a truncated checkpoint under `path`."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path):
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return meta, tensors
+
+
+def check_compatible(meta, path, like=None):
+    """Raise a ValueError that names the mismatch between a checkpoint and what is expected."""
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a Z-Reward score-model checkpoint (format {meta.get('format')!r}, "
+                         f"expected {CHECKPOINT_FORMAT!r})")
+    bins = json.loads(meta["bins"])
+    if tuple(bins) != BINS or tuple(json.loads(meta["bin_tokens"])) != BIN_TOKENS:
+        raise ValueError(f"{path} was written with bins {bins} / tokens {meta['bin_tokens']}, "
+                         f"this code uses {list(BINS)} / {list(BIN_TOKENS)}")
+    if like is not None:
+        if meta["architecture"] != type(like.vlm).__name__:
+            raise ValueError(f"{path} holds a {meta['architecture']}, expected a {type(like.vlm).__name__}")
+        theirs, ours = json.loads(meta["hf_config"]), json.loads(like.vlm.config.to_json_string(use_diff=False))
+        diff = sorted(k for k in set(theirs) | set(ours)
+                      if k not in ("transformers_version", "dtype", "torch_dtype") and theirs.get(k) != ours.get(k))
+        if diff:
+            raise ValueError(f"{path} holds a model with another config (differs in {diff})")
+
+
+@contextmanager
+def params_on_meta():
+    """Build a module with its parameters on the meta device and its buffers real.
+
+    The weights come from the checkpoint anyway, so this skips allocating and initializing them
+    (minutes and 100+ GB for a 27B model), while non-persistent buffers such as rotary tables,
+    which are computed at construction and not saved, are built as usual.
+    """
+    register = nn.Module.register_parameter
+
+    def to_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = to_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def load_weights(vlm, tensors, path):
+    """Assign the file's tensors as the parameters; only a tied LM head may be absent from the file."""
+    missing, unexpected = vlm.load_state_dict(tensors, strict=False, assign=True)
+    vlm.tie_weights()
+    missing = [k for k in missing if _param(vlm, k).device.type == "meta"]
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def _param(module, name):
+    *path, leaf = name.split(".")
+    for p in path:
+        module = getattr(module, p)
+    return getattr(module, leaf)
