@@ -252,6 +252,9 @@ class ScoreModel(nn.Module):
             if len(pieces) != 1:
                 raise ValueError(f"bin {value} (token {tok!r}) is not a single token in this tokenizer: it encodes "
                                  f"to {len(pieces)} tokens {tokenizer.convert_ids_to_tokens(pieces)}")
+            if tokenizer.decode(pieces).strip() != tok:  # e.g. an unknown-token fallback
+                raise ValueError(f"bin {value} (token {tok!r}) is not in this tokenizer's vocabulary: it encodes "
+                                 f"to {tokenizer.convert_ids_to_tokens(pieces)}")
             ids.append(pieces[0])
         if len(set(ids)) != len(ids):
             raise ValueError(f"bin tokens {BIN_TOKENS} do not map to distinct token ids: {ids}")
