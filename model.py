@@ -38,6 +38,15 @@ from safetensors.torch import save_file
 
 from data import DIMENSIONS, SCORE_MARKER, VOCAB
 
+# without flash-linear-attention / causal-conv1d (CPU, or a bare GPU box) Qwen3.5's linear-attention
+# layers run transformers' torch fallback, which is correct; drop the once-per-op notice about it
+def _drop_fallback_notice(record):
+    return "falling back to its reference PyTorch implementation" not in record.getMessage()
+
+
+for _handler in __import__("transformers").utils.logging.get_logger().handlers:
+    _handler.addFilter(_drop_fallback_notice)
+
 # -----------------------------------------------------------------------------
 # the rubric: bins, dimensions, prompts
 

@@ -1,0 +1,170 @@
+"""
+Evaluation for Z-Reward: the paper's metrics, in numpy.
+
+1. PLCC and SRCC of the predicted expected score mu against the human label s (SRCC: Spearman
+   on average ranks, so ties get the mean of the ranks they span).
+2. HPA (Eq. 17): over all pairs of samples within the same group (the caller's group key combines
+   prompt and dimension) whose labels differ, s_a != s_b, the fraction whose predicted mu order
+   agrees with the human order. A tie in mu counts as half a hit: a predictor that cannot tell
+   the two apart is right half the time in expectation, and a constant predictor scores exactly
+   0.5 instead of 0 or 1 depending on how ties are broken. Margin HPA: the same restricted to
+   |s_a - s_b| > 0.5 (margin=0.5).
+3. GSB (Eq. 21) for blind pairwise human comparisons: (G - B) / (G + S + B).
+
+Labels are aggregates of several annotations (data.aggregate: drop the highest and the lowest,
+average the rest), so label differences are not exact in binary: a difference within 1e-9 of the
+margin counts as equal to it, and |s_a - s_b| <= 1e-9 counts as a tie (no pair).
+"""
+
+import numpy as np
+
+EPS = 1e-9  # tolerance on label differences (aggregated labels such as 11/3 are inexact floats)
+
+def _vec(x):
+    return np.asarray(x, dtype=np.float64).ravel()
+
+def plcc(x, y):
+    """Pearson linear correlation; nan when either side is constant or has fewer than 2 values"""
+    x, y = _vec(x), _vec(y)
+    assert x.shape == y.shape, f"length mismatch {x.shape} vs {y.shape}"
+    if len(x) < 2:
+        return float("nan")
+    xc, yc = x - x.mean(), y - y.mean()
+    denom = np.sqrt((xc * xc).sum() * (yc * yc).sum())
+    return float((xc * yc).sum() / denom) if denom > 0 else float("nan")
+
+def rankdata(x):
+    """1-based ranks; tied values share the average of the ranks they span"""
+    x = _vec(x)
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    starts = np.r_[True, xs[1:] != xs[:-1]]  # first element of each run of equal values
+    run = np.cumsum(starts) - 1  # run index of each sorted element
+    first = np.flatnonzero(starts)
+    count = np.diff(np.r_[first, len(x)])
+    ranks = np.empty(len(x))
+    ranks[order] = (first + (count + 1) / 2)[run]  # ranks first+1 .. first+count, averaged
+    return ranks
+
+def srcc(x, y):
+    """Spearman rank correlation = Pearson on average ranks"""
+    return plcc(rankdata(x), rankdata(y))
+
+def hpa(mu, s, prompt_ids, margin=0.0):
+    """human preference accuracy (Eq. 17) over same-group pairs with |s_a - s_b| > margin"""
+    mu, s = _vec(mu), _vec(s)
+    index = {}  # any hashable key works: a string, or a (prompt, dimension) tuple
+    group = np.array([index.setdefault(k, len(index)) for k in prompt_ids], dtype=np.int64)
+    assert mu.shape == s.shape == group.shape, "mu, s and prompt_ids must have the same length"
+    order = np.argsort(group, kind="stable")
+    bounds = np.flatnonzero(np.diff(group[order])) + 1
+    hits, total = 0.0, 0
+    for idx in np.split(order, bounds):  # one group: all its pairs at once
+        ds = s[idx, None] - s[None, idx]  # (n, n) human gap
+        dm = mu[idx, None] - mu[None, idx]  # (n, n) predicted gap
+        upper = np.triu(np.ones_like(ds, dtype=bool), k=1)  # each unordered pair once
+        valid = upper & (np.abs(ds) > max(margin, 0.0) + EPS)
+        agree = np.where(dm == 0, 0.5, (np.sign(dm) == np.sign(ds)).astype(np.float64))
+        hits += agree[valid].sum()
+        total += int(valid.sum())
+    return hits / total if total else float("nan")
+
+def gsb(good, same, bad):
+    """Good-Same-Bad score (Eq. 21) from counts of blind pairwise judgments; nan for no judgments"""
+    n = good + same + bad
+    return (good - bad) / n if n else float("nan")
+
+def score_metrics(mu, s, groups):
+    """the table's columns for one set of predictions: PLCC, SRCC, HPA, margin HPA, n"""
+    return {"plcc": plcc(mu, s), "srcc": srcc(mu, s), "hpa": hpa(mu, s, groups),
+            "margin_hpa": hpa(mu, s, groups, margin=0.5), "n": len(_vec(mu))}
+
+# -----------------------------------------------------------------------------
+# scoring a JSONL with a score model, and the table
+
+def predict(model, records, mode="direct", batch_size=32, max_new_tokens=64, progress=True):
+    """Score every record with its own dimension: mu (N,) and, in reasoning mode, output lengths.
+
+    Records are batched within a dimension (one rubric prompt per batch) in file order. Returns
+    mu, sigma, n_tokens (output tokens per scoring call: 1 in direct mode) and valid (reasoning
+    traces that reached a score token) as numpy arrays in record order.
+    """
+    import torch
+    from PIL import Image
+    from tqdm import tqdm
+
+    N = len(records)
+    mu, sigma, n_tok, valid = np.zeros(N), np.zeros(N), np.ones(N), np.ones(N, dtype=bool)
+    order = sorted(range(N), key=lambda i: records[i]["dimension"])
+    chunks = [order[a:a + batch_size] for a in range(0, N, batch_size)]
+    with torch.no_grad():
+        for idx in tqdm(chunks, desc=f"scoring ({mode})", disable=not progress, leave=False):
+            # split a chunk where the dimension changes so each call shares one rubric
+            for dim in dict.fromkeys(records[i]["dimension"] for i in idx):
+                sub = [i for i in idx if records[i]["dimension"] == dim]
+                images = [Image.open(records[i]["image_path"]).convert("RGB") for i in sub]
+                out = model.score([records[i]["prompt"] for i in sub], images, dim, mode=mode,
+                                  max_new_tokens=max_new_tokens)
+                mu[sub], sigma[sub] = out.mean.float().cpu().numpy(), out.std.float().cpu().numpy()
+                if out.traces is not None:
+                    n_tok[sub] = [len(model.tokenizer.encode(t, add_special_tokens=False)) + 1 for t in out.traces]
+                    valid[sub] = out.valid.cpu().numpy()
+    return {"mu": mu, "sigma": sigma, "n_tokens": n_tok, "valid": valid}
+
+
+def evaluate(model, records, mode="direct", batch_size=32, max_new_tokens=64, progress=True):
+    """Metrics per dimension and overall, plus the raw predictions."""
+    pred = predict(model, records, mode, batch_size, max_new_tokens, progress)
+    s = np.array([r["score"] for r in records])
+    groups = [(r.get("group", r["prompt"]), r["dimension"]) for r in records]
+    dims = np.array([r["dimension"] for r in records])
+    table = {}
+    for dim in [*dict.fromkeys(dims.tolist()), "overall"]:
+        m = np.ones(len(records), dtype=bool) if dim == "overall" else dims == dim
+        row = score_metrics(pred["mu"][m], s[m], [g for g, k in zip(groups, m) if k])
+        row["tokens"] = float(pred["n_tokens"][m].mean())
+        row["valid"] = float(pred["valid"][m].mean())
+        table[dim] = row
+    return table, pred
+
+
+def format_table(table, title=None):
+    cols = ("n", "plcc", "srcc", "hpa", "margin_hpa", "tokens", "valid")
+    lines = [title] if title else []
+    lines.append(f"{'dimension':<14}" + "".join(f"{c:>12}" for c in cols))
+    for dim, row in table.items():
+        cells = "".join(f"{row[c]:>12d}" if c == "n" else f"{row[c]:>12.3f}" for c in cols)
+        lines.append(f"{dim:<14}{cells}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="score a JSONL with a score-model checkpoint and print PLCC / SRCC / HPA")
+    parser.add_argument("--ckpt", required=True, help="a score-model .safetensors, or 'tiny' for the untrained embedded model")
+    parser.add_argument("--data", required=True, help="labeled JSONL (e.g. runs/demo/world/test.jsonl)")
+    parser.add_argument("--mode", default=None, choices=["direct", "reasoning"], help="prompt mode; default: the checkpoint's own")
+    parser.add_argument("--batch-size", type=int, default=32, help="queries per forward")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="reasoning mode: trace length budget")
+    parser.add_argument("--limit", type=int, default=0, help="score only the first N records (0 = all)")
+    parser.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--json", default="", help="also write the table to this JSON file")
+    args = parser.parse_args()
+
+    import torch
+
+    from data import load_jsonl
+    from model import ScoreModel
+
+    model = ScoreModel.tiny() if args.ckpt == "tiny" else ScoreModel.load(args.ckpt)
+    model.to(args.device)
+    mode = args.mode or getattr(model, "metadata", {}).get("mode", "direct")
+    records = load_jsonl(args.data)
+    records = records[:args.limit] if args.limit else records
+    table, _ = evaluate(model, records, mode, args.batch_size, args.max_new_tokens)
+    print(format_table(table, f"{args.ckpt} on {args.data} ({mode} mode)"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(table, f, indent=1)
