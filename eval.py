@@ -115,6 +115,11 @@ def predict(model, records, mode="direct", batch_size=32, max_new_tokens=64, pro
 def evaluate(model, records, mode="direct", batch_size=32, max_new_tokens=64, progress=True):
     """Metrics per dimension and overall, plus the raw predictions."""
     pred = predict(model, records, mode, batch_size, max_new_tokens, progress)
+    return table_from_predictions(records, pred), pred
+
+
+def table_from_predictions(records, pred):
+    """Per-dimension and overall metrics of predictions (from predict) against the records' labels."""
     s = np.array([r["score"] for r in records])
     groups = [(r.get("group", r["prompt"]), r["dimension"]) for r in records]
     dims = np.array([r["dimension"] for r in records])
@@ -125,7 +130,7 @@ def evaluate(model, records, mode="direct", batch_size=32, max_new_tokens=64, pr
         row["tokens"] = float(pred["n_tokens"][m].mean())
         row["valid"] = float(pred["valid"][m].mean())
         table[dim] = row
-    return table, pred
+    return table
 
 
 def format_table(table, title=None):

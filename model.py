@@ -12,7 +12,8 @@ spread. This is Q-Align's reading of a score from token logits, applied to Z-Rew
 - score head: hidden state at the score position times only the K LM-head rows of the bin
   tokens, never the full-vocabulary logits.
 - two prompt modes: "direct" (the score token is the first answer token; SFT and the RISD
-  student) and "reasoning" (a trace, then "Score: N"; the GDSO teacher).
+  student) and "reasoning" (a trace, then "Score: N"; the GDSO teacher); a third, "caption",
+  exists only to pretrain the tiny world's base model.
 - checkpoints: one safetensors file with the weights and everything needed to rebuild the model
   offline (HF config, tokenizer, image-processor settings, chat template, bins, prompt version).
 - the embedded default, ScoreModel.tiny(): a ~0.5M-parameter Qwen3.5-architecture VLM built from
@@ -63,6 +64,7 @@ RUBRICS = {
     "plausibility": "Rate physical plausibility: does every object rest on its ground, without floating or overlapping another?",
 }
 INSTRUCTIONS = {
+    "caption": "Describe the image.",  # the tiny world's base pretraining only: no rubric
     "direct": "Answer with one digit from 1 (worst) to 9 (best).",
     "reasoning": f"Check each item on its own line, then answer '{SCORE_MARKER} N' with one digit N from 1 (worst) to 9 (best).",
 }
@@ -71,11 +73,14 @@ assert set(RUBRICS) == set(DIMENSIONS)
 
 def rubric_messages(prompt, dimension, mode):
     """The chat for one query: the image, the generation prompt, the rubric and the instruction."""
-    if dimension not in RUBRICS:
-        raise ValueError(f"unknown dimension {dimension!r}; expected one of {DIMENSIONS}")
     if mode not in INSTRUCTIONS:
-        raise ValueError(f"unknown prompt mode {mode!r}; expected 'direct' or 'reasoning'")
-    text = f"Prompt: {prompt}\n{RUBRICS[dimension]}\n{INSTRUCTIONS[mode]}"
+        raise ValueError(f"unknown prompt mode {mode!r}; expected one of {tuple(INSTRUCTIONS)}")
+    if mode == "caption":
+        text = INSTRUCTIONS[mode]
+    elif dimension not in RUBRICS:
+        raise ValueError(f"unknown dimension {dimension!r}; expected one of {DIMENSIONS}")
+    else:
+        text = f"Prompt: {prompt}\n{RUBRICS[dimension]}\n{INSTRUCTIONS[mode]}"
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
 
@@ -456,6 +461,18 @@ class ScoreModel(nn.Module):
             lp[keep] = token_logprobs(hidden[keep], weight, targets[keep], temperature=temperature)
             out["token_logprobs"] = lp
         return out
+
+    def completion_targets(self, batch, completions):
+        """(B, L) next-token targets for teacher forcing: -100 except where a completion token is next.
+
+        Position Lp - 1 + j predicts the j-th completion token (Lp = padded prompt length), so
+        prompt and padding tokens never carry loss or policy gradient.
+        """
+        ids, Lp = batch["input_ids"], batch["prompt_len"]
+        targets = torch.full_like(ids, -100)
+        for b, c in enumerate(completions):
+            targets[b, Lp - 1:Lp - 1 + len(c)] = ids[b, Lp:Lp + len(c)]
+        return targets
 
     def distribution(self, score_logits):
         probs, mu, sigma = score_stats(score_logits, self.bin_values)

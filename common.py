@@ -1,0 +1,381 @@
+"""
+What every training script shares: distributed init, data sharding, metric averaging, DDP / FSDP2
+wrapping, the optimizer and schedule, and checkpoints that a run resumes from exactly.
+
+One process or many, the scripts run the same code: under torchrun (RANK / WORLD_SIZE set) this
+initializes a process group (NCCL on GPUs, gloo on CPU); otherwise it runs single-process on
+cuda or cpu. Two files per checkpoint:
+  NAME.safetensors   the score model alone, weights + metadata (model.py), for eval / the next stage
+  NAME.train.pt      optimizer, step, RNG states, data position and flags, for --resume
+Both are written atomically (temp file, then rename) by rank 0, so a crash never leaves a
+truncated checkpoint.
+"""
+
+import datetime
+import math
+import os
+import random
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# distributed
+
+
+def dist_init(timeout_s=1800):
+    """-> (rank, world_size, device). Same call in every script, with or without torchrun."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
+            backend = "nccl"
+        else:
+            device, backend = torch.device("cpu"), "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        return rank, world, device
+    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def dist_cleanup():
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def all_mean(values):
+    """Average a dict of floats over ranks (one all-reduce)."""
+    if not dist.is_initialized():
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+def all_sum(x):
+    """Sum a float over ranks (the global token / sample count that normalizes a loss)."""
+    if not dist.is_initialized():
+        return float(x)
+    t = torch.tensor([float(x)], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Batches:
+    """An endless, seeded, rank-sharded stream of mini-batches over a list of items.
+
+    Each epoch is a fresh permutation of all items (the same on every rank), split into global
+    batches of `global_batch`; rank r takes its slice. `state()` / `load_state()` make the
+    position part of a checkpoint, so a resumed run sees exactly the batches it would have seen.
+    """
+
+    def __init__(self, items, global_batch, rank=0, world=1, seed=0):
+        if global_batch % world:
+            raise ValueError(f"global batch {global_batch} is not divisible by the world size {world}")
+        if len(items) < global_batch:
+            raise ValueError(f"{len(items)} items cannot fill one global batch of {global_batch}")
+        self.items, self.global_batch, self.rank, self.world, self.seed = items, global_batch, rank, world, seed
+        self.epoch, self.pos = 0, 0
+
+    def _order(self):
+        return np.random.RandomState(self.seed + self.epoch).permutation(len(self.items))
+
+    def next(self):
+        if self.pos + self.global_batch > len(self.items):
+            self.epoch, self.pos = self.epoch + 1, 0
+        order = self._order()[self.pos:self.pos + self.global_batch]
+        self.pos += self.global_batch
+        per = self.global_batch // self.world
+        return [self.items[i] for i in order[self.rank * per:(self.rank + 1) * per]]
+
+    def state(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state(self, s):
+        self.epoch, self.pos = s["epoch"], s["pos"]
+
+
+# -----------------------------------------------------------------------------
+# wrapping: DDP by default, FSDP2 behind --fsdp
+
+
+def wrap(model, device, fsdp=False, bf16=False, checkpointing=False):
+    """Wrap a ScoreModel for training; returns the module to call (forward goes through the wrapper).
+
+    FSDP2: each decoder layer and each vision block is its own unit, then the root; the root keeps
+    the (tied) embedding / LM head. DDP: find_unused_parameters, because a batch can leave a
+    module unused (DESIGN.md section 5); checkpointing is then non-reentrant.
+    """
+    model.to(device)
+    if checkpointing:
+        model.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not dist.is_initialized():
+        if bf16:
+            model.to(torch.bfloat16)
+        return model
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        for block in _units(model):
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if bf16:
+        model.to(torch.bfloat16)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+
+def _units(model):
+    """Decoder layers and vision blocks: the FSDP2 sharding units."""
+    units = []
+    for name, module in model.vlm.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and (name.endswith("layers") or name.endswith("blocks")):
+            units.extend(module)
+    return units
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") and not hasattr(model, "vlm") else model
+
+
+def full_state_dict(model):
+    """The full model state dict on CPU; every rank must call it (FSDP2 gathers), rank 0 uses it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    inner = unwrap(model)
+    if dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in inner.parameters()):
+        sd = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k.removeprefix("vlm."): v for k, v in sd.items() if k.startswith("vlm.")}
+    return {k: v.detach().cpu() for k, v in inner.vlm.state_dict().items()}
+
+
+def load_model(spec, seed=0, dtype=None):
+    """--model: 'tiny' (the embedded default), a score-model .safetensors, or an HF folder / hub id."""
+    from model import ScoreModel
+
+    if spec == "tiny":
+        return ScoreModel.tiny(seed=seed)
+    if str(spec).endswith(".safetensors"):
+        return ScoreModel.load(spec, dtype=dtype)
+    return ScoreModel.from_pretrained(spec, dtype=dtype)
+
+
+def world_data(data_dir, n=200, seed=0):
+    """The JSONL folder to train on; the default synthetic world is rendered on first use."""
+    import data
+
+    if not os.path.exists(os.path.join(data_dir, "train.jsonl")):
+        if is_main():
+            print0(f"rendering the synthetic world into {data_dir} (n={n}, seed={seed})")
+            data.make_world(data_dir, n=n, seed=seed)
+        if dist.is_initialized():
+            dist.barrier()
+    return os.path.join(data_dir, "train.jsonl"), os.path.join(data_dir, "test.jsonl")
+
+
+@contextmanager
+def rollout_mode(model):
+    """Full parameters on every rank for generation, no collectives inside (FSDP2: unshard all units
+    and keep them unsharded across forwards; DDP / one process: nothing to do); eval mode."""
+    inner = unwrap(model)
+    fsdp_units = [m for m in inner.modules() if type(m).__name__.startswith("FSDP")]
+    for m in fsdp_units:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    was_training = inner.training
+    inner.eval()
+    try:
+        yield inner
+    finally:
+        inner.train(was_training)
+        for m in fsdp_units:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def evaluate_sharded(model, records, mode, batch_size=32, max_new_tokens=64):
+    """eval.evaluate over all ranks: each scores an interleaved shard, rank 0's table covers all."""
+    import eval as ev
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = list(range(rank, len(records), world))
+    with rollout_mode(model) as inner:
+        pred = ev.predict(inner, [records[i] for i in mine], mode, batch_size, max_new_tokens, progress=False)
+    parts = [None] * world
+    if dist.is_initialized():
+        dist.all_gather_object(parts, (mine, pred))
+    else:
+        parts = [(mine, pred)]
+    full = {k: np.zeros(len(records), dtype=v.dtype) for k, v in pred.items()}
+    for idx, p in parts:
+        for k in full:
+            full[k][idx] = p[k]
+    return ev.table_from_predictions(records, full), full
+
+
+# -----------------------------------------------------------------------------
+# optimizer and schedule
+
+
+def build_optimizer(model, lr, weight_decay=0.01, betas=(0.9, 0.98), vision_lr_mult=1.0):
+    """AdamW; no decay on norms / biases; the vision tower may get a larger lr (tiny world: 5x)."""
+    groups = {}
+    for name, p in unwrap(model).named_parameters():
+        if not p.requires_grad:
+            continue
+        vision = ".visual." in name or name.startswith("vlm.model.visual")
+        decay = p.ndim >= 2
+        key = (vision, decay)
+        groups.setdefault(key, []).append(p)
+    param_groups = [{"params": ps, "lr": lr * (vision_lr_mult if v else 1.0), "lr_mult": vision_lr_mult if v else 1.0,
+                     "weight_decay": weight_decay if d else 0.0} for (v, d), ps in sorted(groups.items())]
+    fused = torch.cuda.is_available() and all(p.is_cuda for g in param_groups for p in g["params"])
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused or None)
+
+
+def lr_at(step, total, lr, warmup=30, final_frac=0.1):
+    """Linear warmup, then cosine from lr to final_frac * lr at step `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def set_lr(optimizer, lr):
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_mult", 1.0)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(path, model, optimizer=None, step=0, batches=None, args=None, **meta):
+    """Write NAME.safetensors (model + metadata) and, with an optimizer, NAME.train.pt (for --resume).
+
+    Collective under FSDP2: every rank calls it. RNG states are per rank, so each rank writes its
+    own into the train state (gathered to rank 0).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state = full_state_dict(model)
+    inner = unwrap(model)
+    optim_state = None
+    if optimizer is not None:
+        if dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in inner.parameters()):
+            optim_state = get_optimizer_state_dict(inner, optimizer,
+                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            optim_state = optimizer.state_dict()
+    rngs = [None] * dist.get_world_size() if dist.is_initialized() else None
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if is_main():
+        from model import dedupe_tied, write_checkpoint
+
+        extra = {"step": step, "args": vars(args) if args is not None else {}, **meta}
+        write_checkpoint(path, dedupe_tied({k: v.contiguous() for k, v in state.items()}), inner.metadata_dict(**extra))
+        if optimizer is not None:
+            train = {"step": step, "optimizer": optim_state, "rng": rngs, "args": vars(args) if args else {},
+                     "batches": batches.state() if batches is not None else None, "meta": meta}
+            tmp = f"{train_path(path)}.tmp-{os.getpid()}"
+            torch.save(train, tmp)
+            os.replace(tmp, train_path(path))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def train_path(path):
+    return str(path).removesuffix(".safetensors") + ".train.pt"
+
+
+def load_resume(path, model, optimizer, batches=None):
+    """Restore model weights, optimizer, RNG and data position from a checkpoint pair; -> (step, meta).
+
+    The model weights come from the .safetensors (refused if another architecture or config); the
+    rest from the .train.pt beside it.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    from model import check_compatible, read_checkpoint
+
+    if not os.path.exists(train_path(path)):
+        raise FileNotFoundError(f"cannot resume: {train_path(path)} (optimizer / RNG state) is missing beside {path}")
+    meta, tensors = read_checkpoint(path)
+    inner = unwrap(model)
+    check_compatible(meta, path, like=inner)
+    train = torch.load(train_path(path), map_location="cpu", weights_only=False)
+    sharded = dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in inner.parameters())
+    if sharded:
+        full = {f"vlm.{k}": v for k, v in tensors.items()}
+        set_model_state_dict(inner, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        set_optimizer_state_dict(inner, optimizer, train["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        missing, unexpected = inner.vlm.load_state_dict(tensors, strict=False)
+        inner.vlm.tie_weights()
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise ValueError(f"{path}: weights do not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        optimizer.load_state_dict(train["optimizer"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if len(train["rng"]) != (dist.get_world_size() if dist.is_initialized() else 1):
+        raise ValueError(f"{path} was written by a run with {len(train['rng'])} ranks; resume with the same world size")
+    set_rng_state(train["rng"][rank])
+    if batches is not None and train["batches"] is not None:
+        batches.load_state(train["batches"])
+    return train["step"], train.get("meta", {})
+
+
+class Timer:
+    """ms per step, measured from the last call."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+
+    def lap(self):
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        return dt * 1000

@@ -1,0 +1,168 @@
+"""
+Supervised training of the score model, two stages.
+
+1. --stage sft (the paper's SFT baseline): the direct score token is trained with cross-entropy on
+   the human label's bin, -log q(s) (Eq. 8 without reasoning); the label is the aggregate of the
+   annotations rounded to the nearest of the nine bins. No reasoning trace is read or written.
+2. --stage base (the tiny world only): the embedded tiny VLM is trained from scratch on image
+   captions and on the templated reasoning traces of data.py, so that it follows the teacher's
+   format at all. This is the tiny world's "base model" that zero-shot, GRPO and GDSO start from;
+   the paper starts from a pretrained Qwen3.5 with a system prompt instead. It is stopped well
+   before it saturates (default 1,200 steps), which leaves GDSO room to improve it. The result
+   ships as assets/tiny_base.safetensors; this command regenerates it.
+
+Loss normalization: the token loss of the base stage is summed over a rank's tokens and divided by
+the global number of answer tokens in the step (all ranks, all micro-batches), so any world size
+and accumulation gives the same update as one process with the whole batch.
+
+Launch:
+    python sft.py --stage base --out assets/tiny_base.safetensors                 # one CPU, ~5 min
+    python sft.py --init assets/tiny_base.safetensors --out runs/sft.safetensors  # SFT baseline
+    torchrun --nproc_per_node=8 sft.py --model Qwen/Qwen3.5-27B --data my_data --bf16 --fsdp \\
+        --batch-size 256 --micro-batch 4 --lr 1e-5 --out runs/sft27b.safetensors
+"""
+
+import argparse
+import os
+
+import torch
+from PIL import Image
+
+import common
+from data import load_jsonl, score_to_level
+from eval import format_table
+from kernels import score_ce
+
+parser = argparse.ArgumentParser(description="SFT baseline (direct score token) and the tiny world's base pretraining")
+parser.add_argument("--stage", default="sft", choices=["sft", "base"], help="sft: direct score CE; base: tiny-world captions + traces")
+parser.add_argument("--model", default="tiny", help="'tiny', an HF folder / hub id, or a score-model .safetensors")
+parser.add_argument("--init", default="", help="start from this score-model .safetensors (overrides --model)")
+parser.add_argument("--data", default="runs/world", help="folder with train.jsonl / test.jsonl (the synthetic world is rendered there if missing)")
+parser.add_argument("--out", default="runs/sft.safetensors", help="checkpoint path (.safetensors; .train.pt beside it)")
+parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
+parser.add_argument("--batch-size", type=int, default=32, help="global batch (samples per optimizer step)")
+parser.add_argument("--micro-batch", type=int, default=32, help="samples per forward per rank (gradient accumulation fills the rest)")
+parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (base stage from scratch: 3e-3)")
+parser.add_argument("--vision-lr-mult", type=float, default=1.0, help="lr multiplier for the vision tower (base stage: 5)")
+parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+parser.add_argument("--warmup", type=int, default=30, help="linear warmup steps, then cosine to 0.1x")
+parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+parser.add_argument("--eval-every", type=int, default=100, help="evaluate on the test split every N steps (0 = only at the end)")
+parser.add_argument("--eval-limit", type=int, default=512, help="test records per periodic evaluation (0 = all)")
+parser.add_argument("--save-every", type=int, default=100, help="write the checkpoint every N steps")
+parser.add_argument("--resume", action="store_true", help="continue from --out (+ .train.pt) exactly")
+parser.add_argument("--seed", type=int, default=0, help="seed for init, data order and sampling")
+parser.add_argument("--bf16", action="store_true", help="bfloat16 weights / compute")
+parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP replication")
+parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+args = parser.parse_args()
+if args.stage == "base":  # from-scratch defaults of DESIGN.md section 4 unless set explicitly
+    defaults = {"lr": 1e-3, "vision_lr_mult": 1.0, "steps": 300}
+    for k, v in {"lr": 3e-3, "vision_lr_mult": 5.0, "steps": 1200}.items():
+        if getattr(args, k) == defaults[k]:
+            setattr(args, k, v)
+
+# -----------------------------------------------------------------------------
+# init
+
+rank, world, device = common.dist_init()
+common.seed_all(args.seed + rank)
+model = common.load_model(args.init or args.model, seed=args.seed, dtype=torch.bfloat16 if args.bf16 else None)
+if args.stage == "base" and model.source != "tiny":
+    raise SystemExit("--stage base pretrains the embedded tiny model; real models start from their own pretraining")
+train_file, test_file = common.world_data(args.data, seed=args.seed)
+train, test = load_jsonl(train_file), load_jsonl(test_file)
+if args.eval_limit:
+    test = test[:args.eval_limit]
+
+if args.stage == "base":
+    # one captioning item per image, one reasoning item per (image, dimension) with its trace
+    images = {r["image_path"]: r for r in train}
+    items = [("caption", r, r["caption"]) for r in images.values() if "caption" in r]
+    items += [("reasoning", r, r["trace"]) for r in train]
+    if not all("trace" in r for r in train):
+        raise SystemExit(f"{train_file} has records without a 'trace': --stage base needs the synthetic world")
+else:
+    items = [("direct", r, None) for r in train]
+micro = min(args.micro_batch, args.batch_size // world)
+if args.batch_size % (micro * world):
+    raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of micro-batch x world = {micro * world}")
+accum = args.batch_size // (micro * world)
+batches = common.Batches(items, args.batch_size, rank, world, seed=args.seed)
+
+ddp_model = common.wrap(model, device, fsdp=args.fsdp, bf16=args.bf16, checkpointing=args.checkpointing)
+optimizer = common.build_optimizer(ddp_model, args.lr, args.weight_decay, vision_lr_mult=args.vision_lr_mult)
+step = 0
+if args.resume:
+    step, _ = common.load_resume(args.out, ddp_model, optimizer, batches)
+    common.print0(f"resumed {args.out} at step {step}")
+eval_mode = "reasoning" if args.stage == "base" else "direct"
+common.print0(f"{args.stage} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {len(items)} items | "
+              f"world {world} x micro {micro} x accum {accum} = {args.batch_size} | {args.steps} steps")
+
+
+def open_images(recs):
+    return [Image.open(r["image_path"]).convert("RGB") for r in recs]
+
+
+def micro_loss(chunk):
+    """Sum of the loss over this micro-batch and its count (tokens or samples) for normalization."""
+    inner = common.unwrap(ddp_model)
+    if args.stage == "sft":
+        recs = [r for _, r, _ in chunk]
+        batch = inner.encode([r["prompt"] for r in recs], open_images(recs), [r["dimension"] for r in recs], "direct")
+        idx = torch.full((len(recs),), batch["prompt_len"] - 1, device=device)
+        logits = ddp_model(batch, idx)["score_logits"]
+        target = torch.tensor([score_to_level(r["score"]) - 1 for r in recs], device=device)  # nearest bin
+        return score_ce(logits, target).sum(), len(recs)
+    # base: next-token loss on the answer (caption or trace + end of turn) only
+    loss, count = 0.0, 0
+    for mode in ("caption", "reasoning"):
+        sub = [(r, text) for m, r, text in chunk if m == mode]
+        if not sub:
+            continue
+        end = inner.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        comps = [inner.tokenizer.encode(text, add_special_tokens=False) + [end] for _, text in sub]
+        recs = [r for r, _ in sub]
+        batch = inner.encode([r["prompt"] for r in recs], open_images(recs), [r["dimension"] for r in recs], mode,
+                             completions=comps)
+        targets = inner.completion_targets(batch, comps)
+        idx = torch.full((len(recs),), batch["prompt_len"] - 1, device=device)
+        lp = ddp_model(batch, idx, targets=targets)["token_logprobs"]
+        loss = loss - lp.sum()
+        count += int((targets != -100).sum())
+    return loss, count
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+timer = common.Timer()
+while step < args.steps:
+    lr = common.lr_at(step, args.steps, args.lr, args.warmup)
+    common.set_lr(optimizer, lr)
+    mine = batches.next()
+    # forward every micro-batch first: the loss is normalized by the step's global count (tokens
+    # or samples over all ranks and micro-batches), known only once all are counted
+    results = [micro_loss(mine[i:i + micro]) for i in range(0, len(mine), micro)]
+    n_global = common.all_sum(sum(n for _, n in results))
+    logged = 0.0
+    for loss_sum, n in results:
+        (loss_sum * world / n_global).backward()  # DDP / FSDP average over ranks; x world makes it the global sum
+        logged += float(loss_sum.detach())
+    grad_norm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), args.clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+    metrics = common.all_mean({"loss": logged * world / n_global, "grad_norm": float(grad_norm)})
+    if step % 10 == 0 or step == 1:
+        ms = timer.lap() / (10 if step > 1 else 1)
+        common.print0(f"step {step:5d} | loss {metrics['loss']:.4f} | grad {metrics['grad_norm']:.2f} | lr {lr:.2e} | "
+                      f"{ms:.0f} ms/step | {args.batch_size / ms * 1000:.1f} samples/s")
+    if step % args.save_every == 0 or step == args.steps:
+        common.save_checkpoint(args.out, ddp_model, optimizer, step, batches, args, mode=eval_mode, stage=args.stage)
+    if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
+        table, _ = common.evaluate_sharded(ddp_model, test, eval_mode, max_new_tokens=96)
+        common.print0(format_table(table, f"step {step} | test ({eval_mode} mode)"))
+
+common.dist_cleanup()
