@@ -154,6 +154,29 @@ def wrap(model, device, fsdp=False, bf16=False, checkpointing=False):
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
 
+def wrap_frozen(model, device, fsdp=False, bf16=False):
+    """A frozen model placed like the policy (pi_ref, a teacher): sharded under FSDP2, else replicated."""
+    model.requires_grad_(False).eval().to(device)
+    if bf16:
+        model.to(torch.bfloat16)
+    if fsdp and dist.is_initialized():
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        for block in _units(model):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+@torch.no_grad()
+def copy_params(dst, src):
+    """dst <- src, parameter by parameter (both placed alike: local shards copy under FSDP2)."""
+    for pd, ps in zip(unwrap(dst).parameters(), unwrap(src).parameters()):
+        pd.copy_(ps.detach())
+
+
 def _units(model):
     """Decoder layers and vision blocks: the FSDP2 sharding units."""
     units = []
@@ -174,8 +197,12 @@ def full_state_dict(model):
     inner = unwrap(model)
     if dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in inner.parameters()):
         sd = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k.removeprefix("vlm."): v for k, v in sd.items() if k.startswith("vlm.")}
-    return {k: v.detach().cpu() for k, v in inner.vlm.state_dict().items()}
+        sd = {k.removeprefix("vlm."): v for k, v in sd.items() if k.startswith("vlm.")}
+    else:
+        sd = {k: v.detach().cpu() for k, v in inner.vlm.state_dict().items()}
+    if inner.vlm.get_output_embeddings().weight is inner.vlm.get_input_embeddings().weight:
+        sd = {k: v for k, v in sd.items() if not k.endswith("lm_head.weight")}  # tied: rebuilt on load
+    return sd
 
 
 def load_model(spec, seed=0, dtype=None):
@@ -208,6 +235,10 @@ def rollout_mode(model):
     and keep them unsharded across forwards; DDP / one process: nothing to do); eval mode."""
     inner = unwrap(model)
     fsdp_units = [m for m in inner.modules() if type(m).__name__.startswith("FSDP")]
+    if fsdp_units:
+        # generate() enters through the VLM, not through the root's forward: make the root claim
+        # every unit first, or the first unit to run would make itself a root (DESIGN.md section 5)
+        fsdp_units[0]._get_fsdp_state()._lazy_init()
     for m in fsdp_units:
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
@@ -329,6 +360,38 @@ def save_checkpoint(path, model, optimizer=None, step=0, batches=None, args=None
         dist.barrier()
 
 
+def ref_path(path):
+    return str(path).removesuffix(".safetensors") + ".ref.safetensors"
+
+
+def save_frozen(model, path):
+    """A frozen model's weights (pi_ref) beside the checkpoint, so --resume restores it too."""
+    save_checkpoint(path, model)
+
+
+def load_weights_into(model, tensors, path):
+    """Load a checkpoint's tensors into a (possibly FSDP2-sharded) ScoreModel."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    inner = unwrap(model)
+    if dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in inner.parameters()):
+        full = {f"vlm.{k}": v for k, v in tensors.items()}
+        set_model_state_dict(inner, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
+    missing, unexpected = inner.vlm.load_state_dict(tensors, strict=False)
+    inner.vlm.tie_weights()
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise ValueError(f"{path}: weights do not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def load_frozen(model, path):
+    from model import check_compatible, read_checkpoint
+
+    meta, tensors = read_checkpoint(path)
+    check_compatible(meta, path, like=unwrap(model))
+    load_weights_into(model, tensors, path)
+
+
 def train_path(path):
     return str(path).removesuffix(".safetensors") + ".train.pt"
 
@@ -339,7 +402,7 @@ def load_resume(path, model, optimizer, batches=None):
     The model weights come from the .safetensors (refused if another architecture or config); the
     rest from the .train.pt beside it.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     from model import check_compatible, read_checkpoint
 
@@ -349,16 +412,10 @@ def load_resume(path, model, optimizer, batches=None):
     inner = unwrap(model)
     check_compatible(meta, path, like=inner)
     train = torch.load(train_path(path), map_location="cpu", weights_only=False)
-    sharded = dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in inner.parameters())
-    if sharded:
-        full = {f"vlm.{k}": v for k, v in tensors.items()}
-        set_model_state_dict(inner, full, options=StateDictOptions(full_state_dict=True, strict=False))
+    load_weights_into(model, tensors, path)
+    if dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in inner.parameters()):
         set_optimizer_state_dict(inner, optimizer, train["optimizer"], options=StateDictOptions(full_state_dict=True))
     else:
-        missing, unexpected = inner.vlm.load_state_dict(tensors, strict=False)
-        inner.vlm.tie_weights()
-        if unexpected or [k for k in missing if "lm_head" not in k]:
-            raise ValueError(f"{path}: weights do not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
         optimizer.load_state_dict(train["optimizer"])
     rank = dist.get_rank() if dist.is_initialized() else 0
     if len(train["rng"]) != (dist.get_world_size() if dist.is_initialized() else 1):

@@ -8,7 +8,7 @@ Supervised training of the score model, two stages.
    captions and on the templated reasoning traces of data.py, so that it follows the teacher's
    format at all. This is the tiny world's "base model" that zero-shot, GRPO and GDSO start from;
    the paper starts from a pretrained Qwen3.5 with a system prompt instead. It is stopped well
-   before it saturates (default 1,200 steps), which leaves GDSO room to improve it. The result
+   before it saturates (default 2,400 steps), which leaves GDSO room to improve it. The result
    ships as assets/tiny_base.safetensors; this command regenerates it.
 
 Loss normalization: the token loss of the base stage is summed over a rank's tokens and divided by
@@ -58,7 +58,7 @@ parser.add_argument("--checkpointing", action="store_true", help="activation che
 args = parser.parse_args()
 if args.stage == "base":  # from-scratch defaults of DESIGN.md section 4 unless set explicitly
     defaults = {"lr": 1e-3, "vision_lr_mult": 1.0, "steps": 300}
-    for k, v in {"lr": 3e-3, "vision_lr_mult": 5.0, "steps": 1200}.items():
+    for k, v in {"lr": 3e-3, "vision_lr_mult": 5.0, "steps": 2400}.items():
         if getattr(args, k) == defaults[k]:
             setattr(args, k, v)
 
