@@ -1,10 +1,15 @@
-# make test: install what the suite needs, then run it (CPU, a few minutes on 2 cores)
-# make demo: the whole pipeline on the embedded tiny default, ending in an eval table
+# make test:    install what the suite needs, then run it (CPU; a few minutes on 2 cores)
+# make demo:    the pipeline on the embedded tiny model, CPU, under 10 minutes
+# make results: the paper's comparison in the tiny world, 3 seeds (CPU, about an hour)
 PY ?= python
-OUT ?= runs/demo
+WORLD ?= runs/world
+DEMO ?= runs/demo
+RESULTS ?= runs/results
+SEEDS ?= 0 1 2
+STEPS ?= 120
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: test demo install
+.PHONY: test demo results install
 
 install:
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
@@ -14,5 +19,21 @@ test: install
 	$(PY) -m pytest -q
 
 demo:
-	$(PY) data.py --out $(OUT)/world --n 40 --seed 0
-	$(PY) eval.py --ckpt tiny --data $(OUT)/world/test.jsonl
+	$(PY) data.py --out $(WORLD) --n 200 --seed 0
+	@echo "== zero-shot: the shipped tiny base, reasoning mode"
+	$(PY) eval.py --ckpt assets/tiny_base.safetensors --data $(WORLD)/test.jsonl --mode reasoning --limit 256
+	@echo "== SFT baseline: direct score token"
+	$(PY) sft.py --init assets/tiny_base.safetensors --data $(WORLD) --out $(DEMO)/sft.safetensors --steps 60 --eval-every 0 --eval-limit 256
+	@echo "== GDSO teacher"
+	$(PY) gdso.py --data $(WORLD) --out $(DEMO)/gdso.safetensors --steps 20 --eval-every 0 --eval-limit 256
+
+results:
+	$(PY) data.py --out $(WORLD) --n 200 --seed 0
+	mkdir -p $(RESULTS)
+	$(PY) eval.py --ckpt assets/tiny_base.safetensors --data $(WORLD)/test.jsonl --mode reasoning --method zero-shot --json $(RESULTS)/zeroshot.eval.json
+	for s in $(SEEDS); do \
+	  $(PY) sft.py --init assets/tiny_base.safetensors --data $(WORLD) --out $(RESULTS)/sft-$$s.safetensors --steps $(STEPS) --seed $$s --eval-every 0 --eval-limit 0 && \
+	  $(PY) gdso.py --method grpo --data $(WORLD) --out $(RESULTS)/grpo-$$s.safetensors --steps $(STEPS) --seed $$s --eval-every 0 --eval-limit 0 && \
+	  $(PY) gdso.py --data $(WORLD) --out $(RESULTS)/gdso-$$s.safetensors --steps $(STEPS) --seed $$s --eval-every 0 --eval-limit 0 || exit 1; \
+	done
+	$(PY) eval.py summarize $(RESULTS)/*.eval.json

@@ -122,19 +122,33 @@ def table_from_predictions(records, pred):
     """Per-dimension and overall metrics of predictions (from predict) against the records' labels."""
     s = np.array([r["score"] for r in records])
     groups = [(r.get("group", r["prompt"]), r["dimension"]) for r in records]
+    # synthetic world: HPA over pairs whose images hold the same number of objects, where counting
+    # objects (the shortcut a direct scorer finds, DESIGN.md section 4) cannot order the pair
+    same_n = [g + (len(r["scene"]["objects"]),) if "scene" in r else None for g, r in zip(groups, records)]
     dims = np.array([r["dimension"] for r in records])
     table = {}
     for dim in [*dict.fromkeys(dims.tolist()), "overall"]:
         m = np.ones(len(records), dtype=bool) if dim == "overall" else dims == dim
         row = score_metrics(pred["mu"][m], s[m], [g for g, k in zip(groups, m) if k])
+        keys = [g for g, k in zip(same_n, m) if k]
+        row["hpa_same_n"] = hpa(pred["mu"][m], s[m], keys) if None not in keys else float("nan")
         row["tokens"] = float(pred["n_tokens"][m].mean())
         row["valid"] = float(pred["valid"][m].mean())
         table[dim] = row
     return table
 
 
+def count_only_predictions(records):
+    """The shortcut baseline: mu = 5 - |objects drawn - objects named in the prompt| (synthetic world)."""
+    from data import parse_prompt
+
+    mu = np.array([5.0 - abs(len(r["scene"]["objects"]) - len(parse_prompt(r["prompt"]))) for r in records])
+    n = len(records)
+    return {"mu": mu, "sigma": np.zeros(n), "n_tokens": np.zeros(n), "valid": np.ones(n, dtype=bool)}
+
+
 def format_table(table, title=None):
-    cols = ("n", "plcc", "srcc", "hpa", "margin_hpa", "tokens", "valid")
+    cols = ("n", "plcc", "srcc", "hpa", "margin_hpa", "hpa_same_n", "tokens", "valid")
     lines = [title] if title else []
     lines.append(f"{'dimension':<14}" + "".join(f"{c:>12}" for c in cols))
     for dim, row in table.items():
@@ -143,19 +157,44 @@ def format_table(table, title=None):
     return "\n".join(lines)
 
 
+def summarize(paths, columns=("plcc", "srcc", "hpa", "margin_hpa", "hpa_same_n", "tokens")):
+    """Mean and spread over seeds of the overall row of several *.eval.json files, per method."""
+    import json
+
+    runs = {}
+    for p in paths:
+        with open(p) as f:
+            r = json.load(f)
+        runs.setdefault(r["method"], []).append(r["table"]["overall"])
+    lines = [f"{'method':<16}{'seeds':>6}" + "".join(f"{c:>18}" for c in columns)]
+    for method, rows in runs.items():
+        cells = ""
+        for c in columns:
+            v = np.array([row[c] for row in rows])
+            cells += f"{v.mean():>11.3f} ± {v.std():.3f}"
+        lines.append(f"{method:<16}{len(rows):>6}{cells}")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     import argparse
     import json
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "summarize":  # python eval.py summarize runs/results/*.eval.json
+        print(summarize(sys.argv[2:]))
+        raise SystemExit
 
     parser = argparse.ArgumentParser(description="score a JSONL with a score-model checkpoint and print PLCC / SRCC / HPA")
-    parser.add_argument("--ckpt", required=True, help="a score-model .safetensors, or 'tiny' for the untrained embedded model")
+    parser.add_argument("--ckpt", required=True, help="a score-model .safetensors, 'tiny' (the untrained embedded model) or 'count-only' (the synthetic world's shortcut baseline)")
     parser.add_argument("--data", required=True, help="labeled JSONL (e.g. runs/demo/world/test.jsonl)")
     parser.add_argument("--mode", default=None, choices=["direct", "reasoning"], help="prompt mode; default: the checkpoint's own")
     parser.add_argument("--batch-size", type=int, default=32, help="queries per forward")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="reasoning mode: trace length budget")
     parser.add_argument("--limit", type=int, default=0, help="score only the first N records (0 = all)")
     parser.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu", help="torch device")
-    parser.add_argument("--json", default="", help="also write the table to this JSON file")
+    parser.add_argument("--json", default="", help="also write the table to this JSON file (for `eval.py summarize`)")
+    parser.add_argument("--method", default="", help="the method name recorded in --json")
     args = parser.parse_args()
 
     import torch
@@ -163,13 +202,17 @@ if __name__ == "__main__":
     from data import load_jsonl
     from model import ScoreModel
 
-    model = ScoreModel.tiny() if args.ckpt == "tiny" else ScoreModel.load(args.ckpt)
-    model.to(args.device)
-    mode = args.mode or getattr(model, "metadata", {}).get("mode", "direct")
     records = load_jsonl(args.data)
     records = records[:args.limit] if args.limit else records
-    table, _ = evaluate(model, records, mode, args.batch_size, args.max_new_tokens)
+    if args.ckpt == "count-only":
+        mode = "count-only"
+        table = table_from_predictions(records, count_only_predictions(records))
+    else:
+        model = ScoreModel.tiny() if args.ckpt == "tiny" else ScoreModel.load(args.ckpt)
+        model.to(args.device)
+        mode = args.mode or getattr(model, "metadata", {}).get("mode", "direct")
+        table, _ = evaluate(model, records, mode, args.batch_size, args.max_new_tokens)
     print(format_table(table, f"{args.ckpt} on {args.data} ({mode} mode)"))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(table, f, indent=1)
+            json.dump({"method": args.method or mode, "table": table}, f, indent=1)

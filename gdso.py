@@ -150,6 +150,7 @@ def get_args(argv=None):
     p.add_argument("--bf16", action="store_true", help="bfloat16 weights / compute")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP replication")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True, help="keep the vision tower frozen (default)")
     args = p.parse_args(argv)
     if args.method == "grpo":
         args.alpha_pt = args.alpha_pw = 0.0
@@ -176,6 +177,8 @@ def main(argv=None):
         raise SystemExit(f"pairs per rank {P} must be a multiple of --micro-pairs {micro}")
 
     # pi_ref: a frozen copy, sharded / placed like the policy; none at all when beta = 0
+    if args.freeze_vision:
+        model.vision_tower().requires_grad_(False)
     ref = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None
     policy = common.wrap(model, device, fsdp=args.fsdp, bf16=args.bf16, checkpointing=args.checkpointing)
     if ref is not None:
@@ -305,6 +308,8 @@ def main(argv=None):
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
             table, _ = common.evaluate_sharded(policy, test, "reasoning", max_new_tokens=args.max_new_tokens)
             common.print0(format_table(table, f"step {step} | test (reasoning mode, greedy)"))
+            method = args.method + ("-parsed" if args.reward_from == "parsed" else "")
+            common.write_json(args.out, "eval", {"step": step, "method": method, "table": table})
     common.dist_cleanup()
 
 

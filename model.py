@@ -427,6 +427,10 @@ class ScoreModel(nn.Module):
 
     # --- forward: hidden states, score head, token log-probs -----------------------------------
 
+    def vision_tower(self):
+        """The VLM's image encoder (Qwen-VL family: model.visual)."""
+        return self.vlm.model.visual
+
     def bin_weight(self):
         """The K rows of the LM head for the bin tokens: (K, D)."""
         return self.vlm.get_output_embeddings().weight[self.bin_ids]
