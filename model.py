@@ -617,6 +617,9 @@ def write_checkpoint(path, tensors, metadata):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # the temp file was private; the checkpoint is a normal file
     os.replace(tmp, path)
 
 

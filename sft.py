@@ -5,7 +5,8 @@ Supervised training of the score model, two stages.
    the human label's bin, -log q(s) (Eq. 8 without reasoning); the label is the aggregate of the
    annotations rounded to the nearest of the nine bins. No reasoning trace is read or written.
 2. --stage base (the tiny world only): the embedded tiny VLM is trained from scratch on image
-   captions and on the templated reasoning traces of data.py, so that it follows the teacher's
+   captions and on the templated reasoning traces of data.py (on a world of its own, not the
+   labeled world the methods train on, and without the test prompts), so that it follows the teacher's
    format at all. Its vision tower stays at its random init (a frozen random encoder): trained
    along with the language model from scratch, it collapsed to a constant within ~100 steps at
    every learning rate we tried, while the frozen one is read well (README, "the tiny world").
@@ -19,7 +20,9 @@ the global number of answer tokens in the step (all ranks, all micro-batches), s
 and accumulation gives the same update as one process with the whole batch.
 
 Launch:
-    python sft.py --stage base --out assets/tiny_base.safetensors                 # one CPU, ~5 min
+    python data.py --out runs/pretrain --n 400 --seed 1                           # the base's own images
+    python sft.py --stage base --data runs/pretrain --holdout runs/world/test.jsonl \\
+        --out assets/tiny_base.safetensors                                        # one CPU, ~8 min
     python sft.py --init assets/tiny_base.safetensors --out runs/sft.safetensors  # SFT baseline
     torchrun --nproc_per_node=8 sft.py --model Qwen/Qwen3.5-27B --data my_data --bf16 --fsdp \\
         --batch-size 256 --micro-batch 4 --lr 1e-5 --out runs/sft27b.safetensors
@@ -41,6 +44,7 @@ parser.add_argument("--stage", default="sft", choices=["sft", "base"], help="sft
 parser.add_argument("--model", default="tiny", help="'tiny', an HF folder / hub id, or a score-model .safetensors")
 parser.add_argument("--init", default="", help="start from this score-model .safetensors (overrides --model)")
 parser.add_argument("--data", default="runs/world", help="folder with train.jsonl / test.jsonl (the synthetic world is rendered there if missing)")
+parser.add_argument("--holdout", default="", help="a JSONL whose prompts are dropped from the training data (base stage: the labeled world's test split)")
 parser.add_argument("--out", default="runs/sft.safetensors", help="checkpoint path (.safetensors; .train.pt beside it)")
 parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
 parser.add_argument("--batch-size", type=int, default=32, help="global batch (samples per optimizer step)")
@@ -76,6 +80,10 @@ if args.stage == "base" and model.source != "tiny":
     raise SystemExit("--stage base pretrains the embedded tiny model; real models start from their own pretraining")
 train_file, test_file = common.world_data(args.data, seed=args.seed)
 train, test = load_jsonl(train_file), load_jsonl(test_file)
+if args.holdout:
+    held = {r["prompt"] for r in load_jsonl(args.holdout, labeled=False)}
+    train = [r for r in train if r["prompt"] not in held]
+    common.print0(f"held out {len(held)} prompts of {args.holdout}: {len(train)} training records left")
 if args.eval_limit:
     test = test[:args.eval_limit]
 
