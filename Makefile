@@ -1,6 +1,7 @@
 # make test:    install what the suite needs, then run it (CPU; a few minutes on 2 cores)
 # make demo:    the pipeline on the embedded tiny model, CPU, under 10 minutes
 # make results: the paper's comparison in the tiny world, 3 seeds (CPU, about an hour)
+# make base:    regenerate the shipped tiny base, assets/tiny_base.safetensors (CPU, ~8 minutes)
 PY ?= python
 WORLD ?= runs/world
 DEMO ?= runs/demo
@@ -9,7 +10,7 @@ SEEDS ?= 0 1 2
 STEPS ?= 120
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: test demo results install
+.PHONY: test demo results base install
 
 install:
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
@@ -37,3 +38,8 @@ results:
 	  $(PY) gdso.py --data $(WORLD) --out $(RESULTS)/gdso-$$s.safetensors --steps $(STEPS) --seed $$s --eval-every 0 --eval-limit 0 || exit 1; \
 	done
 	$(PY) eval.py summarize $(RESULTS)/*.eval.json
+
+base:
+	$(PY) data.py --out $(WORLD) --n 200 --seed 0
+	$(PY) data.py --out runs/pretrain --n 400 --seed 1
+	$(PY) sft.py --stage base --data runs/pretrain --holdout $(WORLD)/test.jsonl --out assets/tiny_base.safetensors
