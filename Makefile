@@ -7,7 +7,7 @@ WORLD ?= runs/world
 DEMO ?= runs/demo
 RESULTS ?= runs/results
 SEEDS ?= 0 1 2
-STEPS ?= 120
+STEPS ?= 60
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: test demo results base install

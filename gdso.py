@@ -18,6 +18,11 @@ distribution q_{j,i} at the score token gives mu_{j,i}. Then, with R = S_max - S
 4. Direct losses, differentiable through the score-token logits given the sampled trace:
    alpha_pt * L_pt, the CE of the label's bin (Eq. 8), and alpha_pw * L_pw, the L1 loss on the
    score gap over all G x G cross pairs (Eq. 11). Total (Eq. 14): L_GRPO + alpha_pt L_pt + alpha_pw L_pw.
+   Changed: L_pt is -log p(label's bin token) against the whole vocabulary at the score position,
+   i.e. -log q(s) - log P(the score token is a bin). The second term is ~0 while the format holds;
+   without it (--no-full-vocab-ce, Eq. 8 over the K bins only) the CE is blind to the mass the
+   score position gives to non-bin tokens, Adam lets that mass drift, and in the tiny world the
+   traces stopped reaching a score token within ~20 steps (valid fraction 1.0 -> 0.3).
 5. Baselines from the same script: --method grpo (expectation reward, alphas = 0), and
    --reward-from parsed, the ablation that rewards the score written in the trace instead of mu.
 
@@ -93,18 +98,20 @@ def policy_loss(logp, logp_old, adv, mask, clip_eps=0.2, logp_ref=None, beta=0.0
     return loss, ((kl * mask).sum(-1) / n).mean().detach()
 
 
-def direct_losses(score_logits, mu, labels, valid, P, G, n_valid=None):
+def direct_losses(score_logits, mu, labels, valid, P, G, n_valid=None, label_logprob=None):
     """L_pt (Eq. 8) and L_pw (Eq. 11) for 2 P G samples laid out as (side, pair, sample).
 
     score_logits (2PG, K), mu (2PG,), labels (2,P) = (s_w, s_l), valid (2PG,) bool. Invalid traces
     are left out of L_pt and enter L_pw detached (their mu is read at the trace's end). L_pt is the
     CE summed over valid samples divided by n_valid (default: the valid samples here; training
     passes the count over all ranks and micro-batches so any split gives the same loss).
+    label_logprob: (2PG,) log p(label's bin token) against the whole vocabulary at the score
+    position; when given, L_pt is its negative mean (see the module docstring, point 4).
     """
     target = torch.tensor([score_to_level(float(s)) - 1 for s in labels.flatten()], device=mu.device)
     target = target.view(2, P, 1).expand(2, P, G).flatten()
     target = torch.where(valid, target, torch.full_like(target, -100))
-    ce = score_ce(score_logits, target)
+    ce = score_ce(score_logits, target) if label_logprob is None else -torch.where(valid, label_logprob, 0.0)
     l_pt = ce.sum() / (n_valid if n_valid is not None else valid.sum().clamp_min(1))
     mu = torch.where(valid, mu, mu.detach()).view(2, P, G)
     l_pw, _, _ = gap_l1(mu[0], mu[1], labels[0], labels[1], R)
@@ -122,8 +129,8 @@ def get_args(argv=None):
     p.add_argument("--out", default="runs/gdso.safetensors", help="checkpoint path (.safetensors; .train.pt beside it)")
     p.add_argument("--method", default="gdso", choices=["gdso", "grpo"], help="grpo = expectation reward only, alphas forced to 0")
     p.add_argument("--reward-from", default="expectation", choices=["expectation", "parsed"], help="reward from mu, or from the score written in the trace (ablation)")
-    p.add_argument("--steps", type=int, default=120, help="total optimizer batches (N outer iterations x M steps)")
-    p.add_argument("--ref-reset-every", type=int, default=40, help="M: steps per outer iteration; pi_ref <- pi_theta at each start")
+    p.add_argument("--steps", type=int, default=60, help="total optimizer batches (N outer iterations x M steps)")
+    p.add_argument("--ref-reset-every", type=int, default=20, help="M: steps per outer iteration; pi_ref <- pi_theta at each start")
     p.add_argument("--pairs", type=int, default=8, help="pairs per step (global)")
     p.add_argument("--group", type=int, default=4, help="G: samples per side")
     p.add_argument("--inner-steps", type=int, default=2, help="K_gdso: gradient steps per sampled batch")
@@ -139,11 +146,12 @@ def get_args(argv=None):
     p.add_argument("--lambda-pw", type=float, default=1.0, help="weight of the pairwise reward (Eq. 13)")
     p.add_argument("--alpha-pt", type=float, default=0.5, help="weight of the direct CE loss L_pt (Eq. 14)")
     p.add_argument("--alpha-pw", type=float, default=1.0, help="weight of the direct gap loss L_pw (Eq. 14)")
+    p.add_argument("--full-vocab-ce", action=argparse.BooleanOptionalAction, default=True, help="L_pt as -log p(label bin token) over the whole vocabulary (default) instead of over the K bins only")
     p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
     p.add_argument("--max-new-tokens", type=int, default=64, help="trace length budget; no score token by then = malformed")
-    p.add_argument("--eval-every", type=int, default=40, help="evaluate on the test split every N steps (0 = only at the end)")
+    p.add_argument("--eval-every", type=int, default=20, help="evaluate on the test split every N steps (0 = only at the end)")
     p.add_argument("--eval-limit", type=int, default=512, help="test records per evaluation (0 = all)")
-    p.add_argument("--save-every", type=int, default=40, help="write the checkpoint every N steps")
+    p.add_argument("--save-every", type=int, default=20, help="write the checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from --out exactly (optimizer, step, RNG, data position, pi_ref)")
     p.add_argument("--stop-after", type=int, default=0, help="stop (after saving) at this step, keeping the --steps schedule; --resume continues")
     p.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
@@ -256,6 +264,9 @@ def main(argv=None):
             labels.append(lab)
             r_all.append(r)
         r_all = torch.cat([r.flatten(1) for r in r_all], 1)
+        # the label's bin token per rollout, (side, pair, sample) order, for the full-vocabulary L_pt
+        label_tokens = [inner.bin_ids[torch.tensor([score_to_level(float(s)) - 1 for s in lab.flatten()], device=device)]
+                        .view(2, -1, 1).expand(-1, -1, G).flatten() for lab in labels]
 
         # 4. K_gdso updates on the same rollouts: clipped surrogate + beta KL + direct losses (Eq. 14)
         # L_pt is normalized by the valid traces of the whole step (all ranks); DDP / FSDP average
@@ -269,14 +280,16 @@ def main(argv=None):
             sums = {"pg": 0.0, "kl": 0.0, "l_pt": 0.0, "l_pw": 0.0}
             for i, chunk in enumerate(chunks):
                 sl = slice(i * n_micro, (i + 1) * n_micro)
-                out = policy(encs[i], score_pos[sl], targets=targets[i])
+                out = policy(encs[i], score_pos[sl], targets=targets[i],
+                             score_targets=label_tokens[i] if args.alpha_pt and args.full_vocab_ce else None)
                 pg, kl = policy_loss(out["token_logprobs"], old_lp[i], advs[i], masks[i], args.clip_eps,
                                      ref_lp[i] if ref_lp is not None else None, args.beta)
                 loss = pg
                 l_pt = l_pw = torch.zeros((), device=device)
                 if args.alpha_pt or args.alpha_pw:
                     mu_new = inner.distribution(out["score_logits"]).mean
-                    l_pt, l_pw = direct_losses(out["score_logits"], mu_new, labels[i], valid[sl], len(chunk), G, n_valid)
+                    l_pt, l_pw = direct_losses(out["score_logits"], mu_new, labels[i], valid[sl], len(chunk), G, n_valid,
+                                               out.get("score_target_logprob"))
                     loss = loss + args.alpha_pt * l_pt + args.alpha_pw * l_pw
                 # each micro-batch holds the same number of pairs: its mean over micro-batches is the batch mean
                 (loss / len(chunks)).backward()

@@ -443,19 +443,28 @@ class ScoreModel(nn.Module):
             logits = logits + head.bias[self.bin_ids].float()
         return logits
 
-    def forward(self, batch, score_index, targets=None, temperature=1.0):
+    def forward(self, batch, score_index, targets=None, temperature=1.0, score_targets=None):
         """One teacher-forced pass.
 
         score_index: (B,) sequence positions whose hidden state predicts the score token.
         targets: optional (B, L) next-token ids aligned with positions (-100 = ignore): the
         log-probs log pi(targets[b, t] | prefix up to t) come back as `token_logprobs` (B, L),
         computed by the fused linear kernel without the (B, L, V) logits.
+        score_targets: optional (B,) token ids whose full-vocabulary log-prob at the score
+        position comes back as `score_target_logprob` (gdso.py's L_pt).
         Returns a dict with `score_logits` (B, K) and, with targets, `token_logprobs`.
         Keeping everything inside forward lets DDP / FSDP2 hooks see every parameter use.
         """
         hidden = self.vlm.model(**self._model_inputs(batch), use_cache=False).last_hidden_state  # (B, L, D)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        out = {"score_logits": self.score_logits(hidden[rows, score_index])}
+        h_score = hidden[rows, score_index]  # (B, D)
+        out = {"score_logits": self.score_logits(h_score)}
+        if score_targets is not None:
+            # log p(score_targets) against the whole vocabulary at the score position: the bin
+            # distribution's log q plus log P(the token is a bin at all); (B,)
+            from kernels import token_logprobs
+
+            out["score_target_logprob"] = token_logprobs(h_score, self.vlm.get_output_embeddings().weight, score_targets)
         if targets is not None:
             from kernels import token_logprobs
 

@@ -102,6 +102,18 @@ def test_direct_losses_by_hand():
     assert logits.grad[1].abs().sum() == 0
 
 
+def test_full_vocabulary_pointwise_loss():
+    # with the label tokens' full-vocabulary log-probs given, L_pt is their negative mean over valid traces
+    logits = torch.zeros(4, 9, requires_grad=True)
+    mu = (logits.softmax(-1) * torch.tensor(BINS)).sum(-1)
+    label_lp = torch.tensor([-0.5, -2.0, -1.0, -9.0], requires_grad=True)
+    valid = torch.tensor([True, True, True, False])
+    l_pt, _ = direct_losses(logits, mu, torch.tensor([[4.0], [2.0]]), valid, 1, 2, label_logprob=label_lp)
+    assert abs(l_pt.item() - (0.5 + 2.0 + 1.0) / 3) < 1e-6
+    l_pt.backward()
+    torch.testing.assert_close(label_lp.grad, torch.tensor([-1 / 3, -1 / 3, -1 / 3, 0.0]))
+
+
 def test_policy_loss_masks_padding_and_prompt_tokens():
     torch.manual_seed(0)
     logp = torch.randn(3, 6).requires_grad_()

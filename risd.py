@@ -1,0 +1,483 @@
+"""
+RISD: Reasoning-Internalized Score Distillation of a direct student (Z-Reward, Eqs. 15-16), and the
+on-policy distillation (OPD) baseline behind --opd.
+
+1. The frozen teacher (a reasoning-mode score-model checkpoint, e.g. from gdso.py) writes a trace
+   rho_T per unlabeled (prompt, image, dimension) and its score distribution q_T is read at the
+   score token after "Score:". Labels are never read: the unlabeled records keep only id, prompt,
+   image and dimension. --traces M averages q_T over M sampled traces (default 1, as the paper);
+   a trace without a score token is left out of the mean, and a record whose M traces all fail is
+   skipped (and counted in the log).
+2. The student is prompted in direct mode and reads q_phi at its first answer token: one forward,
+   one output token, no reasoning. Loss (Eq. 15): forward KL(q_T || q_phi) per record (kernels'
+   score_kl), summed over the step's records and divided by their global count (all ranks and
+   micro-batches), so torchrun and gradient accumulation give the update of one process with the
+   whole batch. The deployed reward is the student's mu_phi (Eq. 16).
+3. Teacher targets come online (the teacher runs inside the loop on each batch, as in the paper),
+   or once into --cache, a safetensors file of q_T (N, K) and a valid mask whose metadata holds the
+   teacher file's sha256 and the sampling settings; a later student run reuses it and a stale one
+   (other teacher, records or settings) is refused with the mismatch named (--rebuild-cache
+   overwrites). The student's --seed is not part of the key, so seeds of a study share one cache.
+4. --opd, the baseline of Eqs. 18-19: the student, a reasoning scorer, samples its own trace and
+   score y; the teacher scores every visited prefix, A_t = log pi_T(y_t | y_<t) - log pi_old(y_t | y_<t)
+   (stop-gradient), and the loss is -mean over sequences of (1/T) sum_t A_t log pi_phi(y_t | y_<t)
+   (the gradient of the reverse KL(pi_phi || pi_T) along the sampled path). Both models' log-probs
+   come from the fused token log-prob kernel. One update per sampled batch, so pi_old is the
+   sampling policy and log pi_old is log pi_phi from the same forward, detached. The teacher must
+   read the student's tokens as its own: a different tokenizer is refused.
+
+Checkpoints: the student as --out (.safetensors with metadata mode "direct", or "reasoning" for
+--opd; usable by eval.py and reward_ft.py) plus .train.pt for --resume, as in gdso.py.
+
+Launch:
+    python risd.py --teacher runs/gdso.safetensors                     # tiny world, student from the tiny base
+    python risd.py --teacher runs/gdso.safetensors --cache runs/qt.safetensors --traces 4
+    python risd.py --teacher runs/gdso.safetensors --opd --out runs/opd.safetensors
+    python risd.py --teacher runs/gdso.safetensors --throughput       # images/s: student vs teacher
+    torchrun --nproc_per_node=8 risd.py --teacher t27b.safetensors --student Qwen/Qwen3.5-9B \\
+        --data my_unlabeled --bf16 --fsdp --checkpointing --batch-size 256 --micro-batch 8 \\
+        --max-new-tokens 1024 --lr 1e-5 --cache runs/qt27b.safetensors
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import time
+
+import torch
+from PIL import Image
+
+from kernels import score_kl
+from model import BINS, PROMPT_VERSION
+
+# -----------------------------------------------------------------------------
+# the RISD and OPD terms (pure functions of tensors; tests check them on toys)
+
+
+def kl_loss(student_logits, q_teacher, valid=None, n=None):
+    """Eq. 15: sum over valid rows of KL(q_T || softmax(student_logits)), divided by n.
+
+    student_logits (N, K), q_teacher (N, K) probabilities (a constant), valid (N,) bool. n is the
+    normalizer, default the valid rows here; training passes the global count of the step.
+    """
+    kl = score_kl(student_logits, q_teacher.detach().to(student_logits.device))  # (N,)
+    if valid is not None:
+        kl = torch.where(valid, kl, torch.zeros_like(kl))  # a masked row gets no gradient either
+    count = n if n is not None else (valid.sum().clamp_min(1) if valid is not None else kl.shape[0])
+    return kl.sum() / count
+
+
+def opd_loss(logp, logp_teacher, logp_old, mask, n=None):
+    """Eq. 19: -(1/n) sum over sequences of (1/T) sum_t sg(A_t) log pi_phi(y_t), A_t of Eq. 18.
+
+    logp, logp_teacher, logp_old: (N, T) log-probs of the sampled tokens under the student being
+    trained, the teacher and the sampling student; mask (N, T) marks real completion tokens.
+    Returns (loss, mean advantage over the masked tokens). n defaults to N.
+    """
+    adv = (logp_teacher - logp_old).detach()  # (N, T), A_t = log pi_T - log pi_old
+    mask = mask.to(logp.dtype)
+    per_seq = (adv * logp * mask).sum(-1) / mask.sum(-1).clamp_min(1)  # (N,), (1/T) sum_t
+    loss = -per_seq.sum() / (n if n is not None else logp.shape[0])
+    return loss, (adv * mask).sum() / mask.sum().clamp_min(1)
+
+
+def mean_over_traces(probs, valid):
+    """q_T averaged over M traces: probs (M, N, K), valid (M, N) -> (q (N, K), ok (N,)).
+
+    A trace without a score token is left out of the mean; ok is False where all M failed (q = 0).
+    """
+    w = valid.to(probs.dtype)  # (M, N)
+    n = w.sum(0)  # (N,)
+    q = (probs * w[..., None]).sum(0) / n.clamp_min(1)[:, None]
+    return q, n > 0
+
+
+# -----------------------------------------------------------------------------
+# the q_T cache: a safetensors file keyed by the teacher's hash and the sampling settings
+
+
+def file_sha256(path, chunk=1 << 24):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_key(teacher_sha256, ids, traces, temperature, max_new_tokens, teacher_seed):
+    """Everything q_T depends on, as a dict of JSON values (stored in the cache's metadata)."""
+    ids_hash = hashlib.sha256("\n".join(str(i) for i in ids).encode()).hexdigest()
+    return {"teacher_sha256": teacher_sha256, "records_sha256": ids_hash, "n_records": len(ids),
+            "traces": int(traces), "temperature": float(temperature), "max_new_tokens": int(max_new_tokens),
+            "teacher_seed": int(teacher_seed), "bins": list(BINS), "prompt_version": PROMPT_VERSION}
+
+
+def write_cache(path, q, valid, key):
+    """q (N, K) float32 and valid (N,) written atomically, with the key as JSON metadata."""
+    from model import write_checkpoint
+
+    tensors = {"q_teacher": q.float().cpu().contiguous(), "valid": valid.to(torch.uint8).cpu().contiguous()}
+    write_checkpoint(path, tensors, {"format": "zreward-teacher-cache-v1", "key": json.dumps(key)})
+
+
+def read_cache(path, key):
+    """-> (q, valid) if the cache at path was made with exactly `key`; else a ValueError naming the mismatch."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "zreward-teacher-cache-v1":
+            raise ValueError(f"{path} is not a RISD teacher cache (format {meta.get('format')!r})")
+        theirs = json.loads(meta["key"])
+        diff = [k for k in sorted(set(key) | set(theirs)) if theirs.get(k) != key.get(k)]
+        if diff:
+            what = "; ".join(f"{k}: cache {theirs.get(k)!r} vs now {key.get(k)!r}" for k in diff)
+            raise ValueError(f"stale teacher cache {path}: it was built with other settings ({what}). "
+                             f"Pass --rebuild-cache to overwrite it, or another --cache path.")
+        return f.get_tensor("q_teacher"), f.get_tensor("valid").bool()
+
+
+# -----------------------------------------------------------------------------
+# teacher targets, tokenizers, throughput
+
+
+def open_images(records):
+    return [Image.open(r["image_path"]).convert("RGB") for r in records]
+
+
+@torch.no_grad()
+def teacher_targets(teacher, records, traces=1, temperature=1.0, max_new_tokens=64):
+    """The teacher's q_T for records, averaged over `traces` sampled traces: (q (N, K), ok (N,)).
+
+    All M traces of a record are sampled in one generate call (the batch repeated M times).
+    """
+    prompts = [r["prompt"] for r in records] * traces
+    dims = [r["dimension"] for r in records] * traces
+    out = teacher.score_with_reasoning(prompts, open_images(records) * traces, dims, max_new_tokens, temperature)
+    N, K = len(records), out.probs.shape[-1]
+    return mean_over_traces(out.probs.float().view(traces, N, K), out.valid.view(traces, N))
+
+
+def tokenizer_fingerprint(tokenizer):
+    """What decides the token ids of a text: the model (vocab, merges), added tokens, normalizer, pre-tokenizer."""
+    j = json.loads(tokenizer.backend_tokenizer.to_str())
+    added = sorted((t["id"], t["content"]) for t in j.get("added_tokens") or [])
+    return {"model": j.get("model"), "added_tokens": added, "normalizer": j.get("normalizer"),
+            "pre_tokenizer": j.get("pre_tokenizer")}
+
+
+def check_same_tokenizer(teacher, student):
+    """OPD: the teacher scores the student's sampled token ids, so both must tokenize alike."""
+    a, b = tokenizer_fingerprint(teacher.tokenizer), tokenizer_fingerprint(student.tokenizer)
+    diff = [k for k in a if a[k] != b[k]]
+    if diff:
+        raise ValueError(f"--opd needs one tokenizer for teacher and student (the teacher scores the student's "
+                         f"token ids), but their tokenizers differ in {diff}; use RISD (no --opd), which "
+                         f"only needs the shared score bins")
+
+
+@torch.no_grad()
+def throughput(model, records, mode, batch_size, batches=3, max_new_tokens=64):
+    """(images/s, output tokens per query) of model.score on a few batches, after one warm-up batch."""
+    chunks = [records[a:a + batch_size] for a in range(0, len(records), batch_size)][:batches + 1]
+    if len(chunks) < 2:
+        raise ValueError(f"--throughput needs at least {2 * batch_size} test records, got {len(records)}")
+    n, tokens, seconds = 0, 0.0, 0.0
+    for i, recs in enumerate(chunks):
+        images = open_images(recs)
+        t0 = time.perf_counter()
+        out = model.score([r["prompt"] for r in recs], images, [r["dimension"] for r in recs], mode=mode,
+                          max_new_tokens=max_new_tokens)
+        dt = time.perf_counter() - t0
+        if i == 0:
+            continue  # warm-up: allocator, first-call dispatch
+        n, seconds = n + len(recs), seconds + dt
+        tokens += len(recs) if out.traces is None else sum(
+            len(model.tokenizer.encode(t, add_special_tokens=False)) + 1 for t in out.traces)
+    return n / seconds, tokens / n
+
+
+# -----------------------------------------------------------------------------
+# the script
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="RISD student distillation from a reasoning teacher (and the OPD baseline)")
+    p.add_argument("--teacher", required=True, help="the frozen teacher: a reasoning-mode score-model .safetensors (e.g. from gdso.py)")
+    p.add_argument("--student", default="assets/tiny_base.safetensors", help="student init: 'tiny', a score-model .safetensors, or an HF folder / hub id")
+    p.add_argument("--data", default="runs/world", help="folder with train.jsonl / test.jsonl (synthetic world rendered there if missing)")
+    p.add_argument("--unlabeled", default="", help="JSONL of (id, prompt, image, dimension) to distill on (default: --data's train.jsonl, labels ignored)")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N unlabeled records (0 = all)")
+    p.add_argument("--out", default="", help="student checkpoint (.safetensors; .train.pt beside it); default runs/risd.safetensors or runs/opd.safetensors")
+    p.add_argument("--opd", action="store_true", help="the on-policy distillation baseline (Eqs. 18-19) instead of RISD")
+    p.add_argument("--cache", default="", help="RISD: compute q_T once into this safetensors file and reuse it (default: online, in the loop)")
+    p.add_argument("--rebuild-cache", action="store_true", help="overwrite a --cache built with another teacher or other settings")
+    p.add_argument("--traces", type=int, default=1, help="M: q_T is the mean over M sampled teacher traces (the paper: 1)")
+    p.add_argument("--teacher-temperature", type=float, default=1.0, help="teacher trace sampling temperature (0 = greedy)")
+    p.add_argument("--teacher-seed", type=int, default=0, help="seed of the teacher's sampling when building --cache (part of its key)")
+    p.add_argument("--temperature", type=float, default=1.0, help="OPD: student rollout sampling temperature")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="trace length budget (teacher traces; OPD rollouts)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch (records per optimizer step)")
+    p.add_argument("--micro-batch", type=int, default=32, help="records per forward per rank (gradient accumulation fills the rest)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 for RISD, 2e-4 for OPD)")
+    p.add_argument("--warmup", type=int, default=30, help="linear warmup steps, then cosine to 0.1x")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--eval-every", type=int, default=100, help="evaluate on the test split every N steps (0 = only at the end)")
+    p.add_argument("--eval-limit", type=int, default=512, help="test records per evaluation (0 = all)")
+    p.add_argument("--eval-teacher", action="store_true", help="also evaluate the teacher (reasoning, greedy) once at the start")
+    p.add_argument("--throughput", action="store_true", help="only measure images/s of the student (direct) vs the teacher (reasoning) and exit")
+    p.add_argument("--save-every", type=int, default=100, help="write the checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from --out exactly (optimizer, step, RNG, data position)")
+    p.add_argument("--stop-after", type=int, default=0, help="stop (after saving) at this step, keeping the --steps schedule; --resume continues")
+    p.add_argument("--seed", type=int, default=0, help="seed for data order and online sampling")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 weights / compute (student and teacher)")
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP replication")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True, help="keep the student's vision tower frozen (default)")
+    args = p.parse_args(argv)
+    args.method = "opd" if args.opd else "risd"
+    args.lr = args.lr if args.lr is not None else (2e-4 if args.opd else 1e-3)
+    args.out = args.out or f"runs/{args.method}.safetensors"
+    if args.opd and args.cache:
+        p.error("--cache holds RISD's q_T; OPD scores the student's own fresh samples, online")
+    if args.traces < 1:
+        p.error("--traces must be at least 1")
+    return args
+
+
+def load_teacher(path, dtype=None):
+    """The frozen teacher; refused unless it is a reasoning-mode score-model checkpoint."""
+    from model import ScoreModel
+
+    if not str(path).endswith(".safetensors"):
+        raise SystemExit(f"--teacher must be a score-model .safetensors checkpoint, got {path!r}")
+    teacher = ScoreModel.load(path, dtype=dtype)
+    mode = teacher.metadata.get("mode")
+    if mode != "reasoning":
+        raise SystemExit(f"--teacher {path} is a {mode!r}-mode checkpoint; RISD / OPD distill a reasoning-mode "
+                         f"teacher (one written by gdso.py or sft.py --stage base)")
+    return teacher
+
+
+def main(argv=None):
+    import torch.distributed as dist
+
+    import common
+    from data import load_jsonl
+    from eval import format_table
+
+    args = get_args(argv)
+    rank, world, device = common.dist_init()
+    common.seed_all(args.seed + rank)
+    dtype = torch.bfloat16 if args.bf16 else None
+    teacher = load_teacher(args.teacher, dtype)
+    student = common.load_model(args.student, seed=args.seed, dtype=dtype)
+    if args.opd:
+        try:
+            check_same_tokenizer(teacher, student)
+        except ValueError as e:
+            raise SystemExit(str(e))
+    train_file, test_file = common.world_data(args.data, seed=0)
+    # unlabeled records: only what the teacher and the student read, so no label can leak in
+    records = [{k: r[k] for k in ("id", "prompt", "image_path", "dimension")}
+               for r in load_jsonl(args.unlabeled or train_file, labeled=False)]
+    records = records[:args.limit] if args.limit else records
+    test = load_jsonl(test_file)
+    test = test[:args.eval_limit] if args.eval_limit else test
+    student_mode = "reasoning" if args.opd else "direct"
+
+    if args.throughput:  # deployment cost: one direct token vs a trace then the score, same batch size
+        if rank == 0:
+            speed = {}
+            for name, m, mode in (("student", student, "direct"), ("teacher", teacher, "reasoning")):
+                m.to(device).eval()
+                speed[name], tok = throughput(m, test, mode, args.micro_batch, max_new_tokens=args.max_new_tokens)
+                common.print0(f"{name:8s} | {mode:9s} | batch {args.micro_batch} | {tok:6.1f} output tokens/query | "
+                              f"{speed[name]:8.1f} images/s | {device}")
+            common.print0(f"student / teacher: {speed['student'] / speed['teacher']:.1f}x images/s")
+        common.dist_cleanup()
+        return
+
+    teacher = common.wrap_frozen(teacher, device, fsdp=args.fsdp, bf16=args.bf16)
+    if args.eval_teacher:
+        table, _ = common.evaluate_sharded(teacher, test, "reasoning", max_new_tokens=args.max_new_tokens)
+        common.print0(format_table(table, f"teacher {args.teacher} | test (reasoning mode, greedy)"))
+        common.write_json(args.out, "teacher", {"method": "teacher", "teacher": args.teacher, "table": table})
+
+    # q_T once into --cache: each rank scores an interleaved shard, rank 0 writes, every rank keeps all
+    q_cache = None
+    teacher_sha = None
+    if args.cache:
+        teacher_sha = file_sha256(args.teacher)
+        key = cache_key(teacher_sha, [r["id"] for r in records], args.traces, args.teacher_temperature,
+                        args.max_new_tokens, args.teacher_seed)
+        if os.path.exists(args.cache) and not args.rebuild_cache:
+            try:
+                q_cache, ok_cache = read_cache(args.cache, key)
+            except ValueError as e:
+                raise SystemExit(str(e))
+            common.print0(f"reusing teacher cache {args.cache} ({int(ok_cache.sum())} / {len(records)} records valid)")
+        else:
+            timer = common.Timer()
+            # the cache depends on --teacher-seed, not on --seed, and leaves the run's RNG as it was
+            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
+                torch.manual_seed(args.teacher_seed + rank)
+                mine = list(range(rank, len(records), world))
+                parts = []
+                with common.rollout_mode(teacher) as t:
+                    for a in range(0, len(mine), args.micro_batch):
+                        idx = mine[a:a + args.micro_batch]
+                        parts.append(teacher_targets(t, [records[i] for i in idx], args.traces,
+                                                     args.teacher_temperature, args.max_new_tokens))
+            q_mine = torch.cat([q for q, _ in parts]).cpu() if parts else torch.zeros(0, len(BINS))
+            ok_mine = torch.cat([ok for _, ok in parts]).cpu() if parts else torch.zeros(0, dtype=torch.bool)
+            gathered = [None] * world
+            if dist.is_initialized():
+                dist.all_gather_object(gathered, (mine, q_mine, ok_mine))
+            else:
+                gathered = [(mine, q_mine, ok_mine)]
+            q_cache, ok_cache = torch.zeros(len(records), len(BINS)), torch.zeros(len(records), dtype=torch.bool)
+            for idx, q, ok in gathered:
+                q_cache[idx], ok_cache[idx] = q, ok
+            if common.is_main():
+                write_cache(args.cache, q_cache, ok_cache, key)
+            if dist.is_initialized():
+                dist.barrier()
+            common.print0(f"wrote teacher cache {args.cache}: {int(ok_cache.sum())} / {len(records)} records valid, "
+                          f"M={args.traces} traces, {timer.lap() / 1000:.1f} s")
+        items = [i for i in range(len(records)) if ok_cache[i]]  # records whose M traces all failed: skipped
+    else:
+        items = list(range(len(records)))
+
+    batches = common.Batches(items, args.batch_size, rank, world, seed=args.seed)
+    per_rank = args.batch_size // world
+    micro = min(args.micro_batch, per_rank)
+    if per_rank % micro:
+        raise SystemExit(f"records per rank {per_rank} must be a multiple of --micro-batch {micro}")
+    if args.freeze_vision:
+        student.vision_tower().requires_grad_(False)
+    model = common.wrap(student, device, fsdp=args.fsdp, bf16=args.bf16, checkpointing=args.checkpointing)
+    optimizer = common.build_optimizer(model, args.lr, args.weight_decay)
+    step = 0
+    if args.resume:
+        step, _ = common.load_resume(args.out, model, optimizer, batches)
+        common.print0(f"resumed {args.out} at step {step}")
+    inner = common.unwrap(model)
+    common.print0(f"{args.method} | teacher {args.teacher} | student {args.student} ({student_mode} mode) | "
+                  f"{len(items)} unlabeled records | world {world} x micro {micro} x accum {per_rank // micro} = "
+                  f"{args.batch_size} | targets {'cache ' + args.cache if args.cache else 'online'} | M={args.traces}")
+
+    def risd_step(chunks):
+        """Eq. 15 over this rank's chunks; -> (this rank's share of the step's mean KL, valid records, records)."""
+        # 1. q_T for every chunk first (online: the teacher samples now), so the global count of
+        # valid records that normalizes the loss is known before any backward
+        targets = []
+        for chunk in chunks:
+            if q_cache is not None:
+                targets.append((q_cache[chunk].to(device), torch.ones(len(chunk), dtype=torch.bool, device=device)))
+            else:
+                with common.rollout_mode(teacher) as t:
+                    targets.append(teacher_targets(t, [records[i] for i in chunk], args.traces,
+                                                   args.teacher_temperature, args.max_new_tokens))
+        n_valid = sum(int(ok.sum()) for _, ok in targets)
+        n_global = max(common.all_sum(n_valid), 1.0)
+        # 2. the student in direct mode: one forward, q_phi read at the first answer position
+        kl_share = 0.0
+        for chunk, (q, ok) in zip(chunks, targets):
+            recs = [records[i] for i in chunk]
+            batch = inner.encode([r["prompt"] for r in recs], open_images(recs), [r["dimension"] for r in recs], "direct")
+            idx = torch.full((len(recs),), batch["prompt_len"] - 1, device=device)
+            logits = model(batch, idx)["score_logits"]  # (B, K)
+            # sum over this rank's valid records / (n_global / world): DDP / FSDP average the ranks'
+            # gradients, so the update is that of the global mean over the step's valid records
+            loss = kl_loss(logits, q, ok.to(device), n=n_global / world)
+            loss.backward()
+            kl_share += float(loss.detach()) / world  # summed over ranks: the step's mean KL
+        return kl_share, n_valid, sum(len(c) for c in chunks)
+
+    def opd_step(chunks):
+        """Eqs. 18-19 over this rank's chunks: sample, teacher-score, update; -> logs."""
+        recs_all = [records[i] for c in chunks for i in c]
+        images = open_images(recs_all)
+        prompts, dims = [r["prompt"] for r in recs_all], [r["dimension"] for r in recs_all]
+        with common.rollout_mode(model) as m:  # pi_old samples y per micro-batch, no collectives inside
+            comps = [c for a in range(0, len(recs_all), micro)
+                     for c in m.generate(m.encode(prompts[a:a + micro], images[a:a + micro], dims[a:a + micro],
+                                                  "reasoning"), args.max_new_tokens, args.temperature)]
+        t_inner = common.unwrap(teacher)
+        logs = {"loss": 0.0, "adv": 0.0, "length": 0.0, "valid": 0.0}
+        a = 0
+        for chunk in chunks:
+            sl = slice(a, a + len(chunk))
+            a += len(chunk)
+            cs = comps[sl]
+            T = max(len(c) for c in cs)
+
+            def completion_logprobs(module, owner):
+                # (B, T) log pi(y_t | x, y_<t) of the sampled tokens: position Lp - 1 + t predicts y_t
+                enc = owner.encode(prompts[sl], images[sl], dims[sl], "reasoning", completions=cs)
+                tgt = owner.completion_targets(enc, cs)
+                idx = torch.full((len(cs),), enc["prompt_len"] - 1, device=device)
+                lp = module(enc, idx, targets=tgt)["token_logprobs"]
+                Lp = enc["prompt_len"]
+                return lp[:, Lp - 1:Lp - 1 + T], tgt[:, Lp - 1:Lp - 1 + T] != -100
+
+            with torch.no_grad():
+                lp_teacher, _ = completion_logprobs(teacher, t_inner)
+            lp, mask = completion_logprobs(model, inner)
+            # one update per sample: pi_old is the sampling policy, its log-probs this forward's, detached
+            loss, adv = opd_loss(lp, lp_teacher, lp.detach(), mask, n=per_rank)
+            loss.backward()  # per rank: a sum over its sequences / per_rank; DDP averages the ranks
+            logs["loss"] += float(loss.detach())
+            logs["adv"] += float(adv) / len(chunks)
+        logs["length"] = sum(len(c) for c in comps) / len(comps)
+        logs["valid"] = sum(inner.find_score_index(c) >= 0 for c in comps) / len(comps)
+        return logs
+
+    timer = common.Timer()
+    while step < args.steps:
+        lr = common.lr_at(step, args.steps, args.lr, args.warmup)
+        common.set_lr(optimizer, lr)
+        mine = batches.next()
+        chunks = [mine[a:a + micro] for a in range(0, len(mine), micro)]
+        if args.opd:
+            logs = opd_step(chunks)
+        else:
+            kl_share, n_valid, n = risd_step(chunks)
+            logs = {"kl": kl_share, "valid": n_valid / n, "skipped": n - n_valid}
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if args.opd:
+            logs = common.all_mean(dict(logs, grad_norm=float(grad_norm)))
+            ms = timer.lap()
+            common.print0(f"step {step:4d} | loss {logs['loss']:+.4f} | adv {logs['adv']:+.4f} | len {logs['length']:.1f} | "
+                          f"valid {logs['valid']:.2f} | grad {logs['grad_norm']:.2f} | lr {lr:.1e} | {ms:.0f} ms | "
+                          f"{args.batch_size / ms * 1000:.1f} samples/s")
+        else:
+            skipped = common.all_sum(logs.pop("skipped"))
+            logs = common.all_mean(dict(logs, grad_norm=float(grad_norm)))
+            kl = logs["kl"] * world  # the sum of the ranks' shares
+            ms = timer.lap()
+            common.print0(f"step {step:4d} | kl {kl:.4f} | teacher valid {logs['valid']:.2f} (skipped {int(skipped)}) | "
+                          f"grad {logs['grad_norm']:.2f} | lr {lr:.1e} | {ms:.0f} ms | "
+                          f"{args.batch_size / ms * 1000:.1f} samples/s")
+        stopping = step == args.stop_after
+        if step % args.save_every == 0 or step == args.steps or stopping:
+            meta = {"teacher": args.teacher, **({"teacher_sha256": teacher_sha} if teacher_sha else {})}
+            common.save_checkpoint(args.out, model, optimizer, step, batches, args, mode=student_mode,
+                                   stage=args.method, **meta)
+        if stopping:
+            break
+        if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
+            table, _ = common.evaluate_sharded(model, test, student_mode, max_new_tokens=args.max_new_tokens)
+            common.print0(format_table(table, f"step {step} | test ({student_mode} mode)"))
+            common.write_json(args.out, "eval", {"step": step, "method": args.method, "table": table})
+    common.dist_cleanup()
+
+
+if __name__ == "__main__":
+    main()
