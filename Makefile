@@ -27,15 +27,20 @@ demo:
 	$(PY) sft.py --init assets/tiny_base.safetensors --data $(WORLD) --out $(DEMO)/sft.safetensors --steps 60 --eval-every 0 --eval-limit 256
 	@echo "== GDSO teacher"
 	$(PY) gdso.py --data $(WORLD) --out $(DEMO)/gdso.safetensors --steps 20 --eval-every 0 --eval-limit 256
+	@echo "== RISD student: one direct token, distilled from the GDSO teacher"
+	$(PY) risd.py --teacher $(DEMO)/gdso.safetensors --data $(WORLD) --out $(DEMO)/risd.safetensors --steps 100 --eval-every 0 --eval-limit 256
 
 results:
 	$(PY) data.py --out $(WORLD) --n 200 --seed 0
 	mkdir -p $(RESULTS)
 	$(PY) eval.py --ckpt assets/tiny_base.safetensors --data $(WORLD)/test.jsonl --mode reasoning --method zero-shot --json $(RESULTS)/zeroshot.eval.json
+	$(PY) eval.py --ckpt count-only --data $(WORLD)/test.jsonl --method count-only --json $(RESULTS)/countonly.eval.json
 	for s in $(SEEDS); do \
 	  $(PY) sft.py --init assets/tiny_base.safetensors --data $(WORLD) --out $(RESULTS)/sft-$$s.safetensors --steps $(STEPS) --seed $$s --eval-every 0 --eval-limit 0 && \
 	  $(PY) gdso.py --method grpo --data $(WORLD) --out $(RESULTS)/grpo-$$s.safetensors --steps $(STEPS) --seed $$s --eval-every 0 --eval-limit 0 && \
-	  $(PY) gdso.py --data $(WORLD) --out $(RESULTS)/gdso-$$s.safetensors --steps $(STEPS) --seed $$s --eval-every 0 --eval-limit 0 || exit 1; \
+	  $(PY) gdso.py --data $(WORLD) --out $(RESULTS)/gdso-$$s.safetensors --steps $(STEPS) --seed $$s --eval-every 0 --eval-limit 0 && \
+	  $(PY) risd.py --teacher $(RESULTS)/gdso-$$s.safetensors --data $(WORLD) --out $(RESULTS)/risd-$$s.safetensors --seed $$s --eval-every 0 --eval-limit 0 && \
+	  $(PY) risd.py --opd --teacher $(RESULTS)/gdso-$$s.safetensors --data $(WORLD) --out $(RESULTS)/opd-$$s.safetensors --steps $(STEPS) --seed $$s --eval-every 0 --eval-limit 0 || exit 1; \
 	done
 	$(PY) eval.py summarize $(RESULTS)/*.eval.json
 

@@ -157,8 +157,13 @@ def format_table(table, title=None):
     return "\n".join(lines)
 
 
-def summarize(paths, columns=("plcc", "srcc", "hpa", "margin_hpa", "hpa_same_n", "tokens")):
-    """Mean and spread over seeds of the overall row of several *.eval.json files, per method."""
+TABLE2 = ("plcc", "srcc", "hpa", "margin_hpa", "hpa_same_n")  # the paper's Table 2, + same-count HPA
+TABLE3 = ("hpa", "margin_hpa", "tokens")  # Table 3: accuracy against output tokens per scoring call
+ORDER = ("count-only", "zero-shot", "sft", "grpo", "gdso", "opd", "risd")
+
+
+def summarize(paths, columns=TABLE2, methods=None):
+    """Mean ± std over seeds of the overall row of *.eval.json files, one line per method."""
     import json
 
     runs = {}
@@ -166,13 +171,16 @@ def summarize(paths, columns=("plcc", "srcc", "hpa", "margin_hpa", "hpa_same_n",
         with open(p) as f:
             r = json.load(f)
         runs.setdefault(r["method"], []).append(r["table"]["overall"])
-    lines = [f"{'method':<16}{'seeds':>6}" + "".join(f"{c:>18}" for c in columns)]
-    for method, rows in runs.items():
+    order = [m for m in ORDER if m in runs] + sorted(m for m in runs if m not in ORDER)
+    lines = [f"{'method':<12}{'seeds':>6}" + "".join(f"{c:>17}" for c in columns)]
+    for method in order:
+        if methods and method not in methods:
+            continue
         cells = ""
         for c in columns:
-            v = np.array([row[c] for row in rows])
-            cells += f"{v.mean():>11.3f} ± {v.std():.3f}"
-        lines.append(f"{method:<16}{len(rows):>6}{cells}")
+            v = np.array([row[c] for row in runs[method]])
+            cells += f"{v.mean():>10.3f} ± {v.std():.3f}"
+        lines.append(f"{method:<12}{len(runs[method]):>6}{cells}")
     return "\n".join(lines)
 
 
@@ -182,7 +190,10 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) > 1 and sys.argv[1] == "summarize":  # python eval.py summarize runs/results/*.eval.json
+        print("Table 2 (overall test split; mean ± std over seeds)")
         print(summarize(sys.argv[2:]))
+        print("\nTable 3 (accuracy against output tokens per scoring call)")
+        print(summarize(sys.argv[2:], TABLE3, methods=("opd", "sft", "gdso", "risd")))
         raise SystemExit
 
     parser = argparse.ArgumentParser(description="score a JSONL with a score-model checkpoint and print PLCC / SRCC / HPA")
