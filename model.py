@@ -275,6 +275,10 @@ class ScoreModel(nn.Module):
         self.register_buffer("bin_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
         self.register_buffer("bin_values", torch.tensor(BINS, dtype=torch.float32), persistent=False)
         self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        # tokens that only the processor may place: a generated one would be read as an image slot
+        self.vision_token_ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in
+                                        ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+                                       - {tokenizer.unk_token_id, None})
         self.stop_ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
                                | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
@@ -413,6 +417,9 @@ class ScoreModel(nn.Module):
         if completions is not None:
             comp = [torch.tensor(c if not isinstance(c, str) else self.tokenizer.encode(c, add_special_tokens=False),
                                  dtype=torch.long) for c in completions]
+            for i, c in enumerate(comp):
+                if torch.isin(c, torch.tensor(self.vision_token_ids)).any():
+                    raise ValueError(f"completion {i} contains an image placeholder token; it would be read as an image slot")
             input_ids = torch.cat([input_ids, _pad(comp, self.pad_id, left=False)], 1)
             attention_mask = torch.cat([attention_mask, _pad([torch.ones_like(c) for c in comp], 0, left=False)], 1)
         batch = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device),
@@ -525,7 +532,8 @@ class ScoreModel(nn.Module):
         sample = temperature > 0
         kwargs = dict(do_sample=sample, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
         out = self.vlm.generate(**self._model_inputs(batch), max_new_tokens=max_new_tokens,
-                                eos_token_id=self.stop_ids, pad_token_id=self.pad_id, top_k=None, **kwargs)
+                                eos_token_id=self.stop_ids, pad_token_id=self.pad_id, top_k=None,
+                                suppress_tokens=self.vision_token_ids, **kwargs)
         comps = []
         for row in out[:, batch["input_ids"].shape[1]:].tolist():
             cut = next((i + 1 for i, t in enumerate(row) if t in self.stop_ids), len(row))

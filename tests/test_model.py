@@ -142,6 +142,22 @@ def test_reasoning_mode_reads_the_score_after_the_marker(tiny):
     torch.testing.assert_close(out.probs[0], ref, rtol=1e-4, atol=1e-5)
 
 
+def test_generation_never_emits_image_placeholders(tiny):
+    # make <|image_pad|> the model's favourite token: generate must still not produce it
+    head = tiny.vlm.get_output_embeddings()
+    saved = head.weight.data.clone()
+    try:
+        with torch.no_grad():
+            head.weight.data[tiny.image_token_id] = 10 * head.weight.data.abs().max()
+        batch = tiny.encode(PROMPTS[:2], _images(2), "realism", "reasoning")
+        comps = tiny.generate(batch, max_new_tokens=6, temperature=0.0)
+        assert all(t not in tiny.vision_token_ids for c in comps for t in c)
+    finally:
+        head.weight.data.copy_(saved)
+    with pytest.raises(ValueError, match="image placeholder"):
+        tiny.encode(PROMPTS[:1], _images(1), "realism", "reasoning", completions=[[tiny.image_token_id]])
+
+
 def test_generated_reasoning_is_scored(tiny):
     torch.manual_seed(0)
     out = tiny.score(PROMPTS[:2], _images(2), "realism", mode="reasoning", max_new_tokens=8, temperature=1.0)
