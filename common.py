@@ -426,6 +426,17 @@ def load_resume(path, model, optimizer, batches=None):
     return train["step"], train.get("meta", {})
 
 
+def write_json(ckpt_path, kind, obj):
+    """NAME.KIND.json beside the checkpoint (rank 0, atomic): e.g. the latest eval table."""
+    import json
+
+    if is_main():
+        path = f"{str(ckpt_path).removesuffix('.safetensors')}.{kind}.json"
+        with open(path + ".tmp", "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
 class Timer:
     """ms per step, measured from the last call."""
 
