@@ -1,5 +1,5 @@
 # make test:    install what the suite needs, then run it (CPU; a few minutes on 2 cores)
-# make demo:    the pipeline on the embedded tiny model, CPU, under 10 minutes
+# make demo:    the whole pipeline on the embedded tiny model, CPU, under 10 minutes
 # make results: the paper's comparison in the tiny world, 3 seeds (CPU, about an hour)
 # make base:    regenerate the shipped tiny base, assets/tiny_base.safetensors (CPU, ~8 minutes)
 PY ?= python
@@ -29,6 +29,9 @@ demo:
 	$(PY) gdso.py --data $(WORLD) --out $(DEMO)/gdso.safetensors --steps 20 --eval-every 0 --eval-limit 256
 	@echo "== RISD student: one direct token, distilled from the GDSO teacher"
 	$(PY) risd.py --teacher $(DEMO)/gdso.safetensors --data $(WORLD) --out $(DEMO)/risd.safetensors --steps 100 --eval-every 0 --eval-limit 256
+	@echo "== reward fine-tuning: a tiny rectified-flow generator, briefly pretrained, then tuned through the student"
+	$(PY) reward_ft.py --stage pretrain --steps 150 --out $(DEMO)/gen.safetensors
+	$(PY) reward_ft.py --init $(DEMO)/gen.safetensors --reward $(DEMO)/risd.safetensors --steps 20 --out $(DEMO)/gen_rft.safetensors
 
 results:
 	$(PY) data.py --out $(WORLD) --n 200 --seed 0

@@ -419,6 +419,143 @@ def make_world(out, n, seed=0, candidates=4, annotators=5, test_frac=0.2, noise=
         f.close()
     return records
 
+# -----------------------------------------------------------------------------
+# the oracle: the world's scores read back from the pixels of any 64x64 image
+
+# Thresholds of the estimates below, set on rendered world images; agreement with true_scores on
+# 1,200 renders: alignment .98, realism 1.00, aesthetics .95, plausibility .99 (tests/test_reward_ft.py)
+ORACLE = {
+    "contrast_lum": 195.0,  # median luminance below this: the low-contrast wash
+    "noise": {"none": (3.5, 12.0), "mild": (4.0, 12.5), "strong": (8.0, 14.5)},  # mild / strong, by artifacts
+    "blur": (0.15, 0.45),  # ground-line bleed: mild / strong
+    "min_pixels": 25, "min_chroma": 60.0,  # an object: this many saturated pixels of one color ...
+    "max_off_line": 60.0, "off_line_artifacts": {"none": 0.0, "mild": 25.0, "strong": 50.0},
+    "min_dice": 0.4,  # ... shaped like one of the world's objects
+    "speck_dark": 15.0, "speck_artifacts": {"none": 0.0, "mild": 20.0, "strong": 45.0},
+    "clutter": (12, 130),  # dark speck pixels: mild / strong
+}
+# the pixel classes: background, ground line, clutter speck and grays between them (a blurred line),
+# then the object colors
+_PLAIN_RGB = [BACKGROUND, GROUND, (90, 60, 30)] + [(g, g, g - 3) for g in (110, 150, 190)]
+_CLASS_RGB = np.array([*_PLAIN_RGB, *COLORS.values()], np.float32)
+_N_PLAIN = len(_PLAIN_RGB)  # classes before the object colors
+_TEMPLATES = None
+
+def _templates(blur="none"):
+    """{(shape, offset, support): (32, 32) coverage in [0, 1] of the object in the top-left quadrant},
+    after the given blur (a strongly blurred cross looks like a diamond when compared sharp)"""
+    global _TEMPLATES
+    if _TEMPLATES is None:
+        _TEMPLATES = {}
+    if blur not in _TEMPLATES:
+        radius = {"none": 0.0, "mild": 0.8, "strong": 1.6}[blur]
+        out = {}
+        for shape in SHAPES:
+            for offset in (-1, 0, 1):
+                for support in SUPPORTS:
+                    img = Image.new("RGB", (32, 32), (0, 0, 0))
+                    _draw_object(ImageDraw.Draw(img), {"quadrant": "top left", "color": "red", "shape": shape,
+                                                        "offset": offset, "support": support})
+                    img = img.filter(ImageFilter.GaussianBlur(radius)) if radius else img
+                    out[(shape, offset, support)] = np.asarray(img, np.float32)[:, :, 0] / COLORS["red"][0]
+        _TEMPLATES[blur] = out
+    return _TEMPLATES[blur]
+
+def _box3(x):
+    """3x3 mean over the two leading axes (edge-padded)"""
+    p = np.pad(x, ((1, 1), (1, 1)) + ((0, 0),) * (x.ndim - 2), mode="edge")
+    return sum(p[i:i + x.shape[0], j:j + x.shape[1]] for i in range(3) for j in range(3)) / 9
+
+def _median3(x):
+    """3x3 median per channel (edge-padded)"""
+    p = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    win = np.lib.stride_tricks.sliding_window_view(p, (3, 3), axis=(0, 1))  # (H, W, C, 3, 3)
+    return np.median(win.reshape(*x.shape, 9), -1)
+
+def estimate_scene(image):
+    """A 64x64 RGB image (PIL or uint8 array) -> the scene dict that render_scene would have drawn.
+
+    Simple image analysis, no learning, so it shares nothing with any score model: the contrast from
+    the background's brightness; blocky artifacts from the quantization of the values, noise from a
+    robust high-pass, blur from how far the ground line bleeds into the row below it; per quadrant
+    the dominant saturated color (nearest of the world's colors, on a median-filtered image), then
+    shape, offset and support by the template of _draw_object (blurred like the image) that best
+    matches the color's coverage; clutter from dark specks away from objects and ground lines.
+    Works on any 64x64 image, a generator's included: a smeared blob is no object, and a wrong
+    color, shape, place or support is read as such.
+    """
+    raw = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, np.float32)
+    if raw.shape != (64, 64, 3):
+        raise ValueError(f"the oracle reads 64x64 RGB images, got {raw.shape}")
+    lum = raw.mean(-1)
+    scene = {"contrast": "low" if np.median(lum) < ORACLE["contrast_lum"] else "normal"}
+    wash = 0.4 if scene["contrast"] == "low" else 1.0  # render_scene's low-contrast wash toward gray
+    palette = 128 + wash * (_CLASS_RGB - 128)
+    # realism: quantized values betray the blocky artifacts; noise is the high-pass left after them
+    v = raw.astype(np.int64).ravel()
+    on = lambda step: np.mean((v % step == 0) | (v == 255))
+    scene["artifacts"] = "strong" if on(40) > 0.95 else "mild" if on(16) > 0.95 else "none"
+    hp = np.abs(raw - _box3(raw)).mean(-1)
+    noise = float(np.median(hp))
+    t = ORACLE["noise"][scene["artifacts"]]
+    scene["noise"] = "strong" if noise > t[1] else "mild" if noise > t[0] else "none"
+    # blur: the ground line's bleed into the row below it, relative to the line's depth
+    cols = np.r_[3:29, 35:61]
+    below, line, bg = (np.median(lum[[r, r + 32]][:, cols]) for r in (28, 27, 30))
+    bleed = float((bg - below) / max(bg - line, 1.0))
+    t = ORACLE["blur"]
+    scene["blur"] = "strong" if bleed > t[1] else "mild" if bleed > t[0] else "none"
+    # pixel classes on a median-filtered image (noise and specks gone), objects per quadrant
+    sm = _median3(raw)
+    cls = ((sm[:, :, None, :] - palette) ** 2).sum(-1).argmin(-1)  # (64, 64)
+    # object colors are saturated: a grayish pixel (background shifted by blocky artifacts) is none
+    cls[(sm.max(-1) - sm.min(-1)) < ORACLE["min_chroma"] * wash] = 0
+    objects, taken = [], np.zeros((64, 64), bool)
+    rows = np.ones(32, bool)
+    rows[26:28] = False  # the ground line hides what is under it: not compared
+    for q, name in enumerate(QUADRANTS):
+        y0, x0 = 32 * (q // 2), 32 * (q % 2)
+        c = cls[y0:y0 + 32, x0:x0 + 32]
+        counts = np.bincount(c.ravel(), minlength=len(_CLASS_RGB))[_N_PLAIN:]
+        if counts.max() < ORACLE["min_pixels"]:
+            continue
+        k = int(counts.argmax())
+        # coverage: where each pixel lies between the background and the object color (a blend is
+        # partial coverage); pixels far off that line (ground, specks) cover nothing
+        bg, col = palette[0], palette[_N_PLAIN + k]
+        d = sm[y0:y0 + 32, x0:x0 + 32] - bg
+        f = (d @ (col - bg)) / ((col - bg) @ (col - bg))
+        off = np.linalg.norm(d - f[:, :, None] * (col - bg), axis=-1)
+        tol = max(ORACLE["max_off_line"] * wash, ORACLE["off_line_artifacts"][scene["artifacts"]])
+        cover = np.where(off < tol, f.clip(0, 1), 0.0)[rows]
+        # shape, offset and support: the template of render_scene (at the estimated blur) that
+        # overlaps best, by soft Dice
+        dice = {key: 2 * (cover * t[rows]).sum() / ((cover ** 2).sum() + (t[rows] ** 2).sum())
+                for key, t in _templates(scene["blur"]).items()}
+        shape, offset, support = max(dice, key=dice.get)
+        if dice[(shape, offset, support)] < ORACLE["min_dice"]:  # a smear of color, not an object
+            continue
+        objects.append({"quadrant": name, "color": list(COLORS)[k], "shape": shape, "offset": offset, "support": support})
+        taken[y0:y0 + 32, x0:x0 + 32] |= (_templates()[(shape, offset, support)] > 0) | (c == _N_PLAIN + k)
+    scene["objects"] = objects
+    # clutter: dark specks on the background, away from objects and ground lines; the darkness
+    # threshold rises with the noise and the blocky artifacts so that neither counts as a speck
+    dark = np.median(lum) - _box3(lum[:, :, None])[:, :, 0]
+    grow = _box3(_box3(taken[:, :, None].astype(np.float32)))[:, :, 0] > 0
+    away = ~grow
+    away[np.r_[23:31, 55:63]] = False
+    thr = max(ORACLE["speck_dark"] * wash, 1.5 * noise, ORACLE["speck_artifacts"][scene["artifacts"]])
+    specks = int(((dark > thr) & away).sum())
+    t = ORACLE["clutter"]
+    scene["clutter"] = "strong" if specks > t[1] else "mild" if specks > t[0] else "none"
+    scene["measured"] = {"noise": noise, "bleed": bleed, "specks": specks, "lum": float(np.median(lum))}
+    return scene
+
+def oracle_scores(image, prompt):
+    """{dimension: score} of a 64x64 image (PIL or uint8 array) for a prompt, read from its pixels:
+    the world's own formulas applied to the estimated scene (the blind judge of reward_ft.py)"""
+    return true_scores(estimate_scene(image), parse_prompt(prompt))
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="render the synthetic rubric world")
     parser.add_argument("--out", required=True, help="output directory (train.jsonl, test.jsonl, images/)")
