@@ -29,9 +29,9 @@ demo:
 	$(PY) gdso.py --data $(WORLD) --out $(DEMO)/gdso.safetensors --steps 20 --eval-every 0 --eval-limit 256
 	@echo "== RISD student: one direct token, distilled from the GDSO teacher"
 	$(PY) risd.py --teacher $(DEMO)/gdso.safetensors --data $(WORLD) --out $(DEMO)/risd.safetensors --steps 100 --eval-every 0 --eval-limit 256
-	@echo "== reward fine-tuning: a tiny rectified-flow generator, briefly pretrained, then tuned through the student"
-	$(PY) reward_ft.py --stage pretrain --steps 150 --out $(DEMO)/gen.safetensors
-	$(PY) reward_ft.py --init $(DEMO)/gen.safetensors --reward $(DEMO)/risd.safetensors --steps 20 --out $(DEMO)/gen_rft.safetensors
+	@echo "== reward fine-tuning: a short generator pretraining run, then the shipped tiny generator tuned through the RISD student"
+	$(PY) reward_ft.py --stage pretrain --steps 300 --out $(DEMO)/gen_pretrain.safetensors
+	$(PY) reward_ft.py --init assets/tiny_gen.safetensors --reward $(DEMO)/risd.safetensors --judge $(DEMO)/gdso.safetensors --out $(DEMO)/gen_rft.safetensors
 
 results:
 	$(PY) data.py --out $(WORLD) --n 200 --seed 0

@@ -35,13 +35,19 @@ Differentiable reward fine-tuning of a text-to-image generator with the Z-Reward
 
 Changed from the paper, and why: a tiny pixel-space DiT instead of a latent 6B model (2 CPU cores);
 no classifier-free guidance (one forward per step; the tiny SFT generator is imperfect without it);
-the KL regulariser made explicit (the paper names none).
+the KL regulariser made explicit (the paper names none). In the tiny world only the transformer
+blocks are fine-tuned (--train-params; LoRA on attention plays that role for a real model) and
+beta is 20: with the output layers trainable or beta = 1, the stand-in student's reward rose while
+the oracle's score fell (faded objects, a tiled texture): reward hacking, measured.
 
 Launch:
-    python reward_ft.py --stage pretrain --out runs/gen.safetensors                          # one CPU, minutes
-    python reward_ft.py --init runs/gen.safetensors --reward s.safetensors --out runs/gen_rft.safetensors
-    torchrun --nproc_per_node=8 reward_ft.py --generator Tongyi-MAI/Z-Image-Turbo --reward s27.safetensors \\
-        --data my_prompts --bf16 --resolution 1024 --sample-steps 8 --batch-size 32 --micro-batch 1 \\
+    python reward_ft.py --stage pretrain --out assets/tiny_gen.safetensors                  # one CPU, ~5 min
+    python reward_ft.py --reward s.safetensors --out runs/gen_rft.safetensors               # from assets/tiny_gen
+    python reward_ft.py --init runs/gen_rft.safetensors --baseline assets/tiny_gen.safetensors \
+        --reward s.safetensors --judge t.safetensors --steps 0                              # GSB only
+    torchrun --nproc_per_node=2 reward_ft.py --reward s.safetensors                          # DDP, CPU or GPU
+    torchrun --nproc_per_node=8 reward_ft.py --generator Tongyi-MAI/Z-Image-Turbo --reward s27.safetensors \
+        --data my_prompts --bf16 --resolution 1024 --sample-steps 8 --batch-size 32 --micro-batch 1 \
         --lr 1e-4 --out runs/zimage_lora.safetensors
 """
 
@@ -65,7 +71,7 @@ import data
 parser = argparse.ArgumentParser(description="differentiable reward fine-tuning of a text-to-image generator (ReFL / DRaFT-K)")
 parser.add_argument("--stage", default="finetune", choices=["finetune", "pretrain"], help="finetune: reward fine-tuning; pretrain: the tiny world's SFT generator")
 parser.add_argument("--generator", default="tiny", help="'tiny' (the embedded DiT) or a diffusers pipeline folder / hub id (LoRA through peft)")
-parser.add_argument("--init", default="runs/gen.safetensors", help="finetune: the starting generator checkpoint (tiny) or LoRA file (diffusers; '' = fresh LoRA)")
+parser.add_argument("--init", default="assets/tiny_gen.safetensors", help="finetune: the starting generator checkpoint (tiny) or LoRA file (diffusers; '' = fresh LoRA)")
 parser.add_argument("--reward", default="", help="finetune: the student score-model .safetensors (direct mode) that gives the reward")
 parser.add_argument("--baseline", default="", help="finetune: the generator GSB compares against (default: the starting one, --init); with --steps 0 only evaluates")
 parser.add_argument("--judge", default="", help="optional teacher score-model .safetensors: a second blind GSB judge (reasoning mode)")
@@ -84,7 +90,7 @@ parser.add_argument("--sample-steps", type=int, default=10, help="Euler steps fr
 parser.add_argument("--grad-steps", type=int, default=2, help="K: denoising steps that keep the graph (1 = ReFL)")
 parser.add_argument("--stop-range", type=int, default=2, help="the rollout stops at a random step among the last N (1 = always the full chain)")
 parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True, help="gradient checkpointing over the kept steps")
-parser.add_argument("--reg", type=float, default=20.0, help="beta: weight of the velocity-matching (KL) regulariser to the frozen starting generator")
+parser.add_argument("--reg", type=float, default=20.0, help="beta: weight of the velocity-matching (KL) regulariser to the frozen starting generator (tiny world: 1 let the reward be hacked)")
 parser.add_argument("--pretrain-data", default="clean", choices=["clean", "world"], help="pretrain on the prompt-faithful candidates (defects of the other dimensions included) or on all")
 parser.add_argument("--width", type=int, default=128, help="tiny generator: transformer width")
 parser.add_argument("--depth", type=int, default=4, help="tiny generator: transformer blocks")
@@ -106,7 +112,7 @@ parser.add_argument("--bf16", action="store_true", help="bfloat16 generator weig
 
 GENERATOR_FORMAT = "zreward-generator-v1"
 SIGMA_SHIFT = 0.5  # pretraining noise levels: logit-normal(0.5, 1), tilted toward the noisy end where the prompt decides the layout
-SIGMA_MIN = 0.05  # x-prediction: the velocity's 1 / sigma is clamped here (the loss weight is at most 400)
+SIGMA_MIN = 0.05  # x-prediction: the velocity's 1 / sigma is clamped here
 
 # -----------------------------------------------------------------------------
 # the embedded generator: a small DiT over 8x8 patches of a 64x64 image, prompt tokens as a prefix
@@ -309,7 +315,8 @@ class DiffusersGenerator(nn.Module):
         targets = ["to_q", "to_k", "to_v", "to_out.0"]
         self.transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
                                                 target_modules=targets))
-        self.transformer.enable_gradient_checkpointing() if hasattr(self.transformer, "enable_gradient_checkpointing") else None
+        if hasattr(self.transformer, "enable_gradient_checkpointing"):
+            self.transformer.enable_gradient_checkpointing()
         self._disabled = False
         scale = getattr(pipe, "vae_scale_factor", 8)
         self.latent_size = resolution // scale
@@ -367,7 +374,7 @@ class DiffusersGenerator(nn.Module):
             scale = getattr(self.pipe, "vae_scale_factor", 8)
             return self.pipe._unpack_latents(v, H * scale, W * scale, scale).float()
         # Z-Image: time runs the other way (1 - sigma) and the model predicts -v
-        out = self.transformer(list(x.to(dtype).unsqueeze(2).unbind(0)), 1 - sigma, cond["emb"], return_dict=False)[0]
+        out = self.transformer(list(x.to(dtype).unsqueeze(2).unbind(0)), 1 - sigma, cond["emb"])[0]
         return -torch.stack([o.float() for o in out]).squeeze(2)
 
     def decode(self, x):
@@ -421,10 +428,16 @@ def build_generator(args, device):
             raise SystemExit("--stage pretrain trains the embedded tiny generator; a real one brings its own pretraining")
         gen = DiffusersGenerator(args.generator, args.lora_rank, args.resolution,
                                  torch.bfloat16 if args.bf16 else torch.float32, device)
-        if args.init and os.path.exists(args.init):
+        if args.init and args.init != parser.get_default("init"):  # a LoRA written by an earlier run
             from model import read_checkpoint
 
-            gen.load_state_dict(read_checkpoint(args.init)[1], strict=False)
+            meta, tensors = read_checkpoint(args.init)
+            if meta.get("kind") != "diffusers-lora":
+                raise SystemExit(f"--init {args.init}: not a LoRA file of this script (kind {meta.get('kind')!r})")
+            missing = set(tensors) - set(dict(gen.named_parameters()))
+            if missing:
+                raise SystemExit(f"--init {args.init}: LoRA weights that this pipeline does not have: {sorted(missing)[:5]}")
+            gen.load_state_dict(tensors, strict=False)
     if args.bf16 and args.generator == "tiny":
         gen.to(torch.bfloat16)
     return gen, (gen.frozen_copy() if args.stage == "finetune" else None)
@@ -438,9 +451,11 @@ def flow_loss(gen, x, cond, generator=None):
     """Rectified-flow loss on the clean image: sigma ~ logit-normal(SIGMA_SHIFT, 1),
     x_sigma = (1 - sigma) x + sigma eps, MSE between x and x0 = x_sigma - sigma v.
 
-    The velocity loss ||v - (eps - x)||^2 is the same error weighted by 1 / sigma^2, which leaves the
-    noisy end, where only the prompt can say what goes where, almost without gradient: measured in
-    the tiny world, a generator trained so ignored its prompt after 400 steps.
+    The velocity loss ||v - (eps - x)||^2 is the same error weighted by 1 / sigma^2: most of its
+    gradient comes from the clean end, while what goes where, the part that only the prompt can
+    tell, is decided at the noisy end. Weighting all noise levels alike in image space (and drawing
+    sigma a little toward 1) is what made the tiny generator start to follow its prompt within a few
+    hundred steps; it is a choice for this small CPU budget, not a claim about large models.
     """
     B = x.shape[0]
     sigma = torch.sigmoid(torch.randn(B, generator=generator) + SIGMA_SHIFT).to(x.device)
@@ -532,12 +547,18 @@ def to_uint8(images):
     return list((images.detach().float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
 
 
-def judge_scores(images, prompts, weights, teacher=None, student=None):
-    """Per-image weighted scores from each judge: {'oracle': (B,), 'teacher': ..., 'student': ...} and per-dim oracle means."""
+def judge_scores(images, prompts, weights, teacher=None, student=None, oracle=True):
+    """Per-image scores from each judge, weighted over dimensions as the reward is:
+    {'oracle': (B,), 'teacher': (B,), 'student': (B,)}, plus the oracle's per-dimension scores.
+
+    The oracle reads the tiny world's 64x64 images only (data.oracle_scores); a real generator is
+    judged by the teacher (and, as supporting evidence, the student)."""
     dims = list(weights)
     w = np.array([weights[d] for d in dims])
-    orc = np.array([[data.oracle_scores(im, p)[d] for d in dims] for im, p in zip(to_uint8(images), prompts)])  # (B, D)
-    out = {"oracle": orc @ w / w.sum()}
+    out, per_dim = {}, {}
+    if oracle:
+        orc = np.array([[data.oracle_scores(im, p)[d] for d in dims] for im, p in zip(to_uint8(images), prompts)])  # (B, D)
+        out["oracle"], per_dim = orc @ w / w.sum(), {d: orc[:, j] for j, d in enumerate(dims)}
     for name, model in (("teacher", teacher), ("student", student)):
         if model is not None:
             with torch.no_grad():
@@ -547,7 +568,7 @@ def judge_scores(images, prompts, weights, teacher=None, student=None):
                                   [d for d in dims for _ in range(B)], mode=mode, max_new_tokens=96)
                 mu = res.mean.float().view(len(dims), B).cpu().numpy()
                 out[name] = (w[:, None] * mu).sum(0) / w.sum()
-    return out, {d: orc[:, j] for j, d in enumerate(dims)}
+    return out, per_dim
 
 
 def eval_noise(n, shape, seed, offset=0):
@@ -722,7 +743,7 @@ def main(args):
     S = args.eval_samples
     items = [(held_out[i // S], i) for i in range(len(held_out) * S)]
     mine = items[rank::world]
-    before_scores = None
+    before_scores, tiny = None, args.generator == "tiny"
 
     def evaluate(final):
         """Held-out judge scores; finetune: GSB of the current generator against the starting one."""
@@ -733,7 +754,7 @@ def main(args):
         after = generate(gen, prompts, noise, sigmas)
         gen.train()
         teacher = judge if final else None  # the reasoning judge is slow: only at the end
-        scores_after, dims_after = judge_scores(after, prompts, weights, teacher, student)
+        scores_after, dims_after = judge_scores(after, prompts, weights, teacher, student, oracle=tiny)
         lines = []
         if args.stage == "pretrain":
             means = {f"oracle_{d}": float(v.mean()) for d, v in dims_after.items()}
@@ -743,7 +764,7 @@ def main(args):
                          " | ".join(f"{k.removeprefix('oracle_')} {v:.3f}" for k, v in sorted(means.items())))
             return "\n".join(lines)
         if before_scores is None or (teacher is not None and "teacher" not in before_scores[0]):
-            before_scores = judge_scores(generate(baseline, prompts, noise, sigmas), prompts, weights, teacher, student)
+            before_scores = judge_scores(generate(baseline, prompts, noise, sigmas), prompts, weights, teacher, student, oracle=tiny)
         sb, db = before_scores
         lines.append(f"{'judge':<9}{'good':>7}{'same':>7}{'bad':>7}{'GSB':>8}{'before':>9}{'after':>9}   "
                      f"(held-out, {len(held_out)} prompts x {S} seeds, blind, same noise)")
@@ -756,9 +777,10 @@ def main(args):
             mb, ma = common.all_sum(sb[name].sum()) / len(items), common.all_sum(scores_after[name].sum()) / len(items)
             note = "   (the optimized reward: supporting evidence only)" if name == "student" else ""
             lines.append(f"{name:<9}{int(c[0]):>7d}{int(c[1]):>7d}{int(c[2]):>7d}{data_gsb(*c):>8.3f}{mb:>9.3f}{ma:>9.3f}{note}")
-        per_dim = " | ".join(f"{d} {common.all_sum(db[d].sum()) / len(items):.2f}->{common.all_sum(dims_after[d].sum()) / len(items):.2f}"
-                             for d in weights)
-        lines.append(f"oracle by dimension (before->after): {per_dim}")
+        if tiny:
+            per_dim = " | ".join(f"{d} {common.all_sum(db[d].sum()) / len(items):.2f}->"
+                                 f"{common.all_sum(dims_after[d].sum()) / len(items):.2f}" for d in weights)
+            lines.append(f"oracle by dimension (before->after): {per_dim}")
         return "\n".join(lines)
 
     def write_grid(step):
