@@ -43,11 +43,11 @@ the oracle's score fell (faded objects, a tiled texture): reward hacking, measur
 Launch:
     python reward_ft.py --stage pretrain --out assets/tiny_gen.safetensors                  # one CPU, ~5 min
     python reward_ft.py --reward s.safetensors --out runs/gen_rft.safetensors               # from assets/tiny_gen
-    python reward_ft.py --init runs/gen_rft.safetensors --baseline assets/tiny_gen.safetensors \
+    python reward_ft.py --init runs/gen_rft.safetensors --baseline assets/tiny_gen.safetensors \\
         --reward s.safetensors --judge t.safetensors --steps 0                              # GSB only
     torchrun --nproc_per_node=2 reward_ft.py --reward s.safetensors                          # DDP, CPU or GPU
-    torchrun --nproc_per_node=8 reward_ft.py --generator Tongyi-MAI/Z-Image-Turbo --reward s27.safetensors \
-        --data my_prompts --bf16 --resolution 1024 --sample-steps 8 --batch-size 32 --micro-batch 1 \
+    torchrun --nproc_per_node=8 reward_ft.py --generator Tongyi-MAI/Z-Image-Turbo --reward s27.safetensors \\
+        --data my_prompts --bf16 --resolution 1024 --sample-steps 8 --batch-size 32 --micro-batch 1 \\
         --lr 1e-4 --out runs/zimage_lora.safetensors
 """
 
