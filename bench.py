@@ -64,8 +64,9 @@ def group(name):
 # measurement
 
 
-class _LargestTensor(TorchDispatchMode):
-    """CPU stand-in for peak memory: the largest tensor any op creates during a step."""
+class LargestTensor(TorchDispatchMode):
+    """CPU stand-in for peak memory: the largest tensor (bytes) any op creates during a step, copies
+    included (tests/test_kernels.py uses it to check that no step builds the (T, V) logits)."""
 
     def __init__(self):
         super().__init__()
@@ -114,7 +115,7 @@ def measure(step, leaves, dev, warmup, iters, probe_cpu=True):
             torch.cuda.synchronize()
             mem = torch.cuda.max_memory_allocated() - base
         elif probe_cpu:
-            with _LargestTensor() as probe:
+            with LargestTensor() as probe:
                 run()
             mem = probe.nbytes
         else:

@@ -22,11 +22,10 @@ import pathlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 triton = pytest.importorskip("triton")
 import kernels  # noqa: E402
+from bench import LargestTensor  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -355,21 +354,6 @@ def test_token_logprobs_ignored_tokens(K):
     torch.testing.assert_close(w.grad, w2.grad, atol=1e-5, rtol=1e-4)
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor (in bytes) any torch op produces, the interpreter's copies included."""
-
-    def __init__(self):
-        super().__init__()
-        self.nbytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for x in tree_flatten(out)[0]:
-            if isinstance(x, torch.Tensor):
-                self.nbytes = max(self.nbytes, x.numel() * x.element_size())
-        return out
-
-
 @pytest.mark.parametrize("path", ["triton", "reference"])
 def test_token_logprobs_never_builds_full_logits(K, path, monkeypatch):
     # T x V = 12,900 elements; chunk 16 x 100, hidden 129 x 16, weight 100 x 16: none may get near T x V
@@ -382,7 +366,7 @@ def test_token_logprobs_never_builds_full_logits(K, path, monkeypatch):
         fn, dev = K.logprob.token_logprobs, DEV
     h = hidden.to(dev).requires_grad_()
     w = weight.to(dev).requires_grad_()
-    with _LargestTensor() as probe:
+    with LargestTensor() as probe:
         lp, ent = fn(h, w, targets.to(dev), return_entropy=True, chunk_size=16)
         (lp.sum() + ent.sum()).backward()
     assert h.grad is not None and w.grad is not None
