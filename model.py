@@ -322,7 +322,7 @@ class ScoreModel(nn.Module):
 
         cfg = json.loads(meta["hf_config"])
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        with params_on_meta():
+        with params_on_meta(), torch.random.fork_rng(devices=[]):  # loading must not move the caller's RNG stream
             vlm = AutoModelForImageTextToText.from_config(config)
         load_weights(vlm, tensors, path)
         if dtype is not None:

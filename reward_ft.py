@@ -278,7 +278,8 @@ class TinyGenerator(nn.Module):
         if meta.get("format") != GENERATOR_FORMAT or meta.get("kind") != "tiny-dit":
             raise ValueError(f"{path} is not a tiny generator checkpoint (format {meta.get('format')!r}, "
                              f"kind {meta.get('kind')!r}; expected {GENERATOR_FORMAT!r}, 'tiny-dit')")
-        gen = cls(meta["tokenizer"], **json.loads(meta["config"]))
+        with torch.random.fork_rng(devices=[]):  # the init draws are overwritten: leave the caller's RNG stream alone
+            gen = cls(meta["tokenizer"], **json.loads(meta["config"]))
         gen.load_state_dict(tensors)
         gen.metadata_read = meta
         return gen

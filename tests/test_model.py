@@ -169,7 +169,9 @@ def test_save_load_round_trip(tiny, tmp_path):
     path = tmp_path / "m.safetensors"
     tiny.save(path, step=7, args={"lr": 0.1})
     assert not list(tmp_path.glob("*.tmp-*")), "the atomic write left its temp file"
+    rng = torch.get_rng_state()
     loaded = ScoreModel.load(path, like=tiny)
+    assert torch.equal(rng, torch.get_rng_state()), "loading moved the global RNG: a run's noise would depend on what it loads"
     assert json.loads(loaded.metadata["step"]) == 7 and json.loads(loaded.metadata["args"]) == {"lr": 0.1}
     assert loaded.metadata["prompt_version"] == "zr-rubric-v1"
     a = tiny.score(PROMPTS, _images(3), "realism").probs

@@ -219,7 +219,9 @@ def test_generator_checkpoint_round_trip(tmp_path):
     gen = small_generator()
     path = str(tmp_path / "gen.safetensors")
     reward_ft.save_generator(path, gen)
+    rng = torch.get_rng_state()
     back = TinyGenerator.load(path)
+    assert torch.equal(rng, torch.get_rng_state()), "loading moved the global RNG: training noise would depend on --judge"
     assert back.config == gen.config
     x, s = torch.randn(2, *gen.latent_shape), torch.rand(2)
     torch.testing.assert_close(back(x, s, back.encode(PROMPTS)), gen(x, s, gen.encode(PROMPTS)))
