@@ -266,7 +266,10 @@ def test_finetune_resume_is_exact(tmp_path, student, monkeypatch):
     b = TinyGenerator.load(str(tmp_path / "b.safetensors")).state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    assert os.path.exists(tmp_path / "a.grid-step00004.png")
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "a.grid-step00004.png")  # rows before / after / difference, 2 prompts, 2x scale
+    assert grid.size == (2 * (2 * 66 - 2), 2 * (3 * 66 - 2))
 
 
 # -----------------------------------------------------------------------------
