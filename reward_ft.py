@@ -31,7 +31,7 @@ Differentiable reward fine-tuning of a text-to-image generator with the Z-Reward
    (data.oracle_scores: objects, colors, shapes, positions, support, noise, blur, clutter ...) and,
    with --judge, the GDSO teacher in reasoning mode. The student's own GSB is printed too, only as
    supporting evidence: a reward can be hacked. Every --grid-every steps a PNG grid of fixed held-out
-   prompts, before (top row), after (middle row) and their difference |after - before| x 4 (bottom
+   prompts, before (top row), after (middle row) and their difference |after - before| x 16 (bottom
    row), is written next to the checkpoint.
 
 Changed from the paper, and why: a tiny pixel-space DiT instead of a latent 6B model (2 CPU cores);
@@ -790,8 +790,8 @@ def main(args):
             gen.eval()
             after = generate(gen, grid_prompts, grid_noise, sigmas)
             gen.train()
-            # finetune: before, after, and |after - before| x 4, since a reward's effect can be subtle
-            rows = [after] if args.stage == "pretrain" else [grid_before, after, ((after - grid_before).abs() * 4).clamp(0, 1)]
+            # finetune: before, after, and |after - before| x 16 (the changes are a few uint8 levels)
+            rows = [after] if args.stage == "pretrain" else [grid_before, after, ((after - grid_before).abs() * 16).clamp(0, 1)]
             save_grid(f"{stem}.grid-step{step:05d}.png", rows)
 
     # -------------------------------------------------------------------------
