@@ -109,7 +109,7 @@ parser.add_argument("--grid-prompts", type=int, default=8, help="fixed held-out 
 parser.add_argument("--save-every", type=int, default=50, help="write the checkpoint every N steps")
 parser.add_argument("--resume", action="store_true", help="continue from --out (+ .train.pt) exactly")
 parser.add_argument("--seed", type=int, default=0, help="seed for init, prompts, noise and data order")
-parser.add_argument("--bf16", action="store_true", help="bfloat16 generator weights / compute (the real path)")
+parser.add_argument("--bf16", action="store_true", help="bfloat16 weights / compute for the generator, the student and the judge (the ODE state stays fp32)")
 
 GENERATOR_FORMAT = "zreward-generator-v1"
 SIGMA_SHIFT = 0.5  # pretraining noise levels: logit-normal(0.5, 1), tilted toward the noisy end where the prompt decides the layout
@@ -237,7 +237,8 @@ class TinyGenerator(nn.Module):
         """x (B, 3, S, S) at noise level sigma (B,) -> velocity (B, 3, S, S)."""
         B, p, g = x.shape[0], self.config["patch"], self.grid
         ids, mask = cond["ids"], cond["mask"]
-        patches = x.reshape(B, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, 3 * p * p)
+        # the network runs in its weights' dtype (bf16 with --bf16); x, the ODE state, keeps its own (fp32)
+        patches = x.reshape(B, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, 3 * p * p).to(self.patch_in.weight.dtype)
         t = (self.tok(ids) + self.txt_pos[:ids.shape[1]]) * mask[..., None]  # (B, L, W), padding zeroed
         for conv in self.txt_conv:
             t = t + F.gelu(conv(F.layer_norm(t, t.shape[-1:]).transpose(1, 2)).transpose(1, 2)) * mask[..., None]
@@ -252,7 +253,7 @@ class TinyGenerator(nn.Module):
         # x-prediction: the network outputs the clean image and the velocity follows from it,
         # v = (x_sigma - x0) / sigma; a 128-wide token cannot carry a 192-dim patch of noise, but it
         # can carry a clean patch (Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise")
-        return (x - x0) / sigma.clamp_min(SIGMA_MIN).to(x.dtype).view(B, 1, 1, 1)
+        return (x - x0.to(x.dtype)) / sigma.clamp_min(SIGMA_MIN).to(x.dtype).view(B, 1, 1, 1)
 
     def decode(self, x):
         return ((x + 1) / 2).clamp(0, 1)  # [-1, 1] -> [0, 1] pixels, differentiable inside the range
@@ -704,9 +705,9 @@ def main(args):
 
         if not args.reward:
             raise SystemExit("--reward: the student score-model .safetensors that gives the reward is required")
-        student = ScoreModel.load(args.reward).to(device).eval().requires_grad_(False)
+        student = ScoreModel.load(args.reward, dtype=torch.bfloat16 if args.bf16 else None).to(device).eval().requires_grad_(False)
         if args.judge:
-            judge = ScoreModel.load(args.judge).to(device).eval().requires_grad_(False)
+            judge = ScoreModel.load(args.judge, dtype=torch.bfloat16 if args.bf16 else None).to(device).eval().requires_grad_(False)
         if student.metadata.get("mode", "direct") != "direct":
             common.print0(f"note: {args.reward} was trained in {student.metadata.get('mode')} mode; its direct-mode score is the reward")
 
@@ -838,7 +839,8 @@ def main(args):
         logs = {k: logs[k] for k in order}
         ms = timer.lap()
         common.print0(f"step {step:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in logs.items()) +
-                      f" | lr {lr:.2e} | {ms:.0f} ms/step | {args.batch_size / ms * 1000:.1f} images/s")
+                      f" | lr {lr:.2e} | {ms:.0f} ms/step | {args.batch_size / ms * 1000:.1f} images/s" +
+                      (f" | peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""))
         if step % args.save_every == 0 or step == args.steps:
             save_generator(args.out, gen, optimizer, step, batches, args, stage=args.stage)
         if step % args.grid_every == 0 or step == args.steps:

@@ -11,6 +11,7 @@ synthetic world's scores back from rendered pixels; a run resumed from its check
 same weights as an uninterrupted one.
 """
 
+import copy
 import os
 import sys
 
@@ -230,6 +231,18 @@ def test_generator_checkpoint_round_trip(tmp_path):
 
         write_checkpoint(str(tmp_path / "other.safetensors"), {"w": torch.zeros(1)}, {"format": "something-else"})
         TinyGenerator.load(str(tmp_path / "other.safetensors"))
+
+
+def test_bf16_generator_keeps_an_fp32_state():
+    # --bf16: the network computes in bf16, the ODE state (noise, x, velocity) stays fp32
+    gen = small_generator()
+    half = copy.deepcopy(gen).to(torch.bfloat16)
+    x, s = torch.randn(2, *gen.latent_shape), torch.full((2,), 0.7)
+    v, v16 = gen(x, s, gen.encode(PROMPTS)), half(x, s, half.encode(PROMPTS))
+    assert v16.dtype == torch.float32
+    torch.testing.assert_close(v16, v, atol=0.05, rtol=0.05)
+    images = reward_ft.sample(half, x, half.encode(PROMPTS), half.sigmas(3))
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
 
 
 def _args(**kw):
