@@ -322,7 +322,7 @@ class ScoreModel(nn.Module):
 
         cfg = json.loads(meta["hf_config"])
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        with params_on_meta(), torch.random.fork_rng(devices=[]):  # loading must not move the caller's RNG stream
+        with params_on_meta():
             vlm = AutoModelForImageTextToText.from_config(config)
         load_weights(vlm, tensors, path)
         if dtype is not None:
@@ -675,7 +675,9 @@ def params_on_meta():
 
     The weights come from the checkpoint anyway, so this skips allocating and initializing them
     (minutes and 100+ GB for a 27B model), while non-persistent buffers such as rotary tables,
-    which are computed at construction and not saved, are built as usual.
+    which are computed at construction and not saved, are built as usual. The init draws are thrown
+    away too, so the caller's CPU RNG stream does not move (a run's noise must not depend on what
+    it loads).
     """
     register = nn.Module.register_parameter
 
@@ -686,7 +688,8 @@ def params_on_meta():
 
     nn.Module.register_parameter = to_meta
     try:
-        yield
+        with torch.random.fork_rng(devices=[]):
+            yield
     finally:
         nn.Module.register_parameter = register
 

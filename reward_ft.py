@@ -705,9 +705,10 @@ def main(args):
 
         if not args.reward:
             raise SystemExit("--reward: the student score-model .safetensors that gives the reward is required")
-        student = ScoreModel.load(args.reward, dtype=torch.bfloat16 if args.bf16 else None).to(device).eval().requires_grad_(False)
+        dtype = torch.bfloat16 if args.bf16 else None
+        student = ScoreModel.load(args.reward, dtype=dtype).to(device).eval().requires_grad_(False)
         if args.judge:
-            judge = ScoreModel.load(args.judge, dtype=torch.bfloat16 if args.bf16 else None).to(device).eval().requires_grad_(False)
+            judge = ScoreModel.load(args.judge, dtype=dtype).to(device).eval().requires_grad_(False)
         if student.metadata.get("mode", "direct") != "direct":
             common.print0(f"note: {args.reward} was trained in {student.metadata.get('mode')} mode; its direct-mode score is the reward")
 

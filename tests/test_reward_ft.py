@@ -11,7 +11,6 @@ synthetic world's scores back from rendered pixels; a run resumed from its check
 same weights as an uninterrupted one.
 """
 
-import copy
 import os
 import sys
 
@@ -236,7 +235,7 @@ def test_generator_checkpoint_round_trip(tmp_path):
 def test_bf16_generator_keeps_an_fp32_state():
     # --bf16: the network computes in bf16, the ODE state (noise, x, velocity) stays fp32
     gen = small_generator()
-    half = copy.deepcopy(gen).to(torch.bfloat16)
+    half = gen.frozen_copy().to(torch.bfloat16)
     x, s = torch.randn(2, *gen.latent_shape), torch.full((2,), 0.7)
     v, v16 = gen(x, s, gen.encode(PROMPTS)), half(x, s, half.encode(PROMPTS))
     assert v16.dtype == torch.float32
