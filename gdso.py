@@ -43,6 +43,7 @@ import copy
 import torch
 from PIL import Image
 
+import common
 from data import S_MAX, S_MIN, score_to_level
 from kernels import gap_l1, score_ce
 
@@ -166,7 +167,6 @@ def get_args(argv=None):
 
 
 def main(argv=None):
-    import common
     from data import load_jsonl, make_pairs
     from eval import format_table
 
@@ -328,3 +328,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    common.exit_worker()

@@ -861,3 +861,4 @@ def data_gsb(good, same, bad):
 
 if __name__ == "__main__":
     main(parser.parse_args())
+    common.exit_worker()

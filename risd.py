@@ -48,6 +48,7 @@ import time
 import torch
 from PIL import Image
 
+import common
 from kernels import score_kl
 from model import BINS, PROMPT_VERSION
 
@@ -264,7 +265,6 @@ def load_teacher(path, dtype=None):
 def main(argv=None):
     import torch.distributed as dist
 
-    import common
     from data import load_jsonl
     from eval import format_table
 
@@ -481,3 +481,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    common.exit_worker()

@@ -181,3 +181,4 @@ while step < args.steps:
         common.write_json(args.out, "eval", {"step": step, "method": args.stage, "table": table})
 
 common.dist_cleanup()
+common.exit_worker()
