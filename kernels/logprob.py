@@ -77,7 +77,7 @@ def token_logprobs_ref(hidden, weight, targets, temperature=1.0, return_entropy=
     if t == 0:
         # an empty batch: empty outputs that still connect to hidden and weight (zero gradients)
         empty = (h.sum(-1) + 0 * weight.sum()).float() * 0
-        return (empty.reshape(lead), empty.reshape(lead)) if return_entropy else empty.reshape(lead)
+        return (_unflatten(empty, lead), _unflatten(empty, lead)) if return_entropy else _unflatten(empty, lead)
     c = chunk_size or _chunk_rows(t, weight.shape[0])
     outs = []
     for c0 in range(0, t, c):
@@ -87,8 +87,14 @@ def token_logprobs_ref(hidden, weight, targets, temperature=1.0, return_entropy=
         else:
             outs.append(token_logprobs_naive(*args))
     if not return_entropy:
-        return torch.cat(outs).reshape(lead)
-    return torch.cat([o[0] for o in outs]).reshape(lead), torch.cat([o[1] for o in outs]).reshape(lead)
+        return _unflatten(torch.cat(outs), lead)
+    return _unflatten(torch.cat([o[0] for o in outs]), lead), _unflatten(torch.cat([o[1] for o in outs]), lead)
+
+
+def _unflatten(t, lead):
+    """(T,) back to the targets' shape. No alias when the shape already matches: FSDP2 warns about
+    every view a root module returns (model.forward returns gdso's L_pt log-probs as they come)."""
+    return t if t.shape == lead else t.reshape(lead)
 
 
 # -----------------------------------------------------------------------------
@@ -361,5 +367,5 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=Fals
     lp, ent = _TokenLogprobFunction.apply(h, weight, y, float(temperature), bool(return_entropy), ignore_index,
                                           chunk_size)
     if return_entropy:
-        return lp.reshape(lead), ent.reshape(lead)
-    return lp.reshape(lead)
+        return _unflatten(lp, lead), _unflatten(ent, lead)
+    return _unflatten(lp, lead)

@@ -404,6 +404,22 @@ def test_token_logprobs_batched_shape(K):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_token_logprobs_flat_output_is_not_a_view(K, path, monkeypatch):
+    # model.forward returns these log-probs from an FSDP2 root module, which warns on every view
+    if path == "reference":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        fn, dev = kernels.token_logprobs, "cpu"
+    else:
+        fn, dev = K.logprob.token_logprobs, DEV
+    hidden, weight, targets = _lp_inputs(6, 50, 16, seed=7)
+    h = hidden.to(dev).requires_grad_()
+    lp, ent = fn(h, weight.to(dev), targets.to(dev), return_entropy=True)
+    assert lp._base is None and ent._base is None
+    empty = fn(h[:0], weight.to(dev), targets[:0].to(dev))
+    assert empty.shape == (0,) and empty._base is None
+
+
 def test_fp16_inputs(K):
     # any float dtype in: fp16 by the same rule as bf16
     logits, values, target, tp = _score_inputs(50, 9, seed=10)
