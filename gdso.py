@@ -38,7 +38,6 @@ Launch:
 """
 
 import argparse
-import copy
 
 import torch
 from PIL import Image
@@ -173,7 +172,8 @@ def main(argv=None):
     args = get_args(argv)
     rank, world, device = common.dist_init()
     common.seed_all(args.seed + rank)
-    model = common.load_model(args.model or args.init, seed=args.seed, dtype=torch.bfloat16 if args.bf16 else None)
+    dtype = torch.bfloat16 if args.bf16 else None
+    model = common.load_model(args.model or args.init, seed=args.seed, dtype=dtype)
     train_file, test_file = common.world_data(args.data, seed=0)
     train, test = load_jsonl(train_file), load_jsonl(test_file)
     test = test[:args.eval_limit] if args.eval_limit else test
@@ -184,13 +184,16 @@ def main(argv=None):
     if P % micro:
         raise SystemExit(f"pairs per rank {P} must be a multiple of --micro-pairs {micro}")
 
-    # pi_ref: a frozen copy, sharded / placed like the policy; none at all when beta = 0
     if args.freeze_vision:
         model.vision_tower().requires_grad_(False)
-    ref = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None
     policy = common.wrap(model, device, fsdp=args.fsdp, bf16=args.bf16, checkpointing=args.checkpointing)
-    if ref is not None:
-        ref = common.wrap_frozen(ref, device, fsdp=args.fsdp, bf16=args.bf16)
+    # pi_ref: a second model, sharded / placed like the policy; none at all when beta = 0. Loaded only
+    # once the policy is placed, so that a rank never holds two unsharded copies in host memory; its
+    # weights are pi_theta's from the first step on (Algorithm 1 copies them in below, --resume reads them)
+    ref = None
+    if args.beta > 0:
+        ref = common.wrap_frozen(common.load_model(args.model or args.init, seed=args.seed, dtype=dtype), device,
+                                 fsdp=args.fsdp, bf16=args.bf16)
     optimizer = common.build_optimizer(policy, args.lr, args.weight_decay)
     step = 0
     if args.resume:
