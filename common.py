@@ -54,10 +54,11 @@ def exit_worker():
     """The last line of every script: a torchrun worker leaves without the interpreter's teardown.
 
     destroy_process_group() does not stop the backend's threads: FSDP2's DTensor caches still hold
-    the process group, so its gloo / NCCL threads run until Python finalizes, and a thread that asks
-    for the GIL then is killed inside a C++ destructor ("terminate called without an active
-    exception", SIGABRT; seen once in CI after a run had finished). Every file is closed by now, so
-    flush and exit. One process (no torchrun): a normal exit."""
+    the process group, so its gloo / NCCL threads live on into interpreter finalization, where a
+    thread that needs the GIL is ended with pthread_exit and the process aborts if that unwinds
+    through C++ ("terminate called without an active exception", SIGABRT: one CI run, after all of
+    its output was written). Every file is closed by now, so flush and exit. One process (no
+    torchrun): a normal exit."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         sys.stdout.flush()
         sys.stderr.flush()
