@@ -1,6 +1,6 @@
 # make test:    install what the suite needs, then run it (CPU; a few minutes on 2 cores)
 # make demo:    the whole pipeline on the embedded tiny model, CPU, under 10 minutes
-# make results: the paper's comparison in the tiny world, 3 seeds (CPU, about an hour)
+# make results: the paper's comparison in the tiny world, 3 seeds (CPU, ~20 minutes on 2 cores)
 # make base:    regenerate the shipped tiny base, assets/tiny_base.safetensors (CPU, ~8 minutes)
 PY ?= python
 WORLD ?= runs/world
