@@ -274,15 +274,15 @@ class TinyGenerator(nn.Module):
 
     @classmethod
     def load(cls, path):
-        from model import read_checkpoint
+        from model import params_on_meta, read_checkpoint
 
         meta, tensors = read_checkpoint(path)
         if meta.get("format") != GENERATOR_FORMAT or meta.get("kind") != "tiny-dit":
             raise ValueError(f"{path} is not a tiny generator checkpoint (format {meta.get('format')!r}, "
                              f"kind {meta.get('kind')!r}; expected {GENERATOR_FORMAT!r}, 'tiny-dit')")
-        with torch.random.fork_rng(devices=[]):  # the init draws are overwritten: leave the caller's RNG stream alone
+        with params_on_meta():  # as ScoreModel.load: no init work, the caller's RNG stream left alone
             gen = cls(meta["tokenizer"], **json.loads(meta["config"]))
-        gen.load_state_dict(tensors)
+        gen.load_state_dict(tensors, assign=True)
         gen.metadata_read = meta
         return gen
 
