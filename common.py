@@ -27,9 +27,13 @@ import torch.distributed as dist
 # distributed
 
 
+def under_torchrun():
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def dist_init(timeout_s=1800):
     """-> (rank, world_size, device). Same call in every script, with or without torchrun."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if under_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if torch.cuda.is_available():
             local = int(os.environ.get("LOCAL_RANK", 0))
@@ -59,7 +63,7 @@ def exit_worker():
     through C++ ("terminate called without an active exception", SIGABRT: one CI run, after all of
     its output was written). Every file is closed by now, so flush and exit. One process (no
     torchrun): a normal exit."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if under_torchrun():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
