@@ -35,8 +35,8 @@ pairs that noisy labels often order wrongly, as in real preference data.
 The teacher's reasoning trace for a dimension has one short line per item (prompt items for
 alignment, drawn objects for aesthetics and plausibility, defect kinds for realism) and ends
 with "Score: d", d = score_to_level(true score), e.g. for alignment:
-  top left red circle: yes.
-  bottom right blue square: no, green square.
+  top left red circle: red circle, yes.
+  bottom right blue square: green square, no.
   extra: none.
   Score: 6
 
@@ -224,6 +224,24 @@ def true_scores(scene, items):
     }
     return {d: max(S_MIN, S_MAX - float(penalty[d])) for d in DIMENSIONS}
 
+def defect_counts(scene, items):
+    """{dimension: number of defects}, every kind and severity counted once (the generic rubric)"""
+    status, extras = check_alignment(scene, items)
+    objs = scene["objects"]
+    return {
+        "alignment": sum(s != "ok" for s, _ in status) + len(extras),
+        "realism": sum(scene[k] != "none" for k in ("noise", "blur", "artifacts")),
+        "aesthetics": sum(o["offset"] != 0 for o in objs) + (scene["clutter"] != "none") + (scene["contrast"] == "low"),
+        "plausibility": sum(o["support"] != "grounded" for o in objs),
+    }
+
+def generic_scores(scene, items):
+    """{dimension: score} on a generic rubric that is not the annotators': every defect costs one
+    point, whatever its kind or severity (max(1, 5 - defects)). The tiny base is pretrained on
+    traces that end on this scale, so that zero-shot it reasons right but scores on the wrong scale,
+    as a pretrained VLM does before it learns a rubric."""
+    return {d: max(S_MIN, S_MAX - float(n)) for d, n in defect_counts(scene, items).items()}
+
 def make_caption(scene, detail=False):
     """what is in each quadrant; detail=True adds placement and the image-level defects"""
     by_q = {o["quadrant"]: o for o in scene["objects"]}
@@ -249,9 +267,11 @@ def make_trace(scene, items, dimension, level=None):
         status, extras = check_alignment(scene, items)
         lines = []
         for it, (s, o) in zip(items, status):
-            said = {"ok": "yes", "missing": "no, empty"}.get(s) or \
-                (f"no, at {o['quadrant']}" if s == "moved" else f"no, {o['color']} {o['shape']}")
-            lines.append(f"{_name(it)}: {said}.")
+            # what the quadrant holds first, then the verdict: reading before judging makes the
+            # comparison one of two phrases already written (README, "the tiny world")
+            seen = "empty" if s in ("missing", "moved") else f"{o['color']} {o['shape']}"
+            verdict = "yes" if s == "ok" else f"at {o['quadrant']}" if s == "moved" else "no"
+            lines.append(f"{_name(it)}: {seen}, {verdict}.")
         lines.append("extra: " + (", ".join(_name(o) for o in extras) or "none") + ".")
     elif dimension == "realism":
         lines = [f"{k}: {scene[k]}." for k in ("noise", "blur", "artifacts")]
@@ -387,8 +407,12 @@ def annotate(rng, truth, n, noise=0.5):
     raw = truth + sd * rng.normal(size=n)
     return [float(np.clip(np.floor(2 * x + 0.5) / 2, S_MIN, S_MAX)) for x in raw]
 
-def make_world(out, n, seed=0, candidates=4, annotators=5, test_frac=0.2, noise=0.5):
-    """render n prompts x candidates images and write out/{train,test}.jsonl; returns the records"""
+def make_world(out, n, seed=0, candidates=4, annotators=5, test_frac=0.2, noise=0.5, trace_rubric="true"):
+    """render n prompts x candidates images and write out/{train,test}.jsonl; returns the records.
+    trace_rubric: the scale the records' traces end on, "true" (the annotators' rubric) or "generic"
+    (generic_scores: the tiny base's pretraining world)"""
+    if trace_rubric not in ("true", "generic"):
+        raise ValueError(f"trace_rubric must be 'true' or 'generic', got {trace_rubric!r}")
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     prompts, texts = [], set()
@@ -407,12 +431,14 @@ def make_world(out, n, seed=0, candidates=4, annotators=5, test_frac=0.2, noise=
             image = f"images/{group}_c{c}.png"
             render_scene(scene).save(os.path.join(out, image))
             truth, caption = true_scores(scene, items), make_caption(scene)
+            traced = truth if trace_rubric == "true" else generic_scores(scene, items)
             for d in DIMENSIONS:
                 scores = annotate(rng, truth[d], annotators, noise)
                 r = {"id": f"{group}_c{c}_{d}", "prompt": prompt_text(items), "image": image,
                      "dimension": d, "scores": scores, "score": aggregate(scores),
                      "true_score": truth[d], "group": group, "split": split, "caption": caption,
-                     "trace": make_trace(scene, items, d), "scene": scene}
+                     "trace": make_trace(scene, items, d, score_to_level(traced[d])),
+                     "scene": scene}
                 files[split].write(json.dumps(r) + "\n")
                 records.append(r)
     for f in files.values():
@@ -565,10 +591,12 @@ if __name__ == "__main__":
     parser.add_argument("--annotators", type=int, default=5, help="simulated annotations per record")
     parser.add_argument("--test-frac", type=float, default=0.2, help="fraction of prompts held out")
     parser.add_argument("--noise", type=float, default=0.5, help="annotator noise sd (score units)")
+    parser.add_argument("--trace-rubric", default="true", choices=["true", "generic"],
+                        help="scale the traces end on: the annotators' rubric, or the generic one (base pretraining)")
     args = parser.parse_args()
     t0 = time.time()
     records = make_world(args.out, args.n, args.seed, args.candidates, args.annotators, args.test_frac,
-                         args.noise)
+                         args.noise, args.trace_rubric)
     n_train = sum(r["split"] == "train" for r in records)
     print(f"{len(records)} records ({n_train} train, {len(records) - n_train} test), "
           f"{len(records) // len(DIMENSIONS)} images in {args.out} | {time.time() - t0:.1f}s")

@@ -5,10 +5,10 @@ Evaluation for Z-Reward: the paper's metrics, in numpy.
    on average ranks, so ties get the mean of the ranks they span).
 2. HPA (Eq. 17): over all pairs of samples within the same group (the caller's group key combines
    prompt and dimension) whose labels differ, s_a != s_b, the fraction whose predicted mu order
-   agrees with the human order. A tie in mu counts as half a hit: a predictor that cannot tell
-   the two apart is right half the time in expectation, and a constant predictor scores exactly
-   0.5 instead of 0 or 1 depending on how ties are broken. Margin HPA: the same restricted to
-   |s_a - s_b| > 0.5 (margin=0.5).
+   agrees with the human order. A tie in mu does not agree with either order, so it is a miss
+   (a constant predictor scores 0; counting ties as half a hit would reward a scorer for every
+   pair it cannot tell apart, e.g. one that only counts objects). Margin HPA: the same restricted
+   to |s_a - s_b| > 0.5 (margin=0.5).
 3. GSB (Eq. 21) for blind pairwise human comparisons: (G - B) / (G + S + B).
 
 Labels are aggregates of several annotations (data.aggregate: drop the highest and the lowest,
@@ -58,14 +58,14 @@ def hpa(mu, s, prompt_ids, margin=0.0):
     assert mu.shape == s.shape == group.shape, "mu, s and prompt_ids must have the same length"
     order = np.argsort(group, kind="stable")
     bounds = np.flatnonzero(np.diff(group[order])) + 1
-    hits, total = 0.0, 0
+    hits, total = 0, 0
     for idx in np.split(order, bounds):  # one group: all its pairs at once
         ds = s[idx, None] - s[None, idx]  # (n, n) human gap
         dm = mu[idx, None] - mu[None, idx]  # (n, n) predicted gap
         upper = np.triu(np.ones_like(ds, dtype=bool), k=1)  # each unordered pair once
         valid = upper & (np.abs(ds) > max(margin, 0.0) + EPS)
-        agree = np.where(dm == 0, 0.5, (np.sign(dm) == np.sign(ds)).astype(np.float64))
-        hits += agree[valid].sum()
+        agree = np.sign(dm) == np.sign(ds)  # a tie in mu (sign 0) never matches a label gap
+        hits += int(agree[valid].sum())
         total += int(valid.sum())
     return hits / total if total else float("nan")
 

@@ -146,8 +146,10 @@ def tiny_image_processor():
                                     size={"shortest_edge": 32 * 32, "longest_edge": 256 * 256})
 
 
-def tiny_config(tokenizer, hidden=64, layers=2, vision_depth=2):
-    """Size "S" of DESIGN.md section 4: hybrid Gated-DeltaNet + full attention, tied embeddings."""
+def tiny_config(tokenizer, hidden=64, layers=2, vision_depth=2, vision_hidden=None):
+    """Hybrid Gated-DeltaNet + full attention, tied embeddings; the tiny teacher is hidden 64 x 2 layers.
+    vision_hidden (default: hidden) sets the tower's width; its merger always projects to `hidden`."""
+    vision_hidden = vision_hidden or hidden
     from transformers import Qwen3_5Config
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -163,7 +165,7 @@ def tiny_config(tokenizer, hidden=64, layers=2, vision_depth=2):
                                  mrope_section=[2, 1, 1], mrope_interleaved=True),
             max_position_embeddings=1024, tie_word_embeddings=True,
             eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=vision_depth, hidden_size=hidden, intermediate_size=2 * hidden, num_heads=2,
+        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2,
                            patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden,
                            num_position_embeddings=64),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],

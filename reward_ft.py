@@ -55,6 +55,7 @@ Launch:
 import argparse
 import copy
 import functools
+import hashlib
 import json
 import math
 import os
@@ -291,40 +292,52 @@ class TinyGenerator(nn.Module):
 # a real generator: any diffusers flow-matching pipeline, LoRA through peft (optional imports)
 
 
-class DiffusersGenerator(nn.Module):
-    """The same interface over a diffusers text-to-image pipeline: SD3, FLUX or Z-Image families.
+FAMILIES = {"StableDiffusion3Pipeline": "StableDiffusion3", "FluxPipeline": "Flux", "ZImagePipeline": "ZImage"}
 
-    UNTESTED HERE: no diffusers weights can be downloaded in the environment this was written in;
-    the calls follow each pipeline's own __call__ (latent packing, timestep convention, sign of the
-    velocity, VAE scaling) and should be checked against a reference sample before a long run.
-    diffusers and peft are imported only when this class is built. Only LoRA weights train;
-    frozen_copy() is the same network with the adapter disabled, so the regulariser costs no copy.
+
+class DiffusersGenerator(nn.Module):
+    """The same interface over a diffusers text-to-image pipeline: SD3, FLUX or Z-Image.
+
+    Each call follows the pipeline's own __call__ without classifier-free guidance: its sigma
+    schedule (resolution shift included), latent packing (FLUX), timestep convention (SD3: 1000
+    sigma; FLUX: sigma, plus the distilled guidance embedding at 3.5; Z-Image: 1 - sigma, and the
+    model predicts -v), VAE scaling and shift. tests/test_diffusers.py checks a no-grad rollout
+    against the pipeline's own sampler on tiny random pipelines of each family. diffusers and peft
+    are imported only when this class is built. Only the LoRA weights train.
     """
 
-    def __init__(self, name_or_path, lora_rank=16, resolution=512, dtype=torch.bfloat16, device="cpu"):
+    def __init__(self, name_or_path, lora_rank=16, resolution=512, dtype=torch.bfloat16, device="cpu", seed=0):
         super().__init__()
         from diffusers import DiffusionPipeline
         from peft import LoraConfig
 
-        pipe = DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype).to(device)
-        self.family = next((f for f in ("ZImage", "Flux", "StableDiffusion3") if type(pipe).__name__.startswith(f)), None)
+        pipe = DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype)
+        self.family = FAMILIES.get(type(pipe).__name__)
         if self.family is None:
-            raise ValueError(f"{type(pipe).__name__}: only the flow-matching SD3, FLUX and Z-Image pipelines are wired up")
+            raise ValueError(f"{name_or_path}: {type(pipe).__name__} is not one of the wired-up pipelines {sorted(FAMILIES)}")
+        if type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler" or pipe.scheduler.config.get("stochastic_sampling"):
+            raise ValueError(f"{name_or_path}: sampling here is deterministic Euler; the pipeline's scheduler is {type(pipe.scheduler).__name__}")
         self.pipe, self.source, self.resolution, self.lora_rank = pipe, str(name_or_path), resolution, lora_rank
         for part in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer"):
             if getattr(pipe, part, None) is not None:
                 getattr(pipe, part).requires_grad_(False)
         self.transformer, self.vae = pipe.transformer, pipe.vae  # registered, so DDP and .to() see them
-        targets = ["to_q", "to_k", "to_v", "to_out.0"]
-        self.transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                                                target_modules=targets))
+        self.fingerprint = base_fingerprint(self.transformer)  # before the adapter: what a LoRA file must have been trained on
+        # the adapter's random A is drawn from its own seed on the CPU, so every rank (and a resumed
+        # run) starts from the same LoRA whatever it drew before; B = 0: the start is the base model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        pipe.to(device)
         if hasattr(self.transformer, "enable_gradient_checkpointing"):
             self.transformer.enable_gradient_checkpointing()
-        self._disabled = False
         scale = getattr(pipe, "vae_scale_factor", 8)
+        if resolution % (2 * scale):
+            raise ValueError(f"--resolution {resolution}: must be a multiple of {2 * scale} (VAE factor {scale} x 2x2 patches)")
         self.latent_size = resolution // scale
-        self._latent_shape = (self.transformer.config.in_channels // (4 if self.family == "Flux" else 1),
-                              self.latent_size, self.latent_size)
+        channels = self.transformer.config.in_channels
+        self._latent_shape = (channels // 4 if self.family == "Flux" else channels, self.latent_size, self.latent_size)
 
     @property
     def device(self):
@@ -335,18 +348,21 @@ class DiffusersGenerator(nn.Module):
         return self._latent_shape
 
     def sigmas(self, n):
-        # the pipelines' own schedule (resolution shift included), with the final sigma = 0
-        sched = self.pipe.scheduler
-        seq = (self.latent_size // 2) ** 2
+        """The pipeline's own schedule for n steps, then sigma = 0: FLUX and Z-Image hand the scheduler
+        linspace(1, 1/n, n), SD3 takes the scheduler's default; the scheduler shifts it (by the image
+        sequence length where its config says so)."""
+        sched, cfg = self.pipe.scheduler, self.pipe.scheduler.config
+        custom = None if self.family == "StableDiffusion3" else np.linspace(1.0, 1 / n, n)
         kwargs = {}
-        if sched.config.get("use_dynamic_shifting", False):
+        if cfg.get("use_dynamic_shifting", False):
             from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-            kwargs["mu"] = calculate_shift(seq, sched.config.get("base_image_seq_len", 256), sched.config.get("max_image_seq_len", 4096),
-                                           sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.15))
-        sched.set_timesteps(n, device="cpu", **kwargs)
-        s = sched.sigmas.float()
-        return torch.cat([s[:n], s.new_zeros(1)])
+            patch = self.transformer.config.patch_size if self.family == "StableDiffusion3" else 2  # FLUX packs 2x2, Z-Image patchifies 2x2
+            kwargs["mu"] = calculate_shift((self.latent_size // patch) ** 2, cfg.get("base_image_seq_len", 256),
+                                           cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+                                           cfg.get("max_shift", 1.16 if self.family == "StableDiffusion3" else 1.15))
+        sched.set_timesteps(n if custom is None else None, device="cpu", sigmas=custom, **kwargs)
+        return torch.cat([sched.sigmas[:n].float(), torch.zeros(1)])
 
     def encode(self, prompts):
         with torch.no_grad():
@@ -358,7 +374,7 @@ class DiffusersGenerator(nn.Module):
                 emb, pooled, text_ids = self.pipe.encode_prompt(list(prompts), None, device=self.device)
                 return {"emb": emb, "pooled": pooled, "text_ids": text_ids}
             emb, _ = self.pipe.encode_prompt(list(prompts), device=self.device, do_classifier_free_guidance=False)
-            return {"emb": emb}  # Z-Image: a list of per-prompt embeddings
+            return {"emb": emb}  # Z-Image: a list of per-prompt embeddings, each as long as its prompt
 
     def forward(self, x, sigma, cond):
         """velocity v = eps - x0 in this file's convention, whatever the family's own."""
@@ -368,16 +384,18 @@ class DiffusersGenerator(nn.Module):
                                     pooled_projections=cond["pooled"], return_dict=False)[0].float()
         if self.family == "Flux":
             B, C, H, W = x.shape
-            packed = self.pipe._pack_latents(x.to(dtype), B, C, H, W)
+            packed = self.pipe._pack_latents(x.to(dtype), B, C, H, W)  # (B, H/2 * W/2, 4C): 2x2 patches as tokens
             img_ids = self.pipe._prepare_latent_image_ids(B, H // 2, W // 2, x.device, dtype)
             guidance = torch.full((B,), 3.5, device=x.device) if self.transformer.config.guidance_embeds else None
             v = self.transformer(hidden_states=packed, timestep=sigma, guidance=guidance, pooled_projections=cond["pooled"],
                                  encoder_hidden_states=cond["emb"], txt_ids=cond["text_ids"], img_ids=img_ids,
                                  return_dict=False)[0]
-            scale = getattr(self.pipe, "vae_scale_factor", 8)
+            scale = self.pipe.vae_scale_factor
             return self.pipe._unpack_latents(v, H * scale, W * scale, scale).float()
-        # Z-Image: time runs the other way (1 - sigma) and the model predicts -v
-        out = self.transformer(list(x.to(dtype).unsqueeze(2).unbind(0)), 1 - sigma, cond["emb"])[0]
+        # Z-Image: time runs the other way (1 - sigma, computed as the pipeline does from t = 1000 sigma),
+        # inputs are per-sample (C, 1, H, W), and the model predicts -v
+        t = (1000 - sigma * 1000) / 1000
+        out = self.transformer(list(x.to(dtype).unsqueeze(2).unbind(0)), t, cond["emb"], return_dict=False)[0]
         return -torch.stack([o.float() for o in out]).squeeze(2)
 
     def decode(self, x):
@@ -385,31 +403,86 @@ class DiffusersGenerator(nn.Module):
         z = x.to(vae.dtype) / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
         return ((vae.decode(z, return_dict=False)[0].float() + 1) / 2).clamp(0, 1)
 
-    def frozen_copy(self):
-        return _AdapterOff(self)
+    def frozen_copy(self, lora=None):
+        """The starting generator (or, given LoRA tensors, that generator), frozen: see _FrozenLoRA."""
+        return _FrozenLoRA(self, lora if lora is not None else self.trainable_state())
 
     def trainable_state(self):
         return {k: v.detach().cpu().contiguous() for k, v in self.named_parameters() if v.requires_grad}
 
     def metadata(self, **extra):
-        meta = {"format": GENERATOR_FORMAT, "kind": "diffusers-lora", "base": self.source, "lora_rank": str(self.lora_rank)}
+        meta = {"format": GENERATOR_FORMAT, "kind": "diffusers-lora", "base": self.source, "base_class": type(self.pipe).__name__,
+                "base_fingerprint": self.fingerprint, "lora_rank": str(self.lora_rank)}
         return {**meta, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()}}
 
+    def check_lora(self, meta, tensors, path):
+        """Refuse a file that is not a LoRA of this script for this very base pipeline, and say why."""
+        if meta.get("format") != GENERATOR_FORMAT or meta.get("kind") != "diffusers-lora":
+            raise ValueError(f"{path}: not a LoRA file of this script (format {meta.get('format')!r}, kind {meta.get('kind')!r})")
+        if meta.get("base_fingerprint") != self.fingerprint:
+            raise ValueError(f"{path}: a LoRA of {meta.get('base')!r} ({meta.get('base_class')}, fingerprint {meta.get('base_fingerprint')}); "
+                             f"this base is {self.source!r} ({type(self.pipe).__name__}, fingerprint {self.fingerprint}): refused")
+        shapes = {k: tuple(p.shape) for k, p in self.named_parameters() if p.requires_grad}
+        if set(tensors) != set(shapes) or any(tuple(t.shape) != shapes[k] for k, t in tensors.items()):
+            raise ValueError(f"{path}: LoRA weights do not fit this adapter (rank {meta.get('lora_rank')} in the file, "
+                             f"--lora-rank {self.lora_rank} here; {len(tensors)} tensors, {len(shapes)} expected)")
 
-class _AdapterOff(nn.Module):
-    """The frozen starting generator of a LoRA run: the same transformer with the adapter disabled."""
+    def read_lora(self, path):
+        """-> the LoRA tensors of a file written for this base pipeline (check_lora)."""
+        from model import read_checkpoint
 
-    def __init__(self, gen):
+        meta, tensors = read_checkpoint(path)
+        self.check_lora(meta, tensors, path)
+        return tensors
+
+
+def base_fingerprint(transformer):
+    """A short hash of the base transformer: class, config, and every tensor's name, shape and first
+    values in bf16 (so an fp32 and a --bf16 load agree). Two checkpoints of one architecture differ."""
+    h = hashlib.sha256(type(transformer).__name__.encode())
+    h.update(json.dumps({k: v for k, v in transformer.config.items() if not k.startswith("_")}, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in sorted(transformer.named_parameters()):
+            h.update(f"{name}{tuple(p.shape)}".encode())
+            h.update(p.detach().flatten()[:16].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class _FrozenLoRA(nn.Module):
+    """A frozen generator sharing the trained one's pipeline: the same transformer with a fixed LoRA
+    (the starting adapter, or a --baseline file's) swapped in per call by torch.func.functional_call.
+
+    Nothing is written into the trained weights, so the graph of a kept step stays valid, and no
+    second copy of the base model exists: the cost is one copy of the LoRA tensors."""
+
+    def __init__(self, gen, lora):
         super().__init__()
         self.__dict__["gen"] = gen  # not a submodule: DDP must not count its parameters twice
+        params = dict(gen.named_parameters())
+        self.lora = {k: v.detach().to(params[k].device, params[k].dtype).clone() for k, v in lora.items()}
 
     def forward(self, x, sigma, cond):
         with torch.no_grad():
-            self.gen.transformer.disable_adapters()
-            try:
-                return self.gen(x, sigma, cond)
-            finally:
-                self.gen.transformer.enable_adapters()
+            return torch.func.functional_call(self.gen, self.lora, (x, sigma, cond))
+
+    # the rest of the interface is the trained generator's: the same text encoders, schedule and VAE
+    def encode(self, prompts):
+        return self.gen.encode(prompts)
+
+    def decode(self, x):
+        with torch.no_grad():
+            return self.gen.decode(x)
+
+    def sigmas(self, n):
+        return self.gen.sigmas(n)
+
+    @property
+    def device(self):
+        return self.gen.device
+
+    @property
+    def latent_shape(self):
+        return self.gen.latent_shape
 
 
 def build_generator(args, device):
@@ -430,19 +503,9 @@ def build_generator(args, device):
         if args.stage == "pretrain":
             raise SystemExit("--stage pretrain trains the embedded tiny generator; a real one brings its own pretraining")
         gen = DiffusersGenerator(args.generator, args.lora_rank, args.resolution,
-                                 torch.bfloat16 if args.bf16 else torch.float32, device)
-        if args.init and args.init != parser.get_default("init"):  # a LoRA written by an earlier run
-            from model import read_checkpoint
-
-            meta, tensors = read_checkpoint(args.init)
-            if meta.get("kind") != "diffusers-lora":
-                raise SystemExit(f"--init {args.init}: not a LoRA file of this script (kind {meta.get('kind')!r})")
-            missing = set(tensors) - set(dict(gen.named_parameters()))
-            if missing:
-                raise SystemExit(f"--init {args.init}: LoRA weights that this pipeline does not have: {sorted(missing)[:5]}")
-            gen.load_state_dict(tensors, strict=False)
-    if args.bf16 and args.generator == "tiny":
-        gen.to(torch.bfloat16)
+                                 torch.bfloat16 if args.bf16 else torch.float32, device, seed=args.seed)
+        if args.init and args.init != parser.get_default("init"):  # a LoRA written by an earlier run, for this base
+            gen.load_state_dict(gen.read_lora(args.init), strict=False)
     return gen, (gen.frozen_copy() if args.stage == "finetune" else None)
 
 
@@ -638,6 +701,8 @@ def load_generator_resume(path, gen, optimizer, batches=None):
     meta, tensors = read_checkpoint(path)
     if meta.get("format") != GENERATOR_FORMAT:
         raise ValueError(f"{path} is not a generator checkpoint (format {meta.get('format')!r})")
+    if isinstance(gen, DiffusersGenerator):
+        gen.check_lora(meta, tensors, path)  # the same base pipeline, the same adapter
     missing, unexpected = gen.load_state_dict(tensors, strict=False)
     if unexpected or (isinstance(gen, TinyGenerator) and missing):
         raise ValueError(f"{path}: weights do not fit this generator (missing {missing[:5]}, unexpected {unexpected[:5]})")
@@ -695,8 +760,8 @@ def main(args):
     gen, ref = build_generator(args, device)
     baseline = ref
     if args.stage == "finetune" and args.baseline:
-        baseline = (TinyGenerator.load(args.baseline) if args.generator == "tiny" else
-                    build_generator(argparse.Namespace(**{**vars(args), "init": args.baseline}), device)[0].frozen_copy())
+        # a LoRA baseline runs on the trained generator's own pipeline, with its adapter swapped in
+        baseline = TinyGenerator.load(args.baseline) if args.generator == "tiny" else gen.frozen_copy(gen.read_lora(args.baseline))
         baseline.to(device).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in gen.parameters() if p.requires_grad)
     student = judge = None

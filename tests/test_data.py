@@ -176,11 +176,11 @@ def test_alignment_scores():
     near = scene([("top left", "red", "circle"), ("bottom right", "green", "square")])
     assert true_scores(near, items)["alignment"] == 3.5  # one wrong color: 5 - 1.5
     assert make_trace(near, items, "alignment") == \
-        "top left red circle: yes.\nbottom right blue square: no, green square.\nextra: none.\nScore: 6"
+        "top left red circle: red circle, yes.\nbottom right blue square: green square, no.\nextra: none.\nScore: 6"
     moved = scene([("top right", "red", "circle"), ("bottom right", "blue", "square"),
                    ("bottom left", "yellow", "cross")])
     assert true_scores(moved, items)["alignment"] == 2.5  # moved 1.5, extra 1
-    assert make_trace(moved, items, "alignment").split("\n")[0] == "top left red circle: no, at top right."
+    assert make_trace(moved, items, "alignment").split("\n")[0] == "top left red circle: empty, at top right."
     missing = scene([("bottom right", "blue", "triangle")])
     assert true_scores(missing, items)["alignment"] == 1.5  # missing 2, wrong shape 1.5
     # the defects change pixels, and rendering is a pure function of the scene

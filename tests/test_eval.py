@@ -17,12 +17,13 @@ def test_hpa_two_groups():
     # group p1: s = [1, 2, 3], mu = [.1, .3, .2]
     #   (1,2): human -1, model -.2 agree; (1,3): -2 vs -.1 agree; (2,3): -1 vs +.1 disagree -> 2 of 3
     # group p2: s = [2, 2, 4], mu = [.5, .9, .5]
-    #   (2,2) label tie: no pair; (2,4): mu tie -> 0.5; (2,4) with mu .9 vs .5: disagree -> 0.5 of 2
-    # HPA = (2 + 0.5) / 5 = 0.5; the groups are interleaved to check the grouping
+    #   (2,2) label tie: no pair; (2,4): mu tie -> a miss (Eq. 17 counts agreement); (2,4) with
+    #   mu .9 vs .5: disagree -> 0 of 2
+    # HPA = 2 / 5; the groups are interleaved to check the grouping
     s = [1, 2, 2, 3, 2, 4]
     mu = [.1, .5, .3, .2, .9, .5]
     ids = ["p1", "p2", "p1", "p1", "p2", "p2"]
-    assert hpa(mu, s, ids) == pytest.approx(0.5)
+    assert hpa(mu, s, ids) == pytest.approx(0.4)
     # only p1: 2/3
     assert hpa([.1, .3, .2], [1, 2, 3], ["p1"] * 3) == pytest.approx(2 / 3)
     # pairs never cross groups: p1 and p2 alone would be 1.0 each, across them it would be 0
@@ -40,8 +41,10 @@ def test_margin_hpa():
     assert math.isnan(hpa([1, 0], [1.1, 0.6], ["p", "p"], margin=0.5))
 
 def test_hpa_ties_and_empty():
-    # a constant predictor ties every pair: 0.5, not 0 or 1
-    assert hpa([3.0] * 4, [1, 2, 3, 4], ["g"] * 4) == 0.5
+    # a constant predictor ties every pair, and a tie agrees with no human order: 0
+    assert hpa([3.0] * 4, [1, 2, 3, 4], ["g"] * 4) == 0.0
+    # one tie among three pairs: 2 of 3, not 2.5 of 3
+    assert hpa([1.0, 1.0, 2.0], [1, 2, 3], ["g"] * 3) == pytest.approx(2 / 3)
     # no pairs: all labels equal, or every group a singleton, or nothing at all
     assert math.isnan(hpa([1, 2, 3], [2, 2, 2], ["g"] * 3))
     assert math.isnan(hpa([1, 2], [1, 5], ["a", "b"]))
