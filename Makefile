@@ -15,6 +15,8 @@ export OMP_NUM_THREADS ?= 2
 install:
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements.txt
+# optional, only for reward_ft.py --generator FOLDER; the suite tests it on tiny random pipelines (~7 MB of wheels, ~75 MB installed, seconds)
+	$(PY) -m pip install --quiet diffusers==0.42.1 peft==0.21.2
 
 test: install
 	$(PY) -m pytest -q
