@@ -148,16 +148,24 @@ def wrap(model, device, fsdp=False, bf16=False, checkpointing=False):
 
     FSDP2: each decoder layer and each vision block is its own unit, then the root; the root keeps
     the (tied) embedding / LM head. DDP: find_unused_parameters, because a batch can leave a
-    module unused (DESIGN.md section 5); checkpointing is then non-reentrant.
+    module unused; checkpointing is then non-reentrant.
+
+    Mixed precision (--bf16): the parameters, their gradients and AdamW's state stay fp32 (master
+    weights) and only the compute is bf16. bf16 keeps 8 significant bits, so an update of lr 1e-6
+    to a weight of 0.1 (one bf16 step there is ~4e-4) rounds away: AdamW on bf16 weights barely
+    moves the model at the recipes' learning rates. FSDP2 gathers each unit's parameters in bf16
+    and reduces gradients in fp32 (MixedPrecisionPolicy); DDP and one process run the VLM body
+    under autocast. The score head and the token log-probs run in fp32 either way.
     """
-    model.to(device)
+    model.float().to(device)  # fp32 master weights, whatever dtype the checkpoint was stored in
     if checkpointing:
-        model.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if not dist.is_initialized():
-        if bf16:
-            model.to(torch.bfloat16)
-        return model
-    if fsdp:
+        # transformers recomputes only in train mode (the scripts call train() before every update)
+        enable = getattr(model.vlm, "activation_checkpointing_enable", None)  # transformers >= 5.24
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if fsdp and dist.is_initialized():
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -166,12 +174,61 @@ def wrap(model, device, fsdp=False, bf16=False, checkpointing=False):
         for block in _units(model):
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
-        return model
+        return model.train()
+    if bf16:
+        autocast_body(model, device)
+    if not dist.is_initialized():
+        return model.train()
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    if bf16:
-        model.to(torch.bfloat16)
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    return DDP(model.train(), device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+
+def autocast_body(model, device):
+    """Run the VLM body (vision tower + decoder) under bf16 autocast, the head outside it.
+
+    The body's forward is replaced by itself under torch.autocast, so every call (training,
+    generate, the checkpointed recompute) computes in bf16 while the parameters stay fp32; the
+    hidden states come back fp32, so the score head and the fused log-prob stay full precision."""
+    body = model.vlm.model
+    run = torch.autocast(device.type, dtype=torch.bfloat16)(type(body).forward.__get__(body))
+
+    def forward(*args, **kwargs):
+        out = run(*args, **kwargs)
+        out.last_hidden_state = out.last_hidden_state.float()
+        return out
+
+    body.forward = forward
+    return model
+
+
+@contextmanager
+def grad_sync(model, sync):
+    """Gradient accumulation: reduce gradients across ranks only when `sync` (a step's last
+    micro-batch); before it each rank accumulates locally (DDP no_sync, FSDP2
+    set_requires_gradient_sync), so a step all-reduces once, not once per micro-batch."""
+    if sync or not dist.is_initialized():
+        yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        with model.no_sync():
+            yield
+
+
+@contextmanager
+def seeded(device, *key):
+    """Run a block with the torch RNG seeded from `key` (ints), then put the stream back: a rollout
+    seeded by (seed, step, global micro-batch index) samples the same traces on any number of ranks."""
+    state = np.random.SeedSequence([int(k) for k in key]).generate_state(2)
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+        yield
 
 
 def wrap_frozen(model, device, fsdp=False, bf16=False):

@@ -58,13 +58,35 @@ def pointwise_reward(mu, s):
     return 1 - (mu - s[:, None]).abs() / R
 
 
+def valid_gaps(mu_w, mu_l, s_w, s_l, valid_w, valid_l):
+    """Eqs. 10-11 over the valid traces only: (L_pw, r_pw_w, r_pw_l), rewards detached.
+
+    mu (P, G), s (P,), valid (P, G) bool. A malformed trace has no score token; its mu (read at the
+    trace's end) is no score at all, so it must not enter its partners' rewards or the gap loss:
+    each sum over partners runs over the valid ones and is divided by their count, and L_pw[p] is
+    the mean over valid cross pairs (0 for a pair with none). All valid: exactly gap_l1.
+    """
+    if bool(valid_w.all()) and bool(valid_l.all()):
+        return gap_l1(mu_w, mu_l, s_w, s_l, R)  # the fused kernel (Triton on GPU)
+    mw, ml = mu_w.float(), mu_l.float()
+    m = (valid_w[:, :, None] & valid_l[:, None, :]).float()  # (P, G, G) pairs of valid traces
+    delta = (s_w.float() - s_l.float())[:, None, None]
+    a = (mw[:, :, None] - ml[:, None, :] - delta).abs() * m  # A[p, i, k], zero where either is malformed
+    n_l, n_w = valid_l.float().sum(-1)[:, None], valid_w.float().sum(-1)[:, None]  # (P, 1) valid partners
+    r_w = 1 - a.sum(2).detach() / (n_l.clamp_min(1) * R)  # Eq. 10, winners: mean over valid losers
+    r_l = 1 - a.sum(1).detach() / (n_w.clamp_min(1) * R)  # Eq. 10, losers: mean over valid winners
+    loss = (a.sum((1, 2)) / (m.sum((1, 2)).clamp_min(1) * R)).mean()  # Eq. 11 per pair, then over pairs
+    return loss, r_w, r_l
+
+
 def gdso_rewards(mu_w, mu_l, s_w, s_l, valid_w, valid_l, lambda_pt=1.0, lambda_pw=1.0):
     """Eq. 13 for both sides: (r_w, r_l), each (P, G), detached; invalid traces get the minimum.
 
-    r_pt lies in [0, 1] and r_pw in [-1, 1], so the minimum of r is -lambda_pw.
+    r_pt lies in [0, 1] and r_pw in [-1, 1], so the minimum of r is -lambda_pw. r_pw of a valid
+    trace compares it with its valid partners only (valid_gaps).
     """
     mu_w, mu_l = mu_w.detach().float(), mu_l.detach().float()
-    _, rpw_w, rpw_l = gap_l1(mu_w, mu_l, s_w.float(), s_l.float(), R)
+    _, rpw_w, rpw_l = valid_gaps(mu_w, mu_l, s_w.float(), s_l.float(), valid_w, valid_l)
     r_w = lambda_pt * pointwise_reward(mu_w, s_w.float()) + lambda_pw * rpw_w
     r_l = lambda_pt * pointwise_reward(mu_l, s_l.float()) + lambda_pw * rpw_l
     floor = -lambda_pw
@@ -82,10 +104,15 @@ def policy_loss(logp, logp_old, adv, mask, clip_eps=0.2, logp_ref=None, beta=0.0
     """Clipped-ratio surrogate of Eq. 4 plus beta * KL(pi || pi_ref), per trace then averaged.
 
     logp, logp_old, logp_ref: (N, L) token log-probs; adv: (N,); mask: (N, L) completion tokens.
-    Returns (loss, kl): token means within each trace, then the mean over traces.
+    Returns (loss, stats): token means within each trace, then the mean over traces; stats holds
+    what a PPO run is watched by, detached: kl (to pi_ref), kl_old (k3 estimate of KL(pi_old || pi),
+    how far this inner step has moved from the sampling policy) and clip (the fraction of tokens
+    whose ratio is clipped, i.e. carries no gradient).
     """
-    ratio = torch.exp(logp - logp_old)
-    surrogate = torch.minimum(ratio * adv[:, None], ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv[:, None])
+    log_ratio = logp - logp_old
+    ratio = torch.exp(log_ratio)
+    unclipped, clipped = ratio * adv[:, None], ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv[:, None]
+    surrogate = torch.minimum(unclipped, clipped)
     per_token = -surrogate
     kl = torch.zeros_like(logp)
     if logp_ref is not None and beta > 0:
@@ -94,15 +121,17 @@ def policy_loss(logp, logp_old, adv, mask, clip_eps=0.2, logp_ref=None, beta=0.0
         kl = torch.exp(d) - d - 1
         per_token = per_token + beta * kl
     n = mask.sum(-1).clamp_min(1)
+    mean = lambda x: ((x.detach().float() * mask).sum(-1) / n).mean()  # per trace, then over traces
     loss = ((per_token * mask).sum(-1) / n).mean()
-    return loss, ((kl * mask).sum(-1) / n).mean().detach()
+    stats = {"kl": mean(kl), "kl_old": mean(ratio - 1 - log_ratio), "clip": mean(clipped < unclipped)}
+    return loss, stats
 
 
 def direct_losses(score_logits, mu, labels, valid, P, G, n_valid=None, label_logprob=None):
     """L_pt (Eq. 8) and L_pw (Eq. 11) for 2 P G samples laid out as (side, pair, sample).
 
     score_logits (2PG, K), mu (2PG,), labels (2,P) = (s_w, s_l), valid (2PG,) bool. Invalid traces
-    are left out of L_pt and enter L_pw detached (their mu is read at the trace's end). L_pt is the
+    are left out of L_pt and of L_pw (their mu is read at the trace's end: no score). L_pt is the
     CE summed over valid samples divided by n_valid (default: the valid samples here; training
     passes the count over all ranks and micro-batches so any split gives the same loss).
     label_logprob: (2PG,) log p(label's bin token) against the whole vocabulary at the score
@@ -113,8 +142,9 @@ def direct_losses(score_logits, mu, labels, valid, P, G, n_valid=None, label_log
     target = torch.where(valid, target, torch.full_like(target, -100))
     ce = score_ce(score_logits, target) if label_logprob is None else -torch.where(valid, label_logprob, 0.0)
     l_pt = ce.sum() / (n_valid if n_valid is not None else valid.sum().clamp_min(1))
+    v = valid.view(2, P, G)
     mu = torch.where(valid, mu, mu.detach()).view(2, P, G)
-    l_pw, _, _ = gap_l1(mu[0], mu[1], labels[0], labels[1], R)
+    l_pw, _, _ = valid_gaps(mu[0], mu[1], labels[0], labels[1], v[0], v[1])
     return l_pt, l_pw
 
 
@@ -172,8 +202,8 @@ def main(argv=None):
     args = get_args(argv)
     rank, world, device = common.dist_init()
     common.seed_all(args.seed + rank)
-    dtype = torch.bfloat16 if args.bf16 else None
-    model = common.load_model(args.model or args.init, seed=args.seed, dtype=dtype)
+    dtype = torch.bfloat16 if args.bf16 else None  # frozen pi_ref only: the policy trains on fp32 master weights
+    model = common.load_model(args.model or args.init, seed=args.seed)
     train_file, test_file = common.world_data(args.data, seed=0)
     train, test = load_jsonl(train_file), load_jsonl(test_file)
     test = test[:args.eval_limit] if args.eval_limit else test
@@ -208,10 +238,14 @@ def main(argv=None):
                   f"alpha_pt={args.alpha_pt} alpha_pw={args.alpha_pw}")
 
     n_micro = 2 * micro * G  # rollouts per forward: whole pairs, both sides
+    # every recomputed log-prob (pi_old, pi_theta, pi_ref) is at the sampling temperature: the
+    # traces come from softmax(logits / T), so that is the policy of the PPO ratio and the KL
+    T = args.temperature if args.temperature > 0 else 1.0
 
     def teacher_forced(module, encs, targets, score_pos):
-        """pi(o_t | o_<t) of every sampled token and the score logits, one forward per micro-batch."""
-        outs = [module(enc, score_pos[i * n_micro:(i + 1) * n_micro], targets=t) for i, (enc, t) in enumerate(zip(encs, targets))]
+        """pi_T(o_t | o_<t) of every sampled token and the score logits, one forward per micro-batch."""
+        outs = [module(enc, score_pos[i * n_micro:(i + 1) * n_micro], targets=t, temperature=T)
+                for i, (enc, t) in enumerate(zip(encs, targets))]
         return [o["token_logprobs"] for o in outs], [o["score_logits"] for o in outs]
 
     timer = common.Timer()
@@ -231,10 +265,14 @@ def main(argv=None):
             return inner.encode([q["prompt"] for q in qs], [images[q["image_path"]] for q in qs],
                                 [q["dimension"] for q in qs], "reasoning", completions=completions)
 
-        # 1. sample G traces per side from pi_old (the current policy), KV cache, no collectives
+        # 1. sample G traces per side from pi_old (the current policy), KV cache, no collectives, in
+        # eval mode; each micro-batch's sampling is seeded by (seed, step, its index in the global
+        # batch), so the traces do not depend on how the batch is split over ranks
+        completions = []
         with common.rollout_mode(policy) as m:
-            completions = [c for a in range(0, len(queries), n_micro)
-                           for c in m.generate(encode(queries[a:a + n_micro]), args.max_new_tokens, args.temperature)]
+            for i, a in enumerate(range(0, len(queries), n_micro)):
+                with common.seeded(device, args.seed, step, rank * len(chunks) + i):
+                    completions += m.generate(encode(queries[a:a + n_micro]), args.max_new_tokens, args.temperature)
         encs = [encode(queries[a:a + n_micro], completions[a:a + n_micro]) for a in range(0, len(queries), n_micro)]
         targets = [inner.completion_targets(e, completions[i * n_micro:(i + 1) * n_micro]) for i, e in enumerate(encs)]
         masks = [t != -100 for t in targets]
@@ -246,6 +284,8 @@ def main(argv=None):
                                   for i, (p, c) in enumerate(zip(pos, completions))], device=device)
 
         # 2. pi_old's token log-probs and score distributions, and pi_ref's log-probs, before any update
+        # (train mode, as the updates below, so that the ratio of inner step 0 is exactly 1)
+        policy.train()
         with torch.no_grad():
             old_lp, old_logits = teacher_forced(policy, encs, targets, score_pos)
             ref_lp = teacher_forced(ref, encs, targets, score_pos)[0] if ref is not None else None
@@ -275,44 +315,50 @@ def main(argv=None):
         # L_pt is normalized by the valid traces of the whole step (all ranks); DDP / FSDP average
         # gradients over ranks, so the local share is scaled by world / n_valid
         n_valid = max(common.all_sum(float(valid.sum())), 1.0) / (world * len(chunks))
-        logs = {}
+        inner_logs = []  # one dict per inner step: the ratio is 1 at k = 0 and moves after
         for k in range(args.inner_steps):
             update = step * args.inner_steps + k
             lr = common.lr_at(update, total_updates, args.lr, args.warmup)
             common.set_lr(optimizer, lr)
-            sums = {"pg": 0.0, "kl": 0.0, "l_pt": 0.0, "l_pw": 0.0}
+            sums = {"pg": 0.0, "kl": 0.0, "kl_old": 0.0, "clip": 0.0, "l_pt": 0.0, "l_pw": 0.0}
             for i, chunk in enumerate(chunks):
                 sl = slice(i * n_micro, (i + 1) * n_micro)
-                out = policy(encs[i], score_pos[sl], targets=targets[i],
-                             score_targets=label_tokens[i] if args.alpha_pt and args.full_vocab_ce else None)
-                pg, kl = policy_loss(out["token_logprobs"], old_lp[i], advs[i], masks[i], args.clip_eps,
-                                     ref_lp[i] if ref_lp is not None else None, args.beta)
-                loss = pg
-                l_pt = l_pw = torch.zeros((), device=device)
-                if args.alpha_pt or args.alpha_pw:
-                    mu_new = inner.distribution(out["score_logits"]).mean
-                    l_pt, l_pw = direct_losses(out["score_logits"], mu_new, labels[i], valid[sl], len(chunk), G, n_valid,
-                                               out.get("score_target_logprob"))
-                    loss = loss + args.alpha_pt * l_pt + args.alpha_pw * l_pw
-                # each micro-batch holds the same number of pairs: its mean over micro-batches is the batch mean
-                (loss / len(chunks)).backward()
-                for name, val in (("pg", pg), ("kl", kl), ("l_pt", l_pt), ("l_pw", l_pw)):
+                # gradients are reduced across ranks once, on the last micro-batch
+                with common.grad_sync(policy, i == len(chunks) - 1):
+                    out = policy(encs[i], score_pos[sl], targets=targets[i], temperature=T,
+                                 score_targets=label_tokens[i] if args.alpha_pt and args.full_vocab_ce else None)
+                    pg, stats = policy_loss(out["token_logprobs"], old_lp[i], advs[i], masks[i], args.clip_eps,
+                                            ref_lp[i] if ref_lp is not None else None, args.beta)
+                    loss = pg
+                    l_pt = l_pw = torch.zeros((), device=device)
+                    if args.alpha_pt or args.alpha_pw:
+                        mu_new = inner.distribution(out["score_logits"]).mean
+                        l_pt, l_pw = direct_losses(out["score_logits"], mu_new, labels[i], valid[sl], len(chunk), G,
+                                                   n_valid, out.get("score_target_logprob"))
+                        loss = loss + args.alpha_pt * l_pt + args.alpha_pw * l_pw
+                    # each micro-batch holds the same number of pairs: its mean over micro-batches is the batch mean
+                    (loss / len(chunks)).backward()
+                for name, val in (("pg", pg), ("l_pt", l_pt), ("l_pw", l_pw), *stats.items()):
                     sums[name] += float(val.detach()) / len(chunks)
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if k == 0:
-                logs = dict(sums, grad_norm=float(grad_norm))
+            inner_logs.append(dict(sums, grad_norm=float(grad_norm), lr=lr))
         step += 1
 
         lengths = torch.tensor([float(len(c)) for c in completions])
+        logs = {f"{name}.{k}": v for k, d in enumerate(inner_logs) for name, v in d.items()}
         logs.update(reward=float(r_all.mean()), reward_std=float(r_all.view(-1, G).std(-1).mean()) if G > 1 else 0.0,
                     valid=float(valid.float().mean()), length=float(lengths.mean()))
         logs = common.all_mean(logs)
         ms = timer.lap()
-        common.print0(f"step {step:4d} | pg {logs['pg']:+.4f} | kl {logs['kl']:.4f} | l_pt {logs['l_pt']:.3f} | "
-                      f"l_pw {logs['l_pw']:.4f} | reward {logs['reward']:.3f} (std {logs['reward_std']:.3f}) | "
-                      f"valid {logs['valid']:.2f} | len {logs['length']:.1f} | lr {lr:.1e} | {ms:.0f} ms | "
+        # inner step 0's losses (ratio 1), then per inner step k: the clipped fraction, the k3 KL to
+        # pi_old (how far the policy moved from the sampling one) and the lr, joined by "/"
+        per_k = lambda name, fmt: "/".join(format(logs[f"{name}.{k}"], fmt) for k in range(args.inner_steps))
+        common.print0(f"step {step:4d} | pg {logs['pg.0']:+.4f} | kl {logs['kl.0']:.4f} | l_pt {logs['l_pt.0']:.3f} | "
+                      f"l_pw {logs['l_pw.0']:.4f} | reward {logs['reward']:.3f} (std {logs['reward_std']:.3f}) | "
+                      f"valid {logs['valid']:.2f} | len {logs['length']:.1f} | clip {per_k('clip', '.3f')} | "
+                      f"kl_old {per_k('kl_old', '.2e')} | lr {per_k('lr', '.1e')} | {ms:.0f} ms | "
                       f"{len(queries) * world / ms * 1000:.1f} samples/s")
         stopping = step == args.stop_after
         if step % args.save_every == 0 or step == args.steps or stopping:

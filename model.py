@@ -530,12 +530,27 @@ class ScoreModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, batch, max_new_tokens=64, temperature=1.0, top_p=1.0):
-        """Sample completions with the KV cache; returns a list of token-id lists, cut after a stop token."""
+        """Sample completions with the KV cache; returns a list of token-id lists, cut after a stop token.
+
+        Samples from exactly softmax(logits / temperature) (greedy at temperature 0), whatever the
+        checkpoint's generation_config asks for: its repetition penalty, top-k, top-p or min-p
+        would make the rollouts come from another policy than the one whose log-probs training
+        recomputes. Only the image placeholder tokens are suppressed (a generated one would be
+        read as an image slot), and top_p < 1 only when a caller asks for it.
+        """
+        from transformers import GenerationConfig
+
         sample = temperature > 0
-        kwargs = dict(do_sample=sample, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
-        out = self.vlm.generate(**self._model_inputs(batch), max_new_tokens=max_new_tokens,
-                                eos_token_id=self.stop_ids, pad_token_id=self.pad_id, top_k=None,
-                                suppress_tokens=self.vision_token_ids, **kwargs)
+        pinned = dict(do_sample=False, repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1)
+        if sample:  # the warpers apply only when sampling; top_k 0 turns top-k off (None would mean "the default", 50)
+            pinned.update(do_sample=True, temperature=temperature, top_k=0, top_p=top_p, typical_p=1.0)
+        saved, self.vlm.generation_config = self.vlm.generation_config, GenerationConfig()  # nothing inherited
+        try:
+            out = self.vlm.generate(**self._model_inputs(batch), max_new_tokens=max_new_tokens,
+                                    eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+                                    suppress_tokens=self.vision_token_ids, **pinned)
+        finally:
+            self.vlm.generation_config = saved
         comps = []
         for row in out[:, batch["input_ids"].shape[1]:].tolist():
             cut = next((i + 1 for i, t in enumerate(row) if t in self.stop_ids), len(row))

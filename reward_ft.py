@@ -110,7 +110,7 @@ parser.add_argument("--grid-prompts", type=int, default=8, help="fixed held-out 
 parser.add_argument("--save-every", type=int, default=50, help="write the checkpoint every N steps")
 parser.add_argument("--resume", action="store_true", help="continue from --out (+ .train.pt) exactly")
 parser.add_argument("--seed", type=int, default=0, help="seed for init, prompts, noise and data order")
-parser.add_argument("--bf16", action="store_true", help="bfloat16 weights / compute for the generator, the student and the judge (the ODE state stays fp32)")
+parser.add_argument("--bf16", action="store_true", help="bfloat16 compute for the generator (fp32 trainable weights and optimizer state), bf16 weights for the frozen student and judge (the ODE state stays fp32)")
 
 GENERATOR_FORMAT = "zreward-generator-v1"
 SIGMA_SHIFT = 0.5  # pretraining noise levels: logit-normal(0.5, 1), tilted toward the noisy end where the prompt decides the layout
@@ -781,6 +781,9 @@ def main(args):
     if args.batch_size % (micro * world):
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of micro-batch x world = {micro * world}")
     accum = args.batch_size // (micro * world)
+    for p in gen.parameters():  # fp32 master weights and AdamW state; --bf16 is compute only (autocast below)
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
     module = gen if args.stage == "pretrain" else Rollout(gen, ref, args.checkpointing)
     ddp = module
     if dist.is_initialized():
@@ -866,18 +869,22 @@ def main(args):
 
     exclude = set(test_prompts)
     timer = common.Timer()
-    gen.train()
+    # --bf16: the generator computes in bf16 on its fp32 parameters; the reward model is frozen bf16
+    compute = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     while step < args.steps:
         lr = common.lr_at(step, args.steps, args.lr, args.warmup)
         common.set_lr(optimizer, lr)
+        gen.train()
         logs = {}
         if args.stage == "pretrain":
             for m in range(accum):
                 rng = np.random.default_rng([args.seed, rank, step, m])  # a pure function of the step: exact resume
                 prompts, images = world_batch(rng, micro, exclude, clean=args.pretrain_data == "clean")
                 x = gen.to_latent(images.to(device))
-                loss = flow_loss(ddp, x, gen.encode(prompts), torch.Generator().manual_seed(int(rng.integers(2**31))))
-                (loss / accum).backward()
+                # gradients are reduced across ranks on the last micro-batch only
+                with common.grad_sync(ddp, m == accum - 1), compute():
+                    loss = flow_loss(ddp, x, gen.encode(prompts), torch.Generator().manual_seed(int(rng.integers(2**31))))
+                    (loss / accum).backward()
                 logs["loss"] = logs.get("loss", 0.0) + float(loss.detach()) / accum
         else:
             mine_prompts = batches.next()
@@ -888,10 +895,12 @@ def main(args):
                 stop = torch.randint(args.sample_steps - args.stop_range + 1, args.sample_steps + 1, (1,))
                 if dist.is_initialized():
                     dist.broadcast(stop, 0)
-                images, reg = ddp(noise, gen.encode(prompts), sigmas, int(stop), min(args.grad_steps, int(stop)), args.reg > 0)
-                r, mu = reward(student, prompts, images, weights)
-                loss = -r.mean() + args.reg * reg
-                (loss / accum).backward()
+                with common.grad_sync(ddp, m == accum - 1):  # reduce across ranks on the last micro-batch
+                    with compute():
+                        images, reg = ddp(noise, gen.encode(prompts), sigmas, int(stop), min(args.grad_steps, int(stop)), args.reg > 0)
+                    r, mu = reward(student, prompts, images.float(), weights)
+                    loss = -r.mean() + args.reg * reg.float()
+                    (loss / accum).backward()
                 for j, d in enumerate(weights):
                     logs[d[:5]] = logs.get(d[:5], 0.0) + float(mu[j].detach().mean()) / accum
                 logs["reward"] = logs.get("reward", 0.0) + float(r.detach().mean()) / accum

@@ -233,7 +233,7 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from --out exactly (optimizer, step, RNG, data position)")
     p.add_argument("--stop-after", type=int, default=0, help="stop (after saving) at this step, keeping the --steps schedule; --resume continues")
     p.add_argument("--seed", type=int, default=0, help="seed for data order and online sampling")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 weights / compute (student and teacher)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 compute (student: fp32 master weights and optimizer state; teacher: bf16 weights)")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP replication")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True, help="keep the student's vision tower frozen (default)")
@@ -272,8 +272,8 @@ def main(argv=None):
     rank, world, device = common.dist_init()
     common.seed_all(args.seed + rank)
     dtype = torch.bfloat16 if args.bf16 else None
-    teacher = load_teacher(args.teacher, dtype)
-    student = common.load_model(args.student, seed=args.seed, dtype=dtype)
+    teacher = load_teacher(args.teacher, dtype)  # frozen: bf16 weights are fine
+    student = common.load_model(args.student, seed=args.seed)  # fp32 master weights; --bf16 is compute only
     if args.opd:
         try:
             check_same_tokenizer(teacher, student)
@@ -384,16 +384,18 @@ def main(argv=None):
         n_valid = sum(int(ok.sum()) for _, ok in targets)
         n_global = max(common.all_sum(n_valid), 1.0)
         # 2. the student in direct mode: one forward, q_phi read at the first answer position
+        model.train()
         kl_share = 0.0
-        for chunk, (q, ok) in zip(chunks, targets):
+        for j, (chunk, (q, ok)) in enumerate(zip(chunks, targets)):
             recs = [records[i] for i in chunk]
             batch = inner.encode([r["prompt"] for r in recs], open_images(recs), [r["dimension"] for r in recs], "direct")
             idx = torch.full((len(recs),), batch["prompt_len"] - 1, device=device)
-            logits = model(batch, idx)["score_logits"]  # (B, K)
-            # sum over this rank's valid records / (n_global / world): DDP / FSDP average the ranks'
-            # gradients, so the update is that of the global mean over the step's valid records
-            loss = kl_loss(logits, q, ok.to(device), n=n_global / world)
-            loss.backward()
+            with common.grad_sync(model, j == len(chunks) - 1):  # reduce across ranks on the last micro-batch
+                logits = model(batch, idx)["score_logits"]  # (B, K)
+                # sum over this rank's valid records / (n_global / world): DDP / FSDP average the ranks'
+                # gradients, so the update is that of the global mean over the step's valid records
+                loss = kl_loss(logits, q, ok.to(device), n=n_global / world)
+                loss.backward()
             kl_share += float(loss.detach()) / world  # summed over ranks: the step's mean KL
         return kl_share, n_valid, sum(len(c) for c in chunks)
 
@@ -407,9 +409,13 @@ def main(argv=None):
                      for c in m.generate(m.encode(prompts[a:a + micro], images[a:a + micro], dims[a:a + micro],
                                                   "reasoning"), args.max_new_tokens, args.temperature)]
         t_inner = common.unwrap(teacher)
+        # the student sampled from softmax(logits / T): its log-probs, and the teacher's that it is
+        # moved toward, are read at that temperature (A_t of Eq. 18)
+        temp = args.temperature if args.temperature > 0 else 1.0
+        model.train()
         logs = {"loss": 0.0, "adv": 0.0, "length": 0.0, "valid": 0.0}
         a = 0
-        for chunk in chunks:
+        for j, chunk in enumerate(chunks):
             sl = slice(a, a + len(chunk))
             a += len(chunk)
             cs = comps[sl]
@@ -420,16 +426,17 @@ def main(argv=None):
                 enc = owner.encode(prompts[sl], images[sl], dims[sl], "reasoning", completions=cs)
                 tgt = owner.completion_targets(enc, cs)
                 idx = torch.full((len(cs),), enc["prompt_len"] - 1, device=device)
-                lp = module(enc, idx, targets=tgt)["token_logprobs"]
+                lp = module(enc, idx, targets=tgt, temperature=temp)["token_logprobs"]
                 Lp = enc["prompt_len"]
                 return lp[:, Lp - 1:Lp - 1 + T], tgt[:, Lp - 1:Lp - 1 + T] != -100
 
             with torch.no_grad():
                 lp_teacher, _ = completion_logprobs(teacher, t_inner)
-            lp, mask = completion_logprobs(model, inner)
-            # one update per sample: pi_old is the sampling policy, its log-probs this forward's, detached
-            loss, adv = opd_loss(lp, lp_teacher, lp.detach(), mask, n=per_rank)
-            loss.backward()  # per rank: a sum over its sequences / per_rank; DDP averages the ranks
+            with common.grad_sync(model, j == len(chunks) - 1):  # reduce across ranks on the last micro-batch
+                lp, mask = completion_logprobs(model, inner)
+                # one update per sample: pi_old is the sampling policy, its log-probs this forward's, detached
+                loss, adv = opd_loss(lp, lp_teacher, lp.detach(), mask, n=per_rank)
+                loss.backward()  # per rank: a sum over its sequences / per_rank; DDP averages the ranks
             logs["loss"] += float(loss.detach())
             logs["adv"] += float(adv) / len(chunks)
         logs["length"] = sum(len(c) for c in comps) / len(comps)

@@ -15,9 +15,12 @@ Supervised training of the score model, two stages.
    before it saturates (default 2,400 steps), which leaves GDSO room to improve it. The result
    ships as assets/tiny_base.safetensors; this command regenerates it.
 
-Loss normalization: the token loss of the base stage is summed over a rank's tokens and divided by
-the global number of answer tokens in the step (all ranks, all micro-batches), so any world size
-and accumulation gives the same update as one process with the whole batch.
+Loss normalization: the loss is summed over a rank's samples (sft) or answer tokens (base) and
+divided by their global number in the step (all ranks, all micro-batches), so any world size and
+accumulation gives the same update as one process with the whole batch. That count is known before
+any forward (the batch size; the tokenized answers' lengths), so each micro-batch runs forward and
+backward at once and only one micro-batch's activations are alive at a time; gradients are
+reduced across ranks on the last micro-batch only.
 
 Launch:
     python data.py --out runs/pretrain --n 400 --seed 1                           # the base's own images
@@ -59,7 +62,7 @@ parser.add_argument("--eval-limit", type=int, default=512, help="test records pe
 parser.add_argument("--save-every", type=int, default=100, help="write the checkpoint every N steps")
 parser.add_argument("--resume", action="store_true", help="continue from --out (+ .train.pt) exactly")
 parser.add_argument("--seed", type=int, default=0, help="seed for init, data order and sampling")
-parser.add_argument("--bf16", action="store_true", help="bfloat16 weights / compute")
+parser.add_argument("--bf16", action="store_true", help="bfloat16 compute (fp32 master weights and optimizer state)")
 parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP replication")
 parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
 parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True, help="keep the vision tower frozen (default; see README: training the tiny tower collapses it)")
@@ -75,7 +78,7 @@ if args.stage == "base":  # from-scratch defaults of DESIGN.md section 4 unless 
 
 rank, world, device = common.dist_init()
 common.seed_all(args.seed + rank)
-model = common.load_model(args.init or args.model, seed=args.seed, dtype=torch.bfloat16 if args.bf16 else None)
+model = common.load_model(args.init or args.model, seed=args.seed)  # fp32 master weights; --bf16 is compute only
 if args.stage == "base" and model.source != "tiny":
     raise SystemExit("--stage base pretrains the embedded tiny model; real models start from their own pretraining")
 train_file, test_file = common.world_data(args.data, seed=args.seed)
@@ -119,8 +122,19 @@ def open_images(recs):
     return [Image.open(r["image_path"]).convert("RGB") for r in recs]
 
 
+def answer_ids(text):
+    """The base stage's answer tokens: the caption or trace, then the end of the turn."""
+    tok = common.unwrap(ddp_model).tokenizer
+    return tok.encode(text, add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>")]
+
+
+def micro_count(chunk):
+    """What normalizes the loss, before any forward: samples (sft) or answer tokens (base)."""
+    return len(chunk) if args.stage == "sft" else sum(len(answer_ids(text)) for _, _, text in chunk)
+
+
 def micro_loss(chunk):
-    """Sum of the loss over this micro-batch and its count (tokens or samples) for normalization."""
+    """Sum of the loss over this micro-batch (over samples, or over answer tokens)."""
     inner = common.unwrap(ddp_model)
     if args.stage == "sft":
         recs = [r for _, r, _ in chunk]
@@ -128,15 +142,14 @@ def micro_loss(chunk):
         idx = torch.full((len(recs),), batch["prompt_len"] - 1, device=device)
         logits = ddp_model(batch, idx)["score_logits"]
         target = torch.tensor([score_to_level(r["score"]) - 1 for r in recs], device=device)  # nearest bin
-        return score_ce(logits, target).sum(), len(recs)
+        return score_ce(logits, target).sum()
     # base: next-token loss on the answer (caption or trace + end of turn) only
-    loss, count = 0.0, 0
+    loss = 0.0
     for mode in ("caption", "reasoning"):
         sub = [(r, text) for m, r, text in chunk if m == mode]
         if not sub:
             continue
-        end = inner.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        comps = [inner.tokenizer.encode(text, add_special_tokens=False) + [end] for _, text in sub]
+        comps = [answer_ids(text) for _, text in sub]
         recs = [r for r, _ in sub]
         batch = inner.encode([r["prompt"] for r in recs], open_images(recs), [r["dimension"] for r in recs], mode,
                              completions=comps)
@@ -144,8 +157,7 @@ def micro_loss(chunk):
         idx = torch.full((len(recs),), batch["prompt_len"] - 1, device=device)
         lp = ddp_model(batch, idx, targets=targets)["token_logprobs"]
         loss = loss - lp.sum()
-        count += int((targets != -100).sum())
-    return loss, count
+    return loss
 
 
 # -----------------------------------------------------------------------------
@@ -156,13 +168,17 @@ while step < args.steps:
     lr = common.lr_at(step, args.steps, args.lr, args.warmup)
     common.set_lr(optimizer, lr)
     mine = batches.next()
-    # forward every micro-batch first: the loss is normalized by the step's global count (tokens
-    # or samples over all ranks and micro-batches), known only once all are counted
-    results = [micro_loss(mine[i:i + micro]) for i in range(0, len(mine), micro)]
-    n_global = common.all_sum(sum(n for _, n in results))
+    chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
+    # the step's global count (samples or answer tokens, all ranks and micro-batches), counted first
+    n_global = common.all_sum(sum(micro_count(c) for c in chunks))
+    ddp_model.train()
     logged = 0.0
-    for loss_sum, n in results:
-        (loss_sum * world / n_global).backward()  # DDP / FSDP average over ranks; x world makes it the global sum
+    for i, chunk in enumerate(chunks):
+        # forward and backward per micro-batch: one micro-batch's graph alive at a time; gradients
+        # reduced across ranks on the last one only
+        with common.grad_sync(ddp_model, i == len(chunks) - 1):
+            loss_sum = micro_loss(chunk)
+            (loss_sum * world / n_global).backward()  # DDP / FSDP average over ranks; x world makes it the global sum
         logged += float(loss_sum.detach())
     grad_norm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), args.clip)
     optimizer.step()

@@ -10,13 +10,15 @@ The end-to-end runs start from the shipped tiny base (assets/tiny_base.safetenso
 """
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from gdso import R, direct_losses, gdso_rewards, group_advantages, pointwise_reward, policy_loss
+from gdso import R, direct_losses, gdso_rewards, group_advantages, pointwise_reward, policy_loss, valid_gaps
+from kernels.gap import gap_l1_ref
 from model import BINS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,10 +123,10 @@ def test_policy_loss_masks_padding_and_prompt_tokens():
     ref = logp.detach() + 0.1 * torch.randn(3, 6)
     adv = torch.tensor([1.0, -0.5, 2.0])
     mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]], dtype=torch.bool)
-    loss, kl = policy_loss(logp, old, adv, mask, 0.2, ref, beta=0.1)
+    loss, stats = policy_loss(logp, old, adv, mask, 0.2, ref, beta=0.1)
     loss.backward()
     assert (logp.grad[~mask] == 0).all() and (logp.grad[mask] != 0).any()
-    assert kl >= 0
+    assert stats["kl"] >= 0 and stats["kl_old"] >= 0
     # by hand for ratio = 1 (pi = pi_old) and beta = 0: loss = -mean over traces of A
     loss, _ = policy_loss(logp.detach(), logp.detach(), adv, mask)
     torch.testing.assert_close(loss, -adv.mean())
@@ -135,6 +137,57 @@ def test_policy_loss_clips_the_ratio():
     loss, _ = policy_loss(logp, torch.zeros(1, 1), torch.tensor([1.0]), torch.ones(1, 1, dtype=torch.bool))
     loss.backward()
     assert abs(loss.item() + 1.2) < 1e-6 and logp.grad.item() == 0.0
+
+
+def test_policy_loss_clip_fraction_and_kl_to_pi_old_by_hand():
+    # one trace of 4 tokens, A = +1, eps 0.2: log ratios 0, 0.1, 0.5 (clipped), -0.5 (not clipped:
+    # for A > 0 only ratio > 1 + eps is); a second trace with A = -1 and log ratio -0.5 (clipped)
+    old = torch.zeros(2, 4)
+    logp = torch.tensor([[0.0, 0.1, 0.5, -0.5], [-0.5, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    _, stats = policy_loss(logp, old, torch.tensor([1.0, -1.0]), mask, 0.2)
+    torch.testing.assert_close(stats["clip"], torch.tensor((1 / 4 + 1 / 1) / 2))
+    k3 = lambda d: torch.tensor(d).exp() - 1 - d  # (ratio - 1) - log ratio
+    want = ((k3(0.0) + k3(0.1) + k3(0.5) + k3(-0.5)) / 4 + k3(-0.5)) / 2
+    torch.testing.assert_close(stats["kl_old"], want)
+    _, stats = policy_loss(old, old, torch.tensor([1.0, -1.0]), mask)  # inner step 0: pi = pi_old
+    assert stats["clip"] == 0 and stats["kl_old"] == 0
+
+
+def test_a_malformed_trace_stays_out_of_its_partners_rewards_and_gap_loss():
+    g = torch.Generator().manual_seed(0)
+    mu_w, mu_l = 1 + 4 * torch.rand(3, 4, generator=g), 1 + 4 * torch.rand(3, 4, generator=g)
+    s_w, s_l = torch.tensor([4.0, 3.5, 5.0]), torch.tensor([2.0, 3.0, 1.5])
+    ok = torch.ones(3, 4, dtype=torch.bool)
+    # all valid: exactly Eqs. 10-11 (the kernel's reference)
+    for a, b in zip(valid_gaps(mu_w, mu_l, s_w, s_l, ok, ok), gap_l1_ref(mu_w, mu_l, s_w, s_l, R)):
+        torch.testing.assert_close(a, b)
+    # winner 1 of pair 0 and loser 3 of pair 2 are malformed: whatever their mu, the rest is Eq. 10 / 11
+    # over the valid traces alone
+    vw, vl = ok.clone(), ok.clone()
+    vw[0, 1], vl[2, 3] = False, False
+    outs = []
+    for junk in (1.0, 5.0):
+        w, l = mu_w.clone(), mu_l.clone()
+        w[0, 1], l[2, 3] = junk, junk
+        w.requires_grad_(), l.requires_grad_()
+        loss, r_w, r_l = valid_gaps(w, l, s_w, s_l, vw, vl)
+        loss.backward()
+        assert w.grad[0, 1] == 0 and l.grad[2, 3] == 0
+        outs.append((loss.detach(), r_w[vw], r_l[vl]))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+    # by hand for pair 0: its losers' r_pw averages over the 3 valid winners only
+    keep = [0, 2, 3]
+    _, _, r_l_ref = gap_l1_ref(mu_w[0:1, keep], mu_l[0:1], s_w[0:1], s_l[0:1], R)
+    torch.testing.assert_close(valid_gaps(mu_w, mu_l, s_w, s_l, vw, vl)[2][0], r_l_ref[0])
+    # and in the GDSO reward (Eq. 13) and the direct loss L_pw
+    r_w, r_l = gdso_rewards(mu_w, mu_l, s_w, s_l, vw, vl, 1.0, 1.0)
+    w2 = mu_w.clone()
+    w2[0, 1] = 5.0 if mu_w[0, 1] < 3 else 1.0
+    r_w2, r_l2 = gdso_rewards(w2, mu_l, s_w, s_l, vw, vl, 1.0, 1.0)
+    torch.testing.assert_close(r_w, r_w2)
+    torch.testing.assert_close(r_l, r_l2)
 
 
 # -----------------------------------------------------------------------------
@@ -192,11 +245,16 @@ def test_resume_equals_an_uninterrupted_run(world, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_torchrun_two_ranks_match_one_process(world, tmp_path, fsdp):
-    # greedy rollouts make the sampled traces independent of how the batch is split over ranks
-    args = [*COMMON, "--data", world, "--steps", "2", "--save-every", "2", "--temperature", "0", "--beta", "0.05"]
+    # sampled rollouts (temperature 1, G = 2): each micro-batch of one pair samples with the seed of
+    # its index in the global batch, so 2 ranks x 2 micro-batches draw the traces that 1 process x 4
+    # micro-batches draws; gradients are accumulated locally and reduced on the last micro-batch only
+    args = [*COMMON, "--data", world, "--steps", "2", "--save-every", "2", "--temperature", "1", "--beta", "0.05",
+            "--micro-pairs", "1"]
     one, two = str(tmp_path / "one.safetensors"), str(tmp_path / "two.safetensors")
-    _run([*args, "--out", one])
+    log = _run([*args, "--out", one])
     _run([*args, "--out", two] + (["--fsdp"] if fsdp else []), nproc=2)
+    stds = [float(x) for x in re.findall(r"\(std ([0-9.]+)\)", log)]
+    assert len(stds) == 2 and max(stds) > 0, "the groups' rewards all tie: zero advantages, no policy gradient"
     a, b, base = _weights(one), _weights(two), _weights(BASE)
     assert set(a) == set(b)
     moved = torch.cat([(a[k] - base[k]).abs().flatten() for k in a])
