@@ -204,17 +204,16 @@ def autocast_body(model, device):
 
 @contextmanager
 def grad_sync(model, sync):
-    """Gradient accumulation: reduce gradients across ranks only when `sync` (a step's last
-    micro-batch); before it each rank accumulates locally (DDP no_sync, FSDP2
-    set_requires_gradient_sync), so a step all-reduces once, not once per micro-batch."""
-    if sync or not dist.is_initialized():
+    """Gradient accumulation under DDP: all-reduce only when `sync` (a step's last micro-batch);
+    before it each rank accumulates its local gradient (no_sync), so a step all-reduces once.
+
+    FSDP2 reduce-scatters every micro-batch on purpose: skipping it
+    (set_requires_gradient_sync(False)) keeps each unit's whole unsharded gradient, accumulated
+    in the fp32 reduce dtype, until the last micro-batch: a full fp32 gradient per rank (~100 GB
+    for the 27B, memory_plan.py), against one shard of it. The reduce-scatter is one of three
+    collectives per unit and micro-batch (two all-gathers of the parameters are the others)."""
+    if sync or not dist.is_initialized() or not hasattr(model, "no_sync"):
         yield
-    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
     else:
         with model.no_sync():
             yield

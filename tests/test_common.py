@@ -28,3 +28,57 @@ def test_a_torchrun_worker_exits_flushed_and_without_teardown():
 
 def test_one_process_returns_and_exits_normally():
     assert _run({}) == (0, "done returned teardown")
+
+
+# wrap under a one-rank process group: mixed precision and gradient sync, for FSDP2 and DDP
+WRAP_SCRIPT = """
+import torch, common, data
+from PIL import Image
+from model import ScoreModel
+rank, world, device = common.dist_init(timeout_s=60)
+data.make_world(WORLD, n=4, seed=0)
+recs = data.load_jsonl(WORLD + '/train.jsonl')[:4]
+ims = [Image.open(r['image_path']).convert('RGB') for r in recs]
+def loss_of(w, sl):
+    b = common.unwrap(w).encode([r['prompt'] for r in recs[sl]], ims[sl], [r['dimension'] for r in recs[sl]], 'direct')
+    return w(b, torch.full((len(recs[sl]),), b['prompt_len'] - 1))['score_logits'].logsumexp(-1).sum()
+for fsdp in (True, False):
+    m = ScoreModel.tiny().to(torch.bfloat16)  # a bf16 checkpoint: wrap makes fp32 master weights of it
+    m.vision_tower().requires_grad_(False)
+    w = common.wrap(m, device, fsdp=fsdp, bf16=True)
+    seen = []
+    m.vlm.model.language_model.layers[0].mlp.register_forward_hook(lambda mod, i, o: seen.append(o.dtype))
+    with common.grad_sync(w, False):
+        loss_of(w, slice(0, 2)).backward()
+        inside = getattr(w, 'require_backward_grad_sync', None)
+    local = sum(p.grad is not None for p in w.parameters())
+    with common.grad_sync(w, True):
+        loss_of(w, slice(2, 4)).backward()
+    print('RESULT', fsdp, {str(p.dtype) for p in w.parameters()}, sorted({str(d) for d in seen}), inside, local,
+          sum(p.grad is not None for p in w.parameters()) > 0, w.training)
+common.dist_cleanup()
+"""
+
+
+def test_wrap_keeps_fp32_master_weights_computes_in_bf16_and_syncs_on_the_last_micro_batch(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    env = {**{k: v for k, v in os.environ.items() if k not in env}, **env}
+    res = subprocess.run([sys.executable, "-c", f"WORLD = {str(tmp_path / 'w')!r}\n" + WRAP_SCRIPT], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    lines = [l.split(" ", 2)[1:] for l in res.stdout.splitlines() if l.startswith("RESULT")]
+    fsdp, ddp = (l[1] for l in lines)
+    params, compute = "{'torch.float32'}", "['torch.bfloat16']"
+    # FSDP2: fp32 shards, bf16 compute; every micro-batch reduce-scatters into the sharded
+    # gradients (accumulating unsharded gradients would hold a full fp32 gradient per rank)
+    assert fsdp.startswith(f"{params} {compute} None ") and not fsdp.startswith(f"{params} {compute} None 0 "), fsdp
+    assert fsdp.endswith(" True True"), fsdp
+    # DDP: fp32 parameters, the body under autocast; no all-reduce inside no_sync
+    assert ddp.startswith(f"{params} {compute} False "), ddp
+    assert ddp.endswith(" True True"), ddp

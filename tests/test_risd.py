@@ -349,9 +349,11 @@ def test_opd_run_writes_a_reasoning_student(world, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["ddp", "fsdp2", "opd-fsdp2"])
 def test_torchrun_two_ranks_match_one_process(world, tmp_path, variant):
-    # fixed targets (a cache built once; greedy rollouts for OPD) make the update independent of the split
+    # fixed targets (a cache built once; greedy rollouts for OPD) make the update independent of the split;
+    # micro-batches of 4: two per rank, gradients reduced on the second only
     cache = str(tmp_path / "qt.safetensors")
-    args = ["--teacher", BASE, "--data", world, *COMMON, "--steps", "2", "--save-every", "2", "--lr", "3e-3"]
+    args = ["--teacher", BASE, "--data", world, *COMMON, "--steps", "2", "--save-every", "2", "--lr", "3e-3",
+            "--micro-batch", "4"]
     if variant.startswith("opd"):
         args += ["--opd", "--temperature", "0", "--lr", "1e-3"]
     else:

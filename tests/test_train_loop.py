@@ -89,17 +89,25 @@ def test_sft_checkpoints_and_runs_forward_backward_per_micro_batch(world, tmp_pa
     assert probe.syncs == [False, False, True]
 
 
-def test_gdso_checkpoints_syncs_once_and_recomputes_at_the_sampling_temperature(world, tmp_path, monkeypatch):
+def test_gdso_checkpoints_syncs_once_and_recomputes_at_the_sampling_temperature(world, tmp_path, monkeypatch, capsys):
+    import re
+
     import gdso
 
     probe = Probe(monkeypatch)
     gdso.main(["--init", BASE, "--data", world, "--out", str(tmp_path / "g.safetensors"), "--steps", "1",
-               "--pairs", "2", "--group", "2", "--micro-pairs", "1", "--max-new-tokens", "16", "--eval-every", "0",
-               "--eval-limit", "2", "--checkpointing", "--temperature", "0.5", "--beta", "0.1"])
+               "--pairs", "2", "--group", "2", "--micro-pairs", "1", "--max-new-tokens", "40", "--eval-every", "0",
+               "--eval-limit", "2", "--checkpointing", "--temperature", "0.5", "--beta", "0.1", "--lr", "1e-3", "--warmup", "2"])
     probe.check_checkpointing()
     assert probe.syncs == [False, True] * 2  # K = 2 inner steps of 2 micro-batches
     # pi_old, pi_ref and the two updates: every token log-prob at T = 0.5
     assert len(probe.temperatures) == 2 * 2 + 2 * 2 and set(probe.temperatures) == {0.5}, probe.temperatures
+    # the log shows, per inner step: the clipped fraction, the KL to pi_old and that step's lr
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("step    1 |"))
+    clip, kl_old, lr = re.search(r"clip ([0-9.]+/[0-9.]+) \| kl_old ([-+0-9.e]+/[-+0-9.e]+) \| lr ([-+0-9.e]+/[-+0-9.e]+)",
+                                 line).groups()
+    assert float(clip.split("/")[0]) == 0 and float(kl_old.split("/")[0]) == 0  # inner step 0: pi = pi_old
+    assert float(kl_old.split("/")[1]) > 0 and len(set(lr.split("/"))) == 2  # step 1 moved; warmup raised the lr
 
 
 def test_risd_checkpoints_and_syncs_once(world, tmp_path, monkeypatch):
