@@ -1,0 +1,186 @@
+"""
+Per-rank GPU memory of the README's launch lines, computed rather than guessed.
+
+Qwen3.5-27B and Qwen3.5-9B are built from their published configs (written out below: nothing is
+downloaded) on the meta device, so no weight is allocated, and sharded with FSDP2 exactly as
+common.wrap does (every decoder layer and vision block a unit, then the root; bf16 compute, fp32
+reduce) over a fake process group of --world ranks on one CPU. What FSDP2 leaves on a rank then
+gives exact byte counts:
+
+    params     the fp32 master shard (common.wrap: fp32 weights, bf16 compute)
+    grads      the fp32 gradient shard of the trainable weights (the vision tower is frozen)
+    adam       AdamW's two fp32 moments of the trainable shard
+    pi_ref     GDSO's frozen reference, a bf16 shard (common.wrap_frozen)
+    teacher    RISD's frozen 27B teacher, a bf16 shard
+    units      training: the root's unsharded bf16 parameters and gradient (embeddings and LM head:
+               FSDP2 keeps the root gathered through forward and backward), two decoder units'
+               bf16 parameters (the one computing, the one prefetched) and one unit's bf16 gradient
+    rollout    rollout_mode unshards every unit of the generating model for the whole rollout:
+               the full model in bf16 on every rank, plus its KV cache / recurrent state
+
+The activations are an estimate, stated as one: with --checkpointing every decoder layer keeps
+its bf16 input for the recompute, and one layer at a time holds its intermediates (taken as
+12 H + 3 I values per token); the token log-probs never form (T, V) logits (kernels/logprob.py).
+Sequence length: --image-tokens + --prompt-tokens, plus --max-new-tokens for a trace.
+
+    python memory_plan.py                 # the table the README shows
+    python memory_plan.py --world 16 --max-new-tokens 2048
+"""
+
+import argparse
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import common
+
+# -----------------------------------------------------------------------------
+# the published configs (Qwen3.5 model cards / config.json): hybrid Gated DeltaNet + gated attention,
+# every 4th layer full attention, untied embeddings, the same 27-block vision tower
+
+
+def text_config(hidden, intermediate, layers, heads, linear_value_heads):
+    return dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"] * (layers // 4),
+                num_attention_heads=heads, num_key_value_heads=4, head_dim=256,
+                linear_num_key_heads=16, linear_num_value_heads=linear_value_heads, linear_key_head_dim=128,
+                linear_value_head_dim=128, linear_conv_kernel_dim=4, vocab_size=248320, tie_word_embeddings=False,
+                rope_parameters=dict(rope_type="default", rope_theta=10_000_000.0, partial_rotary_factor=0.25,
+                                     mrope_section=[11, 11, 10], mrope_interleaved=True))
+
+
+CONFIGS = {
+    "Qwen/Qwen3.5-27B": text_config(hidden=5120, intermediate=17408, layers=64, heads=24, linear_value_heads=48),
+    "Qwen/Qwen3.5-9B": text_config(hidden=4096, intermediate=12288, layers=32, heads=16, linear_value_heads=32),
+}
+VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, num_position_embeddings=2304,
+              patch_size=16, spatial_merge_size=2, temporal_patch_size=2)
+
+# the README's launch lines: (script, trained model, frozen models, sequences per micro-batch, trace?)
+RECIPES = [
+    ("sft.py 27B", "Qwen/Qwen3.5-27B", [], 4, False, "--micro-batch 4"),
+    ("gdso.py 27B", "Qwen/Qwen3.5-27B", [("pi_ref", "Qwen/Qwen3.5-27B")], 2 * 8, True, "--micro-pairs 1 --group 8"),
+    ("risd.py 9B <- 27B", "Qwen/Qwen3.5-9B", [("teacher", "Qwen/Qwen3.5-27B")], 8, False, "--micro-batch 8"),
+]
+GIB = 2 ** 30
+
+
+def build_meta(name):
+    """The VLM with every parameter on the meta device: shapes and dtypes, no storage."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    text = CONFIGS[name]
+    config = Qwen3_5Config(text_config=text, vision_config=dict(VISION, out_hidden_size=text["hidden_size"]),
+                           tie_word_embeddings=False)
+    with torch.device("meta"):
+        holder = nn.Module()  # common.wrap shards a ScoreModel through its .vlm
+        holder.vlm = Qwen3_5ForConditionalGeneration(config)
+    return holder
+
+
+def shard(holder, mesh, dtype, mp=True):
+    """fully_shard as common.wrap / wrap_frozen do; -> per-rank numbers (numel) of this rank."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    holder.to(dtype)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mp else MixedPrecisionPolicy()
+    units = common._units(holder)
+    sizes = [sum(p.numel() for p in u.parameters()) for u in units]  # before sharding: unsharded sizes
+    total = sum(p.numel() for p in holder.parameters())
+    for u in units:
+        fully_shard(u, mesh=mesh, mp_policy=policy)
+    fully_shard(holder, mesh=mesh, mp_policy=policy)
+    local = trainable = 0
+    for name, p in holder.named_parameters():
+        n = p.to_local().numel()
+        local += n
+        trainable += n if ".visual." not in name else 0  # --freeze-vision (default)
+    # the root (embeddings, LM head, final norm, vision merger) is a unit of its own, and FSDP2 keeps
+    # the root's parameters gathered from its forward to the end of the backward
+    return {"total": total, "local": local, "trainable": trainable, "unit": max(sizes), "root": total - sum(sizes),
+            "trainable_total": sum(p.numel() for n, p in holder.named_parameters() if ".visual." not in n)}
+
+
+def activations(name, seqs, tokens):
+    """bf16 bytes with --checkpointing: every layer's input kept, one layer's intermediates live."""
+    c = CONFIGS[name]
+    H, I, L = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    return 2 * seqs * tokens * (L * H + 12 * H + 3 * I)
+
+
+def rollout_cache(name, seqs, tokens):
+    """KV cache of the full-attention layers (bf16) and the Gated DeltaNet state (fp32) + conv state."""
+    c = CONFIGS[name]
+    full = c["layer_types"].count("full_attention")
+    linear = c["num_hidden_layers"] - full
+    kv = full * 2 * c["num_key_value_heads"] * c["head_dim"] * 2 * tokens
+    conv_dim = 2 * c["linear_num_key_heads"] * c["linear_key_head_dim"] + c["linear_num_value_heads"] * c["linear_value_head_dim"]
+    state = linear * (c["linear_num_value_heads"] * c["linear_key_head_dim"] * c["linear_value_head_dim"] * 4
+                      + conv_dim * c["linear_conv_kernel_dim"] * 2)
+    return seqs * (kv + state)
+
+
+def main():
+    p = argparse.ArgumentParser(description="per-rank memory of the README's recipes, from FSDP2 on meta tensors")
+    p.add_argument("--world", type=int, default=8, help="ranks (GPUs) the models are sharded over")
+    p.add_argument("--image-tokens", type=int, default=1024, help="image tokens per query (1024x1024 pixels / 32^2)")
+    p.add_argument("--prompt-tokens", type=int, default=200, help="rubric prompt text tokens per query")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="trace length (gdso, the RISD teacher)")
+    args = p.parse_args()
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    # rank 0 holds the largest shard (FSDP2 pads dim 0 up to a multiple of the world size)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.world)
+    mesh = init_device_mesh("cpu", (args.world,))
+    trained = {n: shard(build_meta(n), mesh, torch.float32) for n in CONFIGS}
+    frozen = {n: shard(build_meta(n), mesh, torch.bfloat16, mp=False) for n in CONFIGS}
+
+    prompt = args.image_tokens + args.prompt_tokens
+    rows = []
+    for label, name, frozen_models, seqs, trace, flags in RECIPES:
+        t = trained[name]
+        b = {"params": 4 * t["local"], "grads": 4 * t["trainable"], "adam": 8 * t["trainable"]}
+        for role, fname in frozen_models:
+            b[role] = 2 * frozen[fname]["local"]
+        b["units"] = 2 * 2 * t["root"] + 2 * 2 * t["unit"] + 2 * t["unit"]
+        tokens = prompt + (args.max_new_tokens if trace else 1)
+        b["activations"] = activations(name, seqs, tokens)
+        train_peak = sum(b.values())
+        # rollouts: GDSO samples from the policy, RISD's teacher writes its traces (grads are freed by then)
+        gen = name if label.startswith("gdso") else dict(frozen_models).get("teacher")
+        rollout = None
+        if gen is not None:
+            kept = b["params"] + b["adam"] + sum(b.get(r, 0) for r, _ in frozen_models)
+            gen_tokens = prompt + args.max_new_tokens
+            rollout = kept + 2 * trained[gen]["total"] + rollout_cache(gen, seqs, gen_tokens)
+        rows.append((label, flags, b, train_peak, rollout))
+
+    print(f"per-rank GiB, {args.world} ranks, FSDP2 --bf16 (fp32 master weights, bf16 compute), --checkpointing; "
+          f"{prompt} prompt tokens + {args.max_new_tokens}-token traces")
+    for n in CONFIGS:
+        print(f"{n}: {trained[n]['total'] / 1e9:.2f}B parameters ({trained[n]['trainable_total'] / 1e9:.2f}B trainable "
+              f"without the vision tower); rank 0 holds {trained[n]['local'] / 1e9:.3f}B; largest decoder unit "
+              f"{trained[n]['unit'] / 1e6:.0f}M, root {trained[n]['root'] / 1e6:.0f}M")
+    cols = ["params", "grads", "adam", "pi_ref", "teacher", "units", "activations"]
+    print("\n| recipe | micro-batch | " + " | ".join(cols) + " | training peak | rollout peak | fits |")
+    print("| --- | --- |" + " ---: |" * (len(cols) + 2) + " --- |")
+    for label, flags, b, train_peak, rollout in rows:
+        peak = max(train_peak, rollout or 0)
+        fits = ", ".join(g for g, cap in (("H100 80 GB", 79.1), ("H200 141 GB", 139.8)) if peak / GIB < cap - 4) or "neither"
+        cells = [f"{b[c] / GIB:.1f}" if c in b else "-" for c in cols]
+        cells += [f"{train_peak / GIB:.1f}", f"{rollout / GIB:.1f}" if rollout else "-", fits]
+        print(f"| {label} | `{flags}` | " + " | ".join(cells) + " |")
+    print("\n'fits' leaves 4 GiB for the CUDA context, NCCL buffers and fragmentation.")
+    for n in CONFIGS:
+        print(f"{n}: accumulating unsharded gradients instead of reduce-scattering per micro-batch "
+              f"(FSDP2 set_requires_gradient_sync(False)) would add {4 * trained[n]['trainable_total'] / GIB:.0f} GiB "
+              f"per rank (fp32, the reduce dtype)")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""
+memory_plan.py: the 27B and 9B recipes' per-rank bytes come from FSDP2 sharding of the published
+configs on the meta device over a fake 8-rank process group (no weights, no GPU).
+
+    python -m pytest tests/test_memory_plan.py -q
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_memory_plan_shards_the_published_configs_eight_ways():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "memory_plan.py")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    out = res.stdout
+    # the model cards' sizes: 27B, and 9B (8.95B without the vision tower)
+    sizes = {m: (float(a), float(b), float(c)) for m, a, b, c in re.findall(
+        r"(Qwen/Qwen3\.5-\d+B): ([0-9.]+)B parameters \(([0-9.]+)B trainable.*rank 0 holds ([0-9.]+)B", out)}
+    assert abs(sizes["Qwen/Qwen3.5-27B"][0] - 27.36) < 0.01 and abs(sizes["Qwen/Qwen3.5-9B"][1] - 8.95) < 0.01
+    for total, _, local in sizes.values():
+        assert 0.999 * total / 8 <= local < 1.01 * total / 8  # one eighth, plus FSDP2's padding of dim 0 (printed to 3 decimals)
+    rows = [l for l in out.splitlines() if l.startswith("| ") and ".py" in l]
+    assert [r.split(" | ")[0] for r in rows] == ["| sft.py 27B", "| gdso.py 27B", "| risd.py 9B <- 27B"]
+    for r in rows:  # every row sums its own columns
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        parts = [float(c) for c in cells[2:9] if c != "-"]
+        assert abs(sum(parts) - float(cells[9])) < 0.2, r
