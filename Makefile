@@ -53,3 +53,26 @@ base:
 	$(PY) data.py --out $(WORLD) --n 200 --seed 0
 	$(PY) data.py --out runs/pretrain --n 400 --seed 1
 	$(PY) sft.py --stage base --data runs/pretrain --holdout $(WORLD)/test.jsonl --out assets/tiny_base.safetensors
+
+# make gpu-check: on a machine with a CUDA GPU (~5 minutes): the kernel tests on the GPU (no
+# interpreter), bench.py --quick, then a few bf16 steps of sft, gdso --fsdp (torchrun over the
+# GPUs present), risd and reward_ft on the tiny model, each step line with ms/step and peak GPU
+# memory. Record device, date and numbers in BENCHMARKS.md. Without a GPU it says so and stops.
+GPU_CHECK ?= runs/gpu-check
+.PHONY: gpu-check
+gpu-check:
+	@$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || \
+	  { echo "gpu-check: no CUDA GPU on this machine (torch.cuda.is_available() is False): nothing was checked"; exit 2; }
+	@$(PY) -c "import torch; print('gpu-check:', torch.cuda.get_device_name(0), 'x', torch.cuda.device_count(), '| torch', torch.__version__)"; date -u
+	TRITON_INTERPRET= $(PY) -m pytest -q tests/test_kernels.py
+	$(PY) bench.py --quick
+	$(PY) data.py --out $(GPU_CHECK)/world --n 40 --seed 0
+	$(PY) sft.py --init assets/tiny_base.safetensors --data $(GPU_CHECK)/world --out $(GPU_CHECK)/sft.safetensors \
+	  --bf16 --checkpointing --steps 20 --eval-every 0 --eval-limit 64
+	torchrun --standalone --nproc_per_node=$$($(PY) -c "import torch; print(torch.cuda.device_count())") gdso.py \
+	  --data $(GPU_CHECK)/world --out $(GPU_CHECK)/gdso.safetensors --bf16 --fsdp --checkpointing --steps 5 \
+	  --eval-every 0 --eval-limit 64
+	$(PY) risd.py --teacher $(GPU_CHECK)/gdso.safetensors --data $(GPU_CHECK)/world --out $(GPU_CHECK)/risd.safetensors \
+	  --bf16 --checkpointing --steps 20 --eval-every 0 --eval-limit 64
+	$(PY) reward_ft.py --reward $(GPU_CHECK)/risd.safetensors --data $(GPU_CHECK)/world --out $(GPU_CHECK)/rft.safetensors \
+	  --bf16 --steps 10 --eval-prompts 8 --eval-samples 1

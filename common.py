@@ -503,7 +503,8 @@ def load_resume(path, model, optimizer, batches=None):
 
 
 def write_json(ckpt_path, kind, obj):
-    """NAME.KIND.json beside the checkpoint (rank 0, atomic): e.g. the latest eval table."""
+    """NAME.KIND.json beside the checkpoint (rank 0, atomic): e.g. the latest eval table; an eval is
+    also appended to NAME.curve.jsonl (eval.py curves plots them)."""
     import json
 
     if is_main():
@@ -511,6 +512,16 @@ def write_json(ckpt_path, kind, obj):
         with open(path + ".tmp", "w") as f:
             json.dump(obj, f, indent=1)
         os.replace(path + ".tmp", path)
+        if kind == "eval":  # and every evaluation of the run, one line each: the learning curve
+            with open(f"{str(ckpt_path).removesuffix('.safetensors')}.curve.jsonl", "a") as f:
+                f.write(json.dumps(obj) + "\n")
+
+
+def peak_memory(device):
+    """' | peak X GiB' (the most GPU memory allocated so far) on a GPU, '' on CPU: for the step lines."""
+    if device.type != "cuda":
+        return ""
+    return f" | peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
 
 
 class Timer:

@@ -359,7 +359,7 @@ def main(argv=None):
                       f"l_pw {logs['l_pw.0']:.4f} | reward {logs['reward']:.3f} (std {logs['reward_std']:.3f}) | "
                       f"valid {logs['valid']:.2f} | len {logs['length']:.1f} | clip {per_k('clip', '.3f')} | "
                       f"kl_old {per_k('kl_old', '.2e')} | lr {per_k('lr', '.1e')} | {ms:.0f} ms | "
-                      f"{len(queries) * world / ms * 1000:.1f} samples/s")
+                      f"{len(queries) * world / ms * 1000:.1f} samples/s{common.peak_memory(device)}")
         stopping = step == args.stop_after
         if step % args.save_every == 0 or step == args.steps or stopping:
             common.save_checkpoint(args.out, policy, optimizer, step, batches, args, mode="reasoning", stage=args.method)

@@ -463,7 +463,7 @@ def main(argv=None):
             ms = timer.lap()
             common.print0(f"step {step:4d} | loss {logs['loss']:+.4f} | adv {logs['adv']:+.4f} | len {logs['length']:.1f} | "
                           f"valid {logs['valid']:.2f} | grad {logs['grad_norm']:.2f} | lr {lr:.1e} | {ms:.0f} ms | "
-                          f"{args.batch_size / ms * 1000:.1f} samples/s")
+                          f"{args.batch_size / ms * 1000:.1f} samples/s{common.peak_memory(device)}")
         else:
             skipped = common.all_sum(logs.pop("skipped"))
             logs = common.all_mean(dict(logs, grad_norm=float(grad_norm)))
@@ -471,7 +471,7 @@ def main(argv=None):
             ms = timer.lap()
             common.print0(f"step {step:4d} | kl {kl:.4f} | teacher valid {logs['valid']:.2f} (skipped {int(skipped)}) | "
                           f"grad {logs['grad_norm']:.2f} | lr {lr:.1e} | {ms:.0f} ms | "
-                          f"{args.batch_size / ms * 1000:.1f} samples/s")
+                          f"{args.batch_size / ms * 1000:.1f} samples/s{common.peak_memory(device)}")
         stopping = step == args.stop_after
         if step % args.save_every == 0 or step == args.steps or stopping:
             meta = {"teacher": args.teacher, **({"teacher_sha256": teacher_sha} if teacher_sha else {})}

@@ -188,7 +188,7 @@ while step < args.steps:
     if step % 10 == 0 or step == 1:
         ms = timer.lap() / (10 if step > 1 else 1)
         common.print0(f"step {step:5d} | loss {metrics['loss']:.4f} | grad {metrics['grad_norm']:.2f} | lr {lr:.2e} | "
-                      f"{ms:.0f} ms/step | {args.batch_size / ms * 1000:.1f} samples/s")
+                      f"{ms:.0f} ms/step | {args.batch_size / ms * 1000:.1f} samples/s{common.peak_memory(device)}")
     if step % args.save_every == 0 or step == args.steps:
         common.save_checkpoint(args.out, ddp_model, optimizer, step, batches, args, mode=eval_mode, stage=args.stage)
     if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
