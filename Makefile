@@ -1,13 +1,16 @@
 # make test:    install what the suite needs, then run it (CPU; a few minutes on 2 cores)
 # make demo:    the whole pipeline on the embedded tiny model, CPU, under 10 minutes
-# make results: the paper's comparison in the tiny world, 3 seeds (CPU, ~20 minutes on 2 cores)
-# make base:    regenerate the shipped tiny base, assets/tiny_base.safetensors (CPU, ~8 minutes)
+# make results: the paper's comparison in the tiny world, 3 seeds (CPU, ~60 minutes on 2 cores)
+# make base:    regenerate the shipped tiny bases, assets/tiny_base.safetensors and assets/tiny_student_base.safetensors (CPU, ~40 minutes)
 PY ?= python
 WORLD ?= runs/world
 DEMO ?= runs/demo
 RESULTS ?= runs/results
 SEEDS ?= 0 1 2
-STEPS ?= 60
+SFT_STEPS ?= 300
+RL_STEPS ?= 60
+RISD_STEPS ?= 300
+EVAL_EVERY ?= 20
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: test demo results base install
@@ -38,21 +41,35 @@ demo:
 results:
 	$(PY) data.py --out $(WORLD) --n 200 --seed 0
 	mkdir -p $(RESULTS)
-	$(PY) eval.py --ckpt assets/tiny_base.safetensors --data $(WORLD)/test.jsonl --mode reasoning --method zero-shot --json $(RESULTS)/zeroshot.eval.json
-	$(PY) eval.py --ckpt count-only --data $(WORLD)/test.jsonl --method count-only --json $(RESULTS)/countonly.eval.json
+	$(PY) eval.py --ckpt count-only --data $(WORLD)/test.jsonl --json $(RESULTS)/count-only.eval.json
+	$(PY) eval.py --ckpt assets/tiny_base.safetensors --data $(WORLD)/test.jsonl --mode reasoning --json $(RESULTS)/zero-shot.eval.json
+	$(PY) eval.py --ckpt assets/tiny_student_base.safetensors --data $(WORLD)/test.jsonl --mode reasoning --json $(RESULTS)/student-zero-shot.eval.json
 	for s in $(SEEDS); do \
-	  $(PY) sft.py --init assets/tiny_base.safetensors --data $(WORLD) --out $(RESULTS)/sft-$$s.safetensors --steps $(STEPS) --seed $$s --eval-every 0 --eval-limit 0 && \
-	  $(PY) gdso.py --method grpo --data $(WORLD) --out $(RESULTS)/grpo-$$s.safetensors --steps $(STEPS) --seed $$s --eval-every 0 --eval-limit 0 && \
-	  $(PY) gdso.py --data $(WORLD) --out $(RESULTS)/gdso-$$s.safetensors --steps $(STEPS) --seed $$s --eval-every 0 --eval-limit 0 && \
-	  $(PY) risd.py --teacher $(RESULTS)/gdso-$$s.safetensors --data $(WORLD) --out $(RESULTS)/risd-$$s.safetensors --seed $$s --eval-every 0 --eval-limit 0 && \
-	  $(PY) risd.py --opd --teacher $(RESULTS)/gdso-$$s.safetensors --data $(WORLD) --out $(RESULTS)/opd-$$s.safetensors --steps $(STEPS) --seed $$s --eval-every 0 --eval-limit 0 || exit 1; \
+	  $(PY) sft.py --init assets/tiny_base.safetensors --data $(WORLD) --out $(RESULTS)/sft-$$s.safetensors --steps $(SFT_STEPS) --seed $$s --eval-every $(EVAL_EVERY) --eval-limit 0 && \
+	  $(PY) sft.py --init assets/tiny_student_base.safetensors --data $(WORLD) --out $(RESULTS)/student-sft-$$s.safetensors --steps $(SFT_STEPS) --seed $$s --eval-every $(EVAL_EVERY) --eval-limit 0 && \
+	  $(PY) gdso.py --method grpo --data $(WORLD) --out $(RESULTS)/grpo-$$s.safetensors --steps $(RL_STEPS) --seed $$s --eval-every $(EVAL_EVERY) --eval-limit 0 && \
+	  $(PY) gdso.py --data $(WORLD) --out $(RESULTS)/gdso-$$s.safetensors --steps $(RL_STEPS) --seed $$s --eval-every $(EVAL_EVERY) --eval-limit 0 && \
+	  $(PY) risd.py --teacher $(RESULTS)/gdso-$$s.safetensors --data $(WORLD) --out $(RESULTS)/risd-$$s.safetensors --steps $(RISD_STEPS) --seed $$s --eval-every $(EVAL_EVERY) --eval-limit 0 && \
+	  $(PY) risd.py --opd --teacher $(RESULTS)/gdso-$$s.safetensors --data $(WORLD) --out $(RESULTS)/opd-$$s.safetensors --steps $(RL_STEPS) --seed $$s --eval-every $(EVAL_EVERY) --eval-limit 0 || exit 1; \
 	done
 	$(PY) eval.py summarize $(RESULTS)/*.eval.json
+	$(PY) eval.py curves docs/curves.png $(RESULTS)/*.curve.jsonl || echo "(no learning-curve picture: pip install matplotlib)"
 
+# the tiny teacher and student bases: vision tower on scene labels, then captions and traces whose
+# score lines follow the generic rubric, on a pretraining world without the labeled world's test prompts
 base:
 	$(PY) data.py --out $(WORLD) --n 200 --seed 0
-	$(PY) data.py --out runs/pretrain --n 400 --seed 1
-	$(PY) sft.py --stage base --data runs/pretrain --holdout $(WORLD)/test.jsonl --out assets/tiny_base.safetensors
+	$(PY) data.py --out runs/pretrain --n 4000 --seed 1 --trace-rubric generic --test-frac 0.02
+	mkdir -p runs/base
+	for size in teacher student; do \
+	  $(PY) world.py tower --size $$size --out runs/base/tower-$$size.safetensors && \
+	  $(PY) sft.py --stage base --init runs/base/tower-$$size.safetensors --data runs/pretrain --holdout $(WORLD)/test.jsonl \
+	    --steps 3000 --eval-every 0 --eval-limit 128 --out runs/base/base-$$size.safetensors || exit 1; \
+	done
+	cp runs/base/base-teacher.safetensors assets/tiny_base.safetensors
+	cp runs/base/base-student.safetensors assets/tiny_student_base.safetensors
+	$(PY) world.py check --ckpt assets/tiny_base.safetensors --data $(WORLD)/test.jsonl --limit 0
+	$(PY) world.py check --ckpt assets/tiny_student_base.safetensors --data $(WORLD)/test.jsonl --limit 0
 
 # make gpu-check: on a machine with a CUDA GPU (~5 minutes): the kernel tests on the GPU (no
 # interpreter), bench.py --quick, then a few bf16 steps of sft, gdso --fsdp (torchrun over the

@@ -159,29 +159,105 @@ def format_table(table, title=None):
 
 TABLE2 = ("plcc", "srcc", "hpa", "margin_hpa", "hpa_same_n")  # the paper's Table 2, + same-count HPA
 TABLE3 = ("hpa", "margin_hpa", "tokens")  # Table 3: accuracy against output tokens per scoring call
-ORDER = ("count-only", "zero-shot", "sft", "grpo", "gdso", "opd", "risd")
+ORDER = ("count-only", "zero-shot", "sft", "grpo", "gdso", "student-zero-shot", "student-sft", "opd", "risd")
+# the paper's claims as paired differences (a - b, per seed): reasoning over direct, GDSO over GRPO,
+# and a one-token student that keeps its teacher's accuracy
+PAIRED = (("gdso", "grpo"), ("grpo", "sft"), ("gdso", "sft"), ("risd", "gdso"), ("risd", "opd"), ("risd", "student-sft"))
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t quantiles by dof
 
 
-def summarize(paths, columns=TABLE2, methods=None):
-    """Mean ± std over seeds of the overall row of *.eval.json files, one line per method."""
+def run_name(path):
+    """(method, seed) of a run from its file name, METHOD-SEED.eval.json or METHOD-SEED.curve.jsonl
+    (seed None without one, e.g. zero-shot.eval.json); the name, not the file's own method field,
+    tells apart runs of one script with different models (sft-0 and student-sft-0)"""
+    import os
+    import re
+
+    m = re.fullmatch(r"(.+?)(?:-(\d+))?\.(?:eval\.json|curve\.jsonl)", os.path.basename(path))
+    if m is None:
+        raise ValueError(f"{path}: expected METHOD[-SEED].eval.json or METHOD[-SEED].curve.jsonl")
+    return m.group(1), (int(m.group(2)) if m.group(2) else None)
+
+
+def load_runs(paths):
+    """{method: {seed: overall row}} from *.eval.json files"""
     import json
 
     runs = {}
     for p in paths:
         with open(p) as f:
             r = json.load(f)
-        runs.setdefault(r["method"], []).append(r["table"]["overall"])
+        method, seed = run_name(p)
+        runs.setdefault(method, {})[seed] = r["table"]["overall"]
+    return runs
+
+
+def summarize(paths, columns=TABLE2, methods=None):
+    """Mean ± std over seeds of the overall row of *.eval.json files, one line per method."""
+    runs = load_runs(paths)
     order = [m for m in ORDER if m in runs] + sorted(m for m in runs if m not in ORDER)
-    lines = [f"{'method':<12}{'seeds':>6}" + "".join(f"{c:>17}" for c in columns)]
+    lines = [f"{'method':<18}{'seeds':>6}" + "".join(f"{c:>17}" for c in columns)]
     for method in order:
         if methods and method not in methods:
             continue
         cells = ""
         for c in columns:
-            v = np.array([row[c] for row in runs[method]])
+            v = np.array([row[c] for row in runs[method].values()])
             cells += f"{v.mean():>10.3f} ± {v.std():.3f}"
-        lines.append(f"{method:<12}{len(runs[method]):>6}{cells}")
+        lines.append(f"{method:<18}{len(runs[method]):>6}{cells}")
     return "\n".join(lines)
+
+
+def paired_differences(paths, column="hpa", pairs=PAIRED):
+    """a - b per seed for each pair of methods, with a 95% t interval over the seeds they share"""
+    runs = load_runs(paths)
+    lines = [f"{'difference':<24}{'seeds':>6}{'mean':>9}{'95% interval':>20}   per seed"]
+    for a, b in pairs:
+        if a not in runs or b not in runs:
+            continue
+        seeds = sorted(set(runs[a]) & set(runs[b]) - {None})
+        d = np.array([runs[a][k][column] - runs[b][k][column] for k in seeds])
+        if len(d) == 0:
+            continue
+        half = T975.get(len(d) - 1, 1.96) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+        each = " ".join(f"{x:+.3f}" for x in d)
+        lines.append(f"{a + ' - ' + b:<24}{len(d):>6}{d.mean():>+9.3f}   [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]   {each}")
+    return "\n".join(lines)
+
+
+def plot_curves(paths, out, column="hpa"):
+    """Test HPA against step, one line per method (mean over seeds, band = min..max), from the
+    NAME-SEED.curve.jsonl files the training scripts append to at every evaluation. Needs matplotlib."""
+    import json
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}  # method -> seed -> {step: value}
+    for p in paths:
+        with open(p) as f:
+            for line in f:
+                r = json.loads(line)
+                method, seed = run_name(p)
+                curves.setdefault(method, {}).setdefault(seed, {})[r["step"]] = r["table"]["overall"][column]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    order = [m for m in ORDER if m in curves] + sorted(m for m in curves if m not in ORDER)
+    for method in order:
+        steps = sorted(set.intersection(*(set(c) for c in curves[method].values())))
+        v = np.array([[curves[method][s][k] for k in steps] for s in curves[method]])
+        line, = ax.plot(steps, v.mean(0), marker="o", ms=3, label=f"{method} ({len(v)} seeds)")
+        ax.fill_between(steps, v.min(0), v.max(0), color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"test {column.upper().replace('_', ' ')}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out
 
 
 if __name__ == "__main__":
@@ -193,7 +269,12 @@ if __name__ == "__main__":
         print("Table 2 (overall test split; mean ± std over seeds)")
         print(summarize(sys.argv[2:]))
         print("\nTable 3 (accuracy against output tokens per scoring call)")
-        print(summarize(sys.argv[2:], TABLE3, methods=("opd", "sft", "gdso", "risd")))
+        print(summarize(sys.argv[2:], TABLE3, methods=("opd", "student-sft", "sft", "gdso", "risd")))
+        print("\nPaired differences of HPA (a - b on the same seed; 95% t interval over seeds)")
+        print(paired_differences(sys.argv[2:]))
+        raise SystemExit
+    if len(sys.argv) > 1 and sys.argv[1] == "curves":  # python eval.py curves OUT.png runs/results/*.curve.jsonl
+        print(plot_curves(sys.argv[3:], sys.argv[2]))
         raise SystemExit
 
     parser = argparse.ArgumentParser(description="score a JSONL with a score-model checkpoint and print PLCC / SRCC / HPA")

@@ -80,3 +80,25 @@ def test_score_metrics():
     m = score_metrics([1, 2, 3, 4], [1.0, 2.0, 3.0, 4.5], ["g"] * 4)
     assert m["plcc"] > 0.99 and m["srcc"] == pytest.approx(1.0)
     assert m["hpa"] == 1.0 and m["margin_hpa"] == 1.0 and m["n"] == 4
+
+def _write_run(tmp_path, name, hpa_value):
+    import json
+    p = tmp_path / name
+    p.write_text(json.dumps({"method": "x", "table": {"overall": {"hpa": hpa_value}}}))
+    return str(p)
+
+def test_runs_are_named_by_file_and_paired_by_seed(tmp_path):
+    from eval import paired_differences, run_name, summarize
+    assert run_name("runs/sft-0.eval.json") == ("sft", 0)
+    assert run_name("student-sft-12.curve.jsonl") == ("student-sft", 12)
+    assert run_name("zero-shot.eval.json") == ("zero-shot", None)
+    with pytest.raises(ValueError, match="METHOD"):
+        run_name("sft.safetensors")
+    # gdso - grpo per seed: +.10, +.20, +.30 -> mean .20, sd .10, t(2) = 4.303: half width .248
+    paths = [_write_run(tmp_path, f"gdso-{s}.eval.json", .5 + d) for s, d in enumerate((.1, .2, .3))]
+    paths += [_write_run(tmp_path, f"grpo-{s}.eval.json", .5) for s in range(3)]
+    paths += [_write_run(tmp_path, "grpo-7.eval.json", .9)]  # a seed gdso lacks: not paired
+    line = [l for l in paired_differences(paths).splitlines() if l.startswith("gdso - grpo")][0]
+    assert "+0.200" in line and "[-0.048, +0.448]" in line and line.split()[3] == "3"
+    table = summarize([p for p in paths if "grpo-7" not in p], columns=("hpa",))
+    assert [l.split()[:3] for l in table.splitlines()[1:]] == [["grpo", "3", "0.500"], ["gdso", "3", "0.700"]]
