@@ -157,7 +157,6 @@ def wrap(model, device, fsdp=False, bf16=False, checkpointing=False):
     and reduces gradients in fp32 (MixedPrecisionPolicy); DDP and one process run the VLM body
     under autocast. The score head and the token log-probs run in fp32 either way.
     """
-    model.float().to(device)  # fp32 master weights, whatever dtype the checkpoint was stored in
     if checkpointing:
         # transformers recomputes only in train mode (the scripts call train() before every update)
         enable = getattr(model.vlm, "activation_checkpointing_enable", None)  # transformers >= 5.24
@@ -171,10 +170,14 @@ def wrap(model, device, fsdp=False, bf16=False, checkpointing=False):
 
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        # one unit at a time: cast to fp32 on the host, then fully_shard moves it to the device and
+        # keeps this rank's shard, so the device never holds more than one whole unit
         for block in _units(model):
-            fully_shard(block, mesh=mesh, mp_policy=mp)
+            fully_shard(block.float(), mesh=mesh, mp_policy=mp)
+        _cast_unsharded(model, torch.float32)  # the root's own parameters (embeddings, LM head)
         fully_shard(model, mesh=mesh, mp_policy=mp)
         return model.train()
+    model.float().to(device)  # fp32 master weights, whatever dtype the checkpoint was stored in
     if bf16:
         autocast_body(model, device)
     if not dist.is_initialized():
@@ -231,8 +234,9 @@ def seeded(device, *key):
 
 
 def wrap_frozen(model, device, fsdp=False, bf16=False):
-    """A frozen model placed like the policy (pi_ref, a teacher): sharded under FSDP2, else replicated."""
-    model.requires_grad_(False).eval().to(device)
+    """A frozen model placed like the policy (pi_ref, a teacher): sharded under FSDP2, else replicated.
+    Frozen, it may keep bf16 weights; sharded one unit at a time, as wrap does."""
+    model.requires_grad_(False).eval()
     if bf16:
         model.to(torch.bfloat16)
     if fsdp and dist.is_initialized():
@@ -243,7 +247,15 @@ def wrap_frozen(model, device, fsdp=False, bf16=False):
         for block in _units(model):
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    return model
+        return model  # fully_shard moved each unit to the device
+    return model.to(device)
+
+
+def _cast_unsharded(model, dtype):
+    """Cast the floating parameters and buffers that no FSDP2 unit has taken yet, one at a time."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if type(t).__name__ != "DTensor" and t.is_floating_point() and t.dtype != dtype:
+            t.data = t.data.to(dtype)
 
 
 @torch.no_grad()
