@@ -176,6 +176,8 @@ def wrap(model, device, fsdp=False, bf16=False, checkpointing=False):
             fully_shard(block.float(), mesh=mesh, mp_policy=mp)
         _cast_unsharded(model, torch.float32)  # the root's own parameters (embeddings, LM head)
         fully_shard(model, mesh=mesh, mp_policy=mp)
+        if getattr(model, "weight_files", None):  # built on meta (load_model(meta=True)): fill the shards
+            fill_from_files(model, model.weight_files, device)
         return model.train()
     model.float().to(device)  # fp32 master weights, whatever dtype the checkpoint was stored in
     if bf16:
@@ -247,6 +249,8 @@ def wrap_frozen(model, device, fsdp=False, bf16=False):
         for block in _units(model):
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
+        if getattr(model, "weight_files", None):  # built on meta (load_model(meta=True)): fill the shards
+            fill_from_files(model, model.weight_files, device)
         return model  # fully_shard moved each unit to the device
     return model.to(device)
 
@@ -293,15 +297,102 @@ def full_state_dict(model):
     return sd
 
 
-def load_model(spec, seed=0, dtype=None):
-    """--model: 'tiny' (the embedded default), a score-model .safetensors, or an HF folder / hub id."""
+def load_model(spec, seed=0, dtype=None, meta=False):
+    """--model: 'tiny' (the embedded default), a score-model .safetensors, or an HF folder / hub id.
+
+    meta=True (for FSDP2): the parameters stay on the meta device, shapes only, and
+    `model.weight_files` names the safetensors files that hold them; wrap / wrap_frozen shard the
+    model, then fill each rank's shard from those files (fill_from_files). No rank ever holds the
+    whole model in host memory: 8 ranks x a 27B model would be ~440 GB of host memory in bf16.
+    """
     from model import ScoreModel
 
     if spec == "tiny":
         return ScoreModel.tiny(seed=seed)
+    if meta:
+        return build_on_meta(spec)
     if str(spec).endswith(".safetensors"):
         return ScoreModel.load(spec, dtype=dtype)
     return ScoreModel.from_pretrained(spec, dtype=dtype)
+
+
+def sharded(fsdp):
+    """Whether the scripts shard with FSDP2 (--fsdp under torchrun): then models load on meta."""
+    return bool(fsdp) and dist.is_initialized()
+
+
+# -----------------------------------------------------------------------------
+# loading at scale: build on the meta device, shard, then fill each rank's shard from the files
+
+
+def build_on_meta(spec):
+    """A ScoreModel whose parameters are on the meta device (buffers, tokenizer and image processor
+    real), from a score-model .safetensors (its metadata only) or an HF folder / hub id (its config)."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from model import ScoreModel, _image_processor_from_meta, _tokenizer_from_meta, check_compatible, params_on_meta
+
+    if str(spec).endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(spec, framework="pt") as f:
+            meta = f.metadata() or {}
+        check_compatible(meta, spec)
+        cfg = json.loads(meta["hf_config"])
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        with params_on_meta():
+            vlm = AutoModelForImageTextToText.from_config(config)
+        model = ScoreModel(vlm.eval(), _tokenizer_from_meta(meta), _image_processor_from_meta(meta), source=meta["source"])
+        model.metadata = meta
+        model.weight_files = [str(spec)]
+        return model
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    folder = spec
+    if not os.path.isdir(spec):  # a hub id: the config, processor files and weight shards, cached locally
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+    with params_on_meta():
+        vlm = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(folder))
+    model = ScoreModel(vlm.eval(), AutoTokenizer.from_pretrained(folder),
+                       AutoImageProcessor.from_pretrained(folder, backend="pil"), source=str(spec))
+    model.weight_files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    return model
+
+
+@torch.no_grad()
+def fill_from_files(model, files, device, path=None):
+    """Give every parameter of the VLM its values from safetensors `files`, reading only this rank's
+    part: a DTensor shard reads its own rows of the file's tensor (safetensors slices come lazily
+    from the memory map), a plain parameter the whole tensor. Parameters still on the meta device
+    are allocated on `device` first (to_empty; the real buffers, e.g. rotary tables, are kept)."""
+    from safetensors import safe_open
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    inner = unwrap(model)
+    if any(p.device.type == "meta" for p in inner.parameters()):
+        buffers = {n: b.detach().clone() for n, b in inner.named_buffers()}
+        inner.to_empty(device=device)
+        for n, b in inner.named_buffers():
+            b.copy_(buffers[n])
+    handles = [safe_open(f, framework="pt") for f in files]
+    where = {k: h for h in handles for k in h.keys()}
+    params = dict(inner.vlm.named_parameters())  # a tied LM head appears once, as the embedding
+    missing = [n for n in params if n not in where]
+    unexpected = [k for k in where if k not in params and not k.endswith("lm_head.weight") and not k.startswith("mtp.")]
+    if missing or unexpected:
+        raise ValueError(f"{path or files[0]}: weights do not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for name, p in params.items():
+        if type(p).__name__ == "DTensor":
+            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            local = p.to_local()
+            if local.numel():
+                local.copy_(where[name].get_slice(name)[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
+        else:
+            p.copy_(where[name].get_tensor(name))
 
 
 def world_data(data_dir, n=200, seed=0):
@@ -472,9 +563,26 @@ def load_weights_into(model, tensors, path):
         raise ValueError(f"{path}: weights do not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
+def _is_sharded(model):
+    return dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in unwrap(model).parameters())
+
+
+def _checkpoint_meta(path):
+    from safetensors import safe_open
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with safe_open(path, framework="pt") as f:
+        return f.metadata() or {}
+
+
 def load_frozen(model, path):
     from model import check_compatible, read_checkpoint
 
+    if _is_sharded(model):  # each rank reads its own slices of the file
+        check_compatible(_checkpoint_meta(path), path, like=unwrap(model))
+        fill_from_files(model, [path], None, path)
+        return
     meta, tensors = read_checkpoint(path)
     check_compatible(meta, path, like=unwrap(model))
     load_weights_into(model, tensors, path)
@@ -496,11 +604,15 @@ def load_resume(path, model, optimizer, batches=None):
 
     if not os.path.exists(train_path(path)):
         raise FileNotFoundError(f"cannot resume: {train_path(path)} (optimizer / RNG state) is missing beside {path}")
-    meta, tensors = read_checkpoint(path)
     inner = unwrap(model)
-    check_compatible(meta, path, like=inner)
+    if _is_sharded(model):  # each rank reads its own slices of the file
+        check_compatible(_checkpoint_meta(path), path, like=inner)
+        fill_from_files(model, [path], None, path)
+    else:
+        meta, tensors = read_checkpoint(path)
+        check_compatible(meta, path, like=inner)
+        load_weights_into(model, tensors, path)
     train = torch.load(train_path(path), map_location="cpu", weights_only=False)
-    load_weights_into(model, tensors, path)
     if dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in inner.parameters()):
         set_optimizer_state_dict(inner, optimizer, train["optimizer"], options=StateDictOptions(full_state_dict=True))
     else:

@@ -203,7 +203,8 @@ def main(argv=None):
     rank, world, device = common.dist_init()
     common.seed_all(args.seed + rank)
     dtype = torch.bfloat16 if args.bf16 else None  # frozen pi_ref only: the policy trains on fp32 master weights
-    model = common.load_model(args.model or args.init, seed=args.seed)
+    # under FSDP2 the models are built on the meta device and each rank reads only its shard (common.wrap)
+    model = common.load_model(args.model or args.init, seed=args.seed, meta=common.sharded(args.fsdp))
     train_file, test_file = common.world_data(args.data, seed=0)
     train, test = load_jsonl(train_file), load_jsonl(test_file)
     test = test[:args.eval_limit] if args.eval_limit else test
@@ -222,8 +223,8 @@ def main(argv=None):
     # weights are pi_theta's from the first step on (Algorithm 1 copies them in below, --resume reads them)
     ref = None
     if args.beta > 0:
-        ref = common.wrap_frozen(common.load_model(args.model or args.init, seed=args.seed, dtype=dtype), device,
-                                 fsdp=args.fsdp, bf16=args.bf16)
+        ref = common.wrap_frozen(common.load_model(args.model or args.init, seed=args.seed, dtype=dtype,
+                                                   meta=common.sharded(args.fsdp)), device, fsdp=args.fsdp, bf16=args.bf16)
     optimizer = common.build_optimizer(policy, args.lr, args.weight_decay)
     step = 0
     if args.resume:

@@ -248,13 +248,12 @@ def get_args(argv=None):
     return args
 
 
-def load_teacher(path, dtype=None):
-    """The frozen teacher; refused unless it is a reasoning-mode score-model checkpoint."""
-    from model import ScoreModel
-
+def load_teacher(path, dtype=None, meta=False):
+    """The frozen teacher; refused unless it is a reasoning-mode score-model checkpoint. meta: built
+    on the meta device, each rank filling only its shard when it is sharded (common.load_model)."""
     if not str(path).endswith(".safetensors"):
         raise SystemExit(f"--teacher must be a score-model .safetensors checkpoint, got {path!r}")
-    teacher = ScoreModel.load(path, dtype=dtype)
+    teacher = common.load_model(path, dtype=dtype, meta=meta)
     mode = teacher.metadata.get("mode")
     if mode != "reasoning":
         raise SystemExit(f"--teacher {path} is a {mode!r}-mode checkpoint; RISD / OPD distill a reasoning-mode "
@@ -272,8 +271,11 @@ def main(argv=None):
     rank, world, device = common.dist_init()
     common.seed_all(args.seed + rank)
     dtype = torch.bfloat16 if args.bf16 else None
-    teacher = load_teacher(args.teacher, dtype)  # frozen: bf16 weights are fine
-    student = common.load_model(args.student, seed=args.seed)  # fp32 master weights; --bf16 is compute only
+    # under FSDP2 both are built on the meta device and each rank reads only its shards (common.wrap);
+    # --throughput scores with whole models on one rank
+    meta = common.sharded(args.fsdp) and not args.throughput
+    teacher = load_teacher(args.teacher, dtype, meta)  # frozen: bf16 weights are fine
+    student = common.load_model(args.student, seed=args.seed, meta=meta)  # fp32 master weights; --bf16 is compute only
     if args.opd:
         try:
             check_same_tokenizer(teacher, student)

@@ -78,7 +78,8 @@ if args.stage == "base":  # from-scratch defaults of DESIGN.md section 4 unless 
 
 rank, world, device = common.dist_init()
 common.seed_all(args.seed + rank)
-model = common.load_model(args.init or args.model, seed=args.seed)  # fp32 master weights; --bf16 is compute only
+# fp32 master weights (--bf16 is compute only); under FSDP2 built on meta, each rank reads only its shard
+model = common.load_model(args.init or args.model, seed=args.seed, meta=common.sharded(args.fsdp))
 if args.stage == "base" and model.source != "tiny":
     raise SystemExit("--stage base pretrains the embedded tiny model; real models start from their own pretraining")
 train_file, test_file = common.world_data(args.data, seed=args.seed)

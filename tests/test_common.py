@@ -82,3 +82,64 @@ def test_wrap_keeps_fp32_master_weights_computes_in_bf16_and_syncs_on_the_last_m
     # DDP: fp32 parameters, the body under autocast; no all-reduce inside no_sync
     assert ddp.startswith(f"{params} {compute} False "), ddp
     assert ddp.endswith(" True True"), ddp
+
+
+# loading at scale: an 8-rank FSDP2 sharding simulated on one CPU (fake process group), rank 3
+META_SCRIPT = """
+import torch, torch.distributed as dist, common
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from model import ScoreModel
+import tempfile
+folder = tempfile.mkdtemp()  # an HF folder, written before the process group (save_pretrained writes on rank 0 only)
+src = ScoreModel.tiny(seed=3)
+for part in (src.vlm, src.tokenizer, src.image_processor):
+    part.save_pretrained(folder)
+dist.init_process_group('fake', store=FakeStore(), rank=3, world_size=8)
+full = ScoreModel.load(BASE)
+for frozen in (False, True):
+    m = common.load_model(BASE, meta=True)
+    assert all(p.device.type == 'meta' for p in m.parameters())
+    if frozen:
+        m = common.wrap_frozen(m, torch.device('cpu'), fsdp=True, bf16=True)
+    else:
+        m.vision_tower().requires_grad_(False)
+        m = common.wrap(m, torch.device('cpu'), fsdp=True, bf16=True)
+    ref = dict(full.vlm.named_parameters())
+    local = 0
+    for name, p in m.vlm.named_parameters():
+        shard = p.to_local()
+        rows = shard.shape[0]
+        start = 3 * ((p.shape[0] + 7) // 8)
+        want = ref[name][start:start + rows].to(shard.dtype)
+        assert torch.equal(shard, want), name
+        local += shard.numel()
+    assert torch.equal(m.bin_ids, full.bin_ids)
+    rot = [b for n, b in m.named_buffers() if n.endswith('inv_freq')]
+    assert rot and all(torch.isfinite(b).all() and b.abs().sum() > 0 for b in rot)
+    print('RESULT', frozen, {str(p.dtype) for p in m.parameters()}, local, sum(p.numel() for p in full.vlm.parameters()))
+# an HF folder (config, tokenizer, image processor, model.safetensors) goes the same way
+m = common.wrap(common.load_model(folder, meta=True), torch.device('cpu'), fsdp=True)
+ref = dict(src.vlm.named_parameters())
+for name, p in m.vlm.named_parameters():
+    shard = p.to_local()
+    start = 3 * ((p.shape[0] + 7) // 8)
+    assert torch.equal(shard, ref[name][start:start + shard.shape[0]].detach()), name
+print('HF ok')
+dist.destroy_process_group()
+"""
+
+
+def test_meta_build_then_each_rank_fills_only_its_shard_from_the_file():
+    base = os.path.join(ROOT, "assets", "tiny_base.safetensors")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    res = subprocess.run([sys.executable, "-c", f"BASE = {base!r}\n" + META_SCRIPT], cwd=ROOT,
+                         env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "HF ok" in res.stdout
+    lines = [l.split(" ", 2)[1:] for l in res.stdout.splitlines() if l.startswith("RESULT")]
+    (policy, p_rest), (frozen, f_rest) = lines
+    assert p_rest.startswith("{'torch.float32'}") and f_rest.startswith("{'torch.bfloat16'}")
+    for rest in (p_rest, f_rest):
+        local, total = map(int, rest.split("} ")[1].split())
+        assert local < total / 8 * 1.2, (local, total)  # rank 3 holds about an eighth of every tensor
