@@ -14,7 +14,10 @@ distribution q_{j,i} at the score token gives mu_{j,i}. Then, with R = S_max - S
    so we use the PPO clipped-ratio surrogate per token (ratio pi_theta / pi_old, clip eps), averaged
    over each trace's tokens then over traces, plus beta times the k3 estimate of KL(pi || pi_ref).
    pi_ref is reset to the current policy at the start of every outer iteration (every
-   --ref-reset-every steps); with beta = 0 no reference model is kept or run.
+   --ref-reset-every steps); with beta = 0 no reference model is kept or run. The traces are
+   sampled from exactly softmax(logits / T) (no top-k / top-p / repetition penalty, whatever the
+   checkpoint's generation config says), and every log-prob of the ratio and the KL is read at
+   that T. The log shows, per inner step, the clipped fraction, the k3 KL to pi_old and the lr.
 4. Direct losses, differentiable through the score-token logits given the sampled trace:
    alpha_pt * L_pt, the CE of the label's bin (Eq. 8), and alpha_pw * L_pw, the L1 loss on the
    score gap over all G x G cross pairs (Eq. 11). Total (Eq. 14): L_GRPO + alpha_pt L_pt + alpha_pw L_pw.
@@ -185,7 +188,7 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from --out exactly (optimizer, step, RNG, data position, pi_ref)")
     p.add_argument("--stop-after", type=int, default=0, help="stop (after saving) at this step, keeping the --steps schedule; --resume continues")
     p.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 weights / compute")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 compute (policy: fp32 master weights and optimizer state; pi_ref: bf16 weights)")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP replication")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True, help="keep the vision tower frozen (default)")
