@@ -1,8 +1,9 @@
 """
 Tests of sft.py: the SFT baseline learns (its loss falls on a fixed batch stream), writes a
-checkpoint that eval.py reads in direct mode, and the base stage refuses a non-tiny model.
+checkpoint that eval.py reads in direct mode, the base stage refuses a non-tiny model, and 2
+torchrun ranks (DDP, FSDP2) accumulating micro-batches match one process.
 
-    python -m pytest tests/test_sft.py -q
+    python -m pytest tests/test_sft.py -q            # add -m slow for the torchrun runs
 """
 
 import json
@@ -12,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from model import ScoreModel
 
@@ -59,3 +61,34 @@ def test_base_stage_refuses_a_real_model(world, tmp_path):
     res = _run(["--stage", "base", "--init", str(tmp_path / "x.safetensors"), "--data", world,
                 "--out", str(tmp_path / "b.safetensors"), "--steps", "1"])
     assert res.returncode != 0 and "pretrains the embedded tiny model" in res.stdout + res.stderr
+
+
+def _run_n(args, nproc):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(ROOT, "sft.py"), *args]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(BASE), reason="assets/tiny_base.safetensors not built")
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_torchrun_two_ranks_match_one_process(world, tmp_path, fsdp):
+    # 2 ranks x 2 micro-batches of 2 (forward and backward per micro-batch, gradients reduced on
+    # the last one under DDP) against one process with 4 micro-batches of 2
+    from safetensors.torch import load_file
+
+    args = ["--init", BASE, "--data", world, "--steps", "2", "--batch-size", "8", "--micro-batch", "2",
+            "--lr", "3e-3", "--warmup", "1", "--eval-every", "0", "--eval-limit", "4", "--save-every", "2"]
+    one, two = str(tmp_path / "one.safetensors"), str(tmp_path / "two.safetensors")
+    res = _run(args + ["--out", one])
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    _run_n(args + ["--out", two] + (["--fsdp"] if fsdp else []), 2)
+    a, b, base = load_file(one), load_file(two), load_file(BASE)
+    moved = torch.cat([(a[k] - base[k]).abs().flatten() for k in a])
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert moved.mean() > 1e-5, "the run did not change the weights: nothing was compared"
+    # as in tests/test_gdso.py: AdamW's first steps amplify rounding-level gradients
+    assert diff.mean() < 1e-3 * moved.mean(), (diff.mean(), moved.mean())
+    assert (diff > 1e-5).float().mean() < 5e-3
