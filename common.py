@@ -416,7 +416,7 @@ def rollout_mode(model):
     fsdp_units = [m for m in inner.modules() if type(m).__name__.startswith("FSDP")]
     if fsdp_units:
         # generate() enters through the VLM, not through the root's forward: make the root claim
-        # every unit first, or the first unit to run would make itself a root (DESIGN.md section 5)
+        # every unit first, or the first unit to run would make itself a root
         fsdp_units[0]._get_fsdp_state()._lazy_init()
     for m in fsdp_units:
         m.set_reshard_after_forward(False, recurse=False)
