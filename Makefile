@@ -64,10 +64,12 @@ base:
 	for size in teacher student; do \
 	  $(PY) world.py tower --size $$size --out runs/base/tower-$$size.safetensors && \
 	  $(PY) sft.py --stage base --init runs/base/tower-$$size.safetensors --data runs/pretrain --holdout $(WORLD)/test.jsonl \
-	    --steps 3000 --eval-every 0 --eval-limit 128 --out runs/base/base-$$size.safetensors || exit 1; \
+	    --steps 3000 --eval-every 0 --eval-limit 128 --out runs/base/base-$$size.safetensors && \
+	  $(PY) sft.py --stage base --init runs/base/base-$$size.safetensors --data runs/pretrain --holdout $(WORLD)/test.jsonl \
+	    --steps 1500 --lr 1e-3 --seed 1 --eval-every 0 --eval-limit 128 --out runs/base/base2-$$size.safetensors || exit 1; \
 	done
-	cp runs/base/base-teacher.safetensors assets/tiny_base.safetensors
-	cp runs/base/base-student.safetensors assets/tiny_student_base.safetensors
+	cp runs/base/base2-teacher.safetensors assets/tiny_base.safetensors
+	cp runs/base/base2-student.safetensors assets/tiny_student_base.safetensors
 	$(PY) world.py check --ckpt assets/tiny_base.safetensors --data $(WORLD)/test.jsonl --limit 0
 	$(PY) world.py check --ckpt assets/tiny_student_base.safetensors --data $(WORLD)/test.jsonl --limit 0
 

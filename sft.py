@@ -4,16 +4,15 @@ Supervised training of the score model, two stages.
 1. --stage sft (the paper's SFT baseline): the direct score token is trained with cross-entropy on
    the human label's bin, -log q(s) (Eq. 8 without reasoning); the label is the aggregate of the
    annotations rounded to the nearest of the nine bins. No reasoning trace is read or written.
-2. --stage base (the tiny world only): the embedded tiny VLM is trained from scratch on image
-   captions and on the templated reasoning traces of data.py (on a world of its own, not the
-   labeled world the methods train on, and without the test prompts), so that it follows the teacher's
-   format at all. Its vision tower stays at its random init (a frozen random encoder): trained
-   along with the language model from scratch, it collapsed to a constant within ~100 steps at
-   every learning rate we tried, while the frozen one is read well (README, "the tiny world").
-   This is the tiny world's "base model" that zero-shot, GRPO and GDSO start from;
-   the paper starts from a pretrained Qwen3.5 with a system prompt instead. It is stopped well
-   before it saturates (default 2,400 steps), which leaves GDSO room to improve it. The result
-   ships as assets/tiny_base.safetensors; this command regenerates it.
+2. --stage base (the tiny world only): the language model of a tiny VLM whose vision tower was
+   trained first (world.py tower) learns image captions and the templated item-by-item traces of a
+   pretraining world of its own (not the labeled world the methods train on, and without its test
+   prompts), with the tower frozen. The traces' score lines follow a generic rubric (every defect
+   one point, data.generic_scores), not the annotators': the result reads images well and scores
+   on the wrong scale, the tiny world's stand-in for a pretrained VLM before it learns a rubric
+   (the paper starts from a pretrained Qwen3.5 with a system prompt instead). Zero-shot, GRPO
+   and GDSO start from it; `make base` regenerates the shipped assets/tiny_base.safetensors and
+   assets/tiny_student_base.safetensors.
 
 Loss normalization: the loss is summed over a rank's samples (sft) or answer tokens (base) and
 divided by their global number in the step (all ranks, all micro-batches), so any world size and
@@ -23,9 +22,7 @@ backward at once and only one micro-batch's activations are alive at a time; gra
 reduced across ranks on the last micro-batch only.
 
 Launch:
-    python data.py --out runs/pretrain --n 400 --seed 1                           # the base's own images
-    python sft.py --stage base --data runs/pretrain --holdout runs/world/test.jsonl \\
-        --out assets/tiny_base.safetensors                                        # one CPU, ~8 min
+    make base                                                                     # the tiny bases, ~40 min on a CPU
     python sft.py --init assets/tiny_base.safetensors --out runs/sft.safetensors  # SFT baseline
     torchrun --nproc_per_node=8 sft.py --model Qwen/Qwen3.5-27B --data my_data --bf16 --fsdp \\
         --batch-size 256 --micro-batch 4 --lr 1e-5 --out runs/sft27b.safetensors
@@ -65,9 +62,9 @@ parser.add_argument("--seed", type=int, default=0, help="seed for init, data ord
 parser.add_argument("--bf16", action="store_true", help="bfloat16 compute (fp32 master weights and optimizer state)")
 parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP replication")
 parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
-parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True, help="keep the vision tower frozen (default; see README: training the tiny tower collapses it)")
+parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True, help="keep the vision tower frozen (default; the tiny base's tower is trained in a stage of its own, world.py)")
 args = parser.parse_args()
-if args.stage == "base":  # from-scratch defaults of DESIGN.md section 4 unless set explicitly
+if args.stage == "base":  # a language model from scratch: a larger lr and more steps unless set explicitly
     defaults = {"lr": 1e-3, "steps": 300}
     for k, v in {"lr": 3e-3, "steps": 2400}.items():
         if getattr(args, k) == defaults[k]:
