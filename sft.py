@@ -46,10 +46,10 @@ parser.add_argument("--init", default="", help="start from this score-model .saf
 parser.add_argument("--data", default="runs/world", help="folder with train.jsonl / test.jsonl (the synthetic world is rendered there if missing)")
 parser.add_argument("--holdout", default="", help="a JSONL whose prompts are dropped from the training data (base stage: the labeled world's test split)")
 parser.add_argument("--out", default="runs/sft.safetensors", help="checkpoint path (.safetensors; .train.pt beside it)")
-parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
+parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300; base stage 2400)")
 parser.add_argument("--batch-size", type=int, default=32, help="global batch (samples per optimizer step)")
 parser.add_argument("--micro-batch", type=int, default=32, help="samples per forward per rank (gradient accumulation fills the rest)")
-parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (base stage from scratch: 3e-3)")
+parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3; base stage, a language model from scratch: 3e-3)")
 parser.add_argument("--vision-lr-mult", type=float, default=1.0, help="lr multiplier for the vision tower (with --no-freeze-vision)")
 parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
 parser.add_argument("--warmup", type=int, default=30, help="linear warmup steps, then cosine to 0.1x")
@@ -64,11 +64,9 @@ parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully
 parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
 parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True, help="keep the vision tower frozen (default; the tiny base's tower is trained in a stage of its own, world.py)")
 args = parser.parse_args()
-if args.stage == "base":  # a language model from scratch: a larger lr and more steps unless set explicitly
-    defaults = {"lr": 1e-3, "steps": 300}
-    for k, v in {"lr": 3e-3, "steps": 2400}.items():
-        if getattr(args, k) == defaults[k]:
-            setattr(args, k, v)
+# a language model from scratch (base stage) wants a larger lr and more steps; an explicit value always wins
+args.lr = args.lr if args.lr is not None else (3e-3 if args.stage == "base" else 1e-3)
+args.steps = args.steps if args.steps is not None else (2400 if args.stage == "base" else 300)
 
 # -----------------------------------------------------------------------------
 # init
