@@ -35,8 +35,8 @@ demo:
 	@echo "== RISD student: one direct token, distilled from the GDSO teacher"
 	$(PY) risd.py --teacher $(DEMO)/gdso.safetensors --data $(WORLD) --out $(DEMO)/risd.safetensors --steps 100 --eval-every 0 --eval-limit 256
 	@echo "== reward fine-tuning: a short generator pretraining run, then the shipped tiny generator tuned through the RISD student"
-	$(PY) reward_ft.py --stage pretrain --steps 300 --out $(DEMO)/gen_pretrain.safetensors
-	$(PY) reward_ft.py --init assets/tiny_gen.safetensors --reward $(DEMO)/risd.safetensors --judge $(DEMO)/gdso.safetensors --out $(DEMO)/gen_rft.safetensors
+	$(PY) reward_ft.py --stage pretrain --data $(WORLD) --steps 300 --out $(DEMO)/gen_pretrain.safetensors
+	$(PY) reward_ft.py --init assets/tiny_gen.safetensors --data $(WORLD) --reward $(DEMO)/risd.safetensors --judge $(DEMO)/gdso.safetensors --out $(DEMO)/gen_rft.safetensors
 
 results:
 	$(PY) data.py --out $(WORLD) --n 200 --seed 0

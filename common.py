@@ -7,8 +7,9 @@ initializes a process group (NCCL on GPUs, gloo on CPU); otherwise it runs singl
 cuda or cpu. Two files per checkpoint:
   NAME.safetensors   the score model alone, weights + metadata (model.py), for eval / the next stage
   NAME.train.pt      optimizer, step, RNG states, data position and flags, for --resume
-Both are written atomically (temp file, then rename) by rank 0, so a crash never leaves a
-truncated checkpoint.
+(gdso.py adds NAME.ref.safetensors, pi_ref). Each is written atomically (temp file, then rename)
+by rank 0, so a crash never leaves a truncated file; the set is written file by file, so every file
+records the step and --resume refuses a set whose steps differ (a kill between two writes).
 """
 
 import datetime
@@ -309,11 +310,60 @@ def load_model(spec, seed=0, dtype=None, meta=False):
 
     if spec == "tiny":
         return ScoreModel.tiny(seed=seed)
-    if meta:
-        return build_on_meta(spec)
-    if str(spec).endswith(".safetensors"):
-        return ScoreModel.load(spec, dtype=dtype)
-    return ScoreModel.from_pretrained(spec, dtype=dtype)
+    local = check_model_spec(spec)
+    try:
+        if meta:
+            return build_on_meta(spec)
+        if str(spec).endswith(".safetensors"):
+            return ScoreModel.load(spec, dtype=dtype)
+        return ScoreModel.from_pretrained(spec, dtype=dtype)
+    except ValueError as e:  # the file is not what it should be (model.read_checkpoint / check_compatible)
+        fail(str(e))
+    except OSError as e:
+        if local:
+            raise
+        fail(f"{spec}: not a local folder or file, and not a hub model that could be fetched ({e})")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def check_model_spec(spec):
+    """Refuse, naming the problem, a model that cannot load: a missing path, a folder without a
+    config or tokenizer files, an unreadable (e.g. truncated) .safetensors. -> whether it is local."""
+    spec = str(spec)
+    if spec.endswith(".safetensors") or os.path.isfile(spec):
+        if not os.path.isfile(spec):
+            fail(f"{spec}: no such file")
+        check_safetensors(spec)
+        return True
+    if os.path.isdir(spec):
+        files = os.listdir(spec)
+        if "config.json" not in files:
+            fail(f"{spec}: no config.json; a model folder is what save_pretrained writes (config, weights, tokenizer, "
+                 f"image processor)")
+        if not any(f in files for f in TOKENIZER_FILES):
+            fail(f"{spec}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); save them into the folder "
+                 f"with tokenizer.save_pretrained")
+        for f in sorted(files):
+            if f.endswith(".safetensors"):
+                check_safetensors(os.path.join(spec, f))
+        return True
+    # a hub id is NAME or OWNER/NAME; anything else that does not exist is a missing path
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec:
+        fail(f"{spec}: no such folder or file")
+    return False
+
+
+def check_safetensors(path):
+    """Read the header of a .safetensors file: a truncated or foreign file is named here."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except Exception as e:  # safetensors raises its own error type (SafetensorError) for a bad file
+        fail(f"{path}: not a readable .safetensors file (truncated or corrupt?): {e}")
 
 
 def sharded(fsdp):
@@ -395,19 +445,6 @@ def fill_from_files(model, files, device, path=None):
             p.copy_(where[name].get_tensor(name))
 
 
-def world_data(data_dir, n=200, seed=0):
-    """The JSONL folder to train on; the default synthetic world is rendered on first use."""
-    import data
-
-    if not os.path.exists(os.path.join(data_dir, "train.jsonl")):
-        if is_main():
-            print0(f"rendering the synthetic world into {data_dir} (n={n}, seed={seed})")
-            data.make_world(data_dir, n=n, seed=seed)
-        if dist.is_initialized():
-            dist.barrier()
-    return os.path.join(data_dir, "train.jsonl"), os.path.join(data_dir, "test.jsonl")
-
-
 @contextmanager
 def rollout_mode(model):
     """Full parameters on every rank for generation, no collectives inside (FSDP2: unshard all units
@@ -449,7 +486,159 @@ def evaluate_sharded(model, records, mode, batch_size=32, max_new_tokens=64):
     for idx, p in parts:
         for k in full:
             full[k][idx] = p[k]
+    note = ev.nonfinite_note(records, full)
+    if note:
+        print0(f"warning: {note}")
     return ev.table_from_predictions(records, full), full
+
+
+# -----------------------------------------------------------------------------
+# user errors and the data contract (README "Data")
+
+
+def fail(msg):
+    """A user error (a flag, a file, a record): one line on stderr that names it, exit status 2, no
+    traceback. A traceback is kept for bugs."""
+    if is_main():
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+WORLD_HINT = "to use the synthetic world, render it first (python data.py --out FOLDER) or pass --data world:n=200,seed=0"
+
+
+def data_folder(spec):
+    """--data: a folder of JSONL files, or 'world:n=N,seed=S[,dir=FOLDER]', which renders the
+    synthetic world (default dir runs/world-nN-seedS; reused when that folder already holds the same
+    world). Nothing is rendered otherwise: a missing folder or file is an error."""
+    if spec == "world" or spec.startswith("world:"):
+        return render_world(spec)
+    if os.path.isfile(spec):
+        fail(f"--data {spec}: a file; --data takes the folder that holds it (README, Data)")
+    if not os.path.isdir(spec):
+        fail(f"--data {spec}: no such folder ({WORLD_HINT})")
+    return spec
+
+
+def render_world(spec):
+    import json
+
+    import data
+
+    opts = {"n": "200", "seed": "0", "dir": ""}
+    for kv in filter(None, spec.partition(":")[2].split(",")):
+        k, _, v = kv.partition("=")
+        if k not in opts or not v:
+            fail(f"--data {spec}: expected world:n=N,seed=S[,dir=FOLDER], got {kv!r}")
+        opts[k] = v
+    try:
+        n, seed = int(opts["n"]), int(opts["seed"])
+    except ValueError:
+        fail(f"--data {spec}: n and seed must be integers")
+    folder = opts["dir"] or f"runs/world-n{n}-seed{seed}"
+    stamp, want = os.path.join(folder, "world.json"), {"n": n, "seed": seed}
+    if os.path.exists(stamp):  # rendered before by this same request: reuse it
+        with open(stamp) as f:
+            have = json.load(f)
+        if have != want:
+            fail(f"--data {spec}: {folder} holds a world rendered with {have}; pick another dir=")
+        return folder
+    if os.path.exists(os.path.join(folder, "train.jsonl")):
+        fail(f"--data {spec}: {folder} already holds data that --data world did not render; pick another dir=")
+    if is_main():
+        print0(f"rendering the synthetic world into {folder} (n={n}, seed={seed})")
+        data.make_world(folder, n=n, seed=seed)
+        # the stamp last: a render cut short is not mistaken for a finished one
+        with open(stamp + ".tmp", "w") as f:
+            json.dump(want, f)
+        os.replace(stamp + ".tmp", stamp)
+    if dist.is_initialized():
+        dist.barrier()
+    return folder
+
+
+def data_files(spec, *names):
+    """The paths of `names` (e.g. train.jsonl, test.jsonl) in the --data folder; a missing one is an
+    error that names it and what the script expects."""
+    folder = data_folder(spec)
+    paths = [os.path.join(folder, n) for n in names]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        fail(f"--data {spec}: {' and '.join(missing)} not found; this script reads {' and '.join(names)} "
+             f"from the folder (README, Data; {WORLD_HINT})")
+    return paths
+
+
+def load_records(path, labeled=True):
+    """data.load_jsonl, with a bad record (named by file and line) or an empty file as a user error."""
+    import warnings
+
+    from data import load_jsonl
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            records = load_jsonl(path, labeled=labeled)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    for w in caught:  # e.g. a score that disagrees with its annotations: once, on rank 0
+        print0(f"warning: {w.message}")
+    if not records:
+        fail(f"{path} holds no records")
+    return records
+
+
+def check_batch(n, batch, flag, what, world=1):
+    """A data set smaller than one global batch: say which flag to lower, before any model loads."""
+    if n < batch:
+        most = n - n % world
+        fail(f"{flag} {batch} is more than the {n} {what} the training data holds: lower {flag} to at most {most}"
+             + (f" (a multiple of the {world} ranks)" if world > 1 else ""))
+
+
+def check_finite_step(step, grad_norm, loss=None):
+    """Stop on a non-finite gradient norm (the global one: a NaN on any rank reaches every rank's
+    norm), before the optimizer applies it; the checkpoint on disk is the last finite one."""
+    if not math.isfinite(float(grad_norm)):
+        raise SystemExit(f"error: step {step + 1}: the gradient norm is {float(grad_norm)}"
+                         + (f" (loss {float(loss)})" if loss is not None else "")
+                         + "; stopping before the update (the last checkpoint written is untouched)")
+
+
+def context_length(model):
+    cfg = model.vlm.config
+    return getattr(getattr(cfg, "text_config", cfg), "max_position_embeddings", None)
+
+
+def check_context(model, records, mode, answer=1, flag="--data"):
+    """Stop before a record whose prompt (the rubric, the prompt text, its image's tokens) plus
+    `answer` tokens does not fit the model's positions; names the record. A prompt is tokenized once
+    per (prompt, dimension); images are measured only when the text comes close to the limit."""
+    from PIL import Image
+
+    limit = context_length(model)
+    if not limit:
+        return
+    ip = model.image_processor
+    unit = (getattr(ip, "patch_size", 14) * getattr(ip, "merge_size", 2)) ** 2
+    size = getattr(ip, "size", None)
+    most_pixels = (size.get("longest_edge") if isinstance(size, dict) else getattr(size, "longest_edge", None)) or 0
+    text, grids = {}, {}
+    for r in records:
+        key = (r["prompt"], r["dimension"])
+        if key not in text:
+            text[key] = len(model.tokenizer.encode(model.prompt_text(*key, mode), add_special_tokens=False))
+        n = text[key] + answer
+        if n + most_pixels // unit <= limit:
+            continue  # fits whatever the image
+        with Image.open(r["image_path"]) as im:
+            wh = im.size
+        if wh not in grids:
+            grids[wh] = int(model.pixels([Image.new("RGB", wh)])[1][0].prod()) // ip.merge_size ** 2
+        n += grids[wh] - 1  # the placeholder counted in the text is one of the image's tokens
+        if n > limit:
+            fail(f"{flag}: record {r['id']!r} needs {n} positions (rubric, prompt, image, {answer} answer "
+                 f"tokens), more than the model's {limit}: shorten its prompt ({len(r['prompt'])} characters)")
 
 
 # -----------------------------------------------------------------------------
@@ -543,9 +732,21 @@ def ref_path(path):
     return str(path).removesuffix(".safetensors") + ".ref.safetensors"
 
 
-def save_frozen(model, path):
-    """A frozen model's weights (pi_ref) beside the checkpoint, so --resume restores it too."""
-    save_checkpoint(path, model)
+def save_frozen(model, path, step):
+    """A frozen model's weights (pi_ref) beside the checkpoint, so --resume restores it too; it
+    records the step of the set it belongs to."""
+    save_checkpoint(path, model, step=step)
+
+
+def check_step(path, meta, step):
+    """One file of a checkpoint set against the set's step (the .train.pt's): a kill between two
+    writes leaves a torn set, e.g. NAME.safetensors at step 3 beside NAME.train.pt at step 2."""
+    import json
+
+    if "step" in meta and json.loads(meta["step"]) != step:
+        fail(f"cannot resume: torn checkpoint set: {path} is at step {json.loads(meta['step'])}, "
+             f"{train_path(path.replace('.ref.safetensors', '.safetensors'))} at step {step} (a save was cut short "
+             f"between its files); resume from an intact set, or start over without --resume")
 
 
 def load_weights_into(model, tensors, path):
@@ -576,15 +777,18 @@ def _checkpoint_meta(path):
         return f.metadata() or {}
 
 
-def load_frozen(model, path):
+def load_frozen(model, path, step=None):
+    """A frozen model's weights from a checkpoint; with `step`, refused unless the file is at it."""
     from model import check_compatible, read_checkpoint
 
+    meta = _checkpoint_meta(path)
+    if step is not None:
+        check_step(str(path), meta, step)
+    check_compatible(meta, path, like=unwrap(model))
     if _is_sharded(model):  # each rank reads its own slices of the file
-        check_compatible(_checkpoint_meta(path), path, like=unwrap(model))
         fill_from_files(model, [path], None, path)
         return
-    meta, tensors = read_checkpoint(path)
-    check_compatible(meta, path, like=unwrap(model))
+    _, tensors = read_checkpoint(path)
     load_weights_into(model, tensors, path)
 
 
@@ -602,17 +806,20 @@ def load_resume(path, model, optimizer, batches=None):
 
     from model import check_compatible, read_checkpoint
 
+    if not os.path.exists(path):
+        fail(f"cannot resume: {path} not found (--resume continues the run that writes --out)")
     if not os.path.exists(train_path(path)):
-        raise FileNotFoundError(f"cannot resume: {train_path(path)} (optimizer / RNG state) is missing beside {path}")
+        fail(f"cannot resume: {train_path(path)} (optimizer / RNG state) is missing beside {path}")
     inner = unwrap(model)
+    meta = _checkpoint_meta(path)
+    train = torch.load(train_path(path), map_location="cpu", weights_only=False)
+    check_step(str(path), meta, train["step"])  # before any weight is read
+    check_compatible(meta, path, like=inner)
     if _is_sharded(model):  # each rank reads its own slices of the file
-        check_compatible(_checkpoint_meta(path), path, like=inner)
         fill_from_files(model, [path], None, path)
     else:
-        meta, tensors = read_checkpoint(path)
-        check_compatible(meta, path, like=inner)
+        _, tensors = read_checkpoint(path)
         load_weights_into(model, tensors, path)
-    train = torch.load(train_path(path), map_location="cpu", weights_only=False)
     if dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in inner.parameters()):
         set_optimizer_state_dict(inner, optimizer, train["optimizer"], options=StateDictOptions(full_state_dict=True))
     else:

@@ -6,14 +6,17 @@ Records. One JSON object per line:
   {"id": str, "prompt": str, "image": path relative to the JSONL file, "dimension": one of
    DIMENSIONS, "scores": [annotations on the half-point grid 1.0, 1.5, ..., 5.0],
    "score": the aggregate label}
-Extra keys are kept. load_jsonl() validates every line and adds "image_path", the absolute path
-of the image; "image" stays as written so a record can be written back unchanged. "score" may be
-left out when "scores" is given (it is then aggregate(scores)); unlabeled data (RISD) has neither
-and is read with labeled=False. Test labels follow the paper: drop the highest and the lowest
+Optional: "group" (records to pair and rank together; default: the prompt). Extra keys are kept
+and ignored by the scripts (the synthetic world's records carry their scene, caption and trace).
+load_jsonl() validates every line, opens and verifies every image, and adds "image_path", the
+absolute path of the image; "image" stays as written so a record can be written back unchanged.
+"score" may be left out when "scores" is given (it is then aggregate(scores)); when both are given
+and disagree, "score" is the label and load_jsonl warns once per file. Unlabeled data (RISD) has
+neither and is read with labeled=False. Test labels follow the paper: drop the highest and the lowest
 annotation, average the rest (aggregate). The score model reads 9 levels from the digit tokens
 "1".."9": level = 2 s - 1 (score_to_level), s = (level + 1) / 2 (level_to_score).
 
-The synthetic world (DESIGN.md section 4). A 64x64 RGB image is a 2x2 grid of 32x32 quadrants
+The synthetic world. A 64x64 RGB image is a 2x2 grid of 32x32 quadrants
 ("top left", "top right", "bottom left", "bottom right") with at most one object per quadrant,
 because with patch 16 and spatial merge 2 each quadrant is exactly one image token of the VLM:
 free placement was measured not to learn at all. Every quadrant has a dark ground line; an object
@@ -49,6 +52,7 @@ import math
 import os
 import re
 import time
+import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -100,18 +104,31 @@ def _check(r, labeled, root):
         if not isinstance(r["scores"], list) or not r["scores"]:
             return "scores must be a non-empty list"
         for a in r["scores"]:
+            if isinstance(a, str):
+                return f"annotation {a!r} is a string; write it as a JSON number ({a.strip()})"
             if not (_is_number(a) and S_MIN <= a <= S_MAX and float(2 * a).is_integer()):
                 return f"annotation {a!r} is not on the half-point grid 1.0, 1.5, ..., 5.0"
+    if "score" in r and isinstance(r["score"], str):
+        return f"score {r['score']!r} is a string; write it as a JSON number ({r['score'].strip()})"
     if "score" in r and not (_is_number(r["score"]) and S_MIN <= r["score"] <= S_MAX):
         return f"score {r['score']!r} is not a number in [{S_MIN}, {S_MAX}]"
     if not os.path.isfile(os.path.join(root, r["image"])):
         return f"image file not found: {os.path.join(root, r['image'])}"
     return None
 
+def _check_image(path):
+    # an error message for an image PIL cannot read (a text file named .png, a truncated file), or None
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError)
+        return f"image {path} cannot be read ({type(e).__name__}: {e})"
+    return None
+
 def load_jsonl(path, labeled=True):
     """read and validate a JSONL file; raises ValueError naming the file and line of a bad record"""
     root = os.path.dirname(os.path.abspath(path))
-    records, seen = [], {}
+    records, seen, images, disagree = [], {}, {}, []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -123,13 +140,23 @@ def load_jsonl(path, labeled=True):
             err = _check(r, labeled, root)
             if err is None and r["id"] in seen:
                 err = f"duplicate id {r['id']!r} (first on line {seen[r['id']]})"
+            if err is None:  # every image once: a bad one is named now, not when its batch comes up
+                image = os.path.join(root, r["image"])
+                err = images[image] if image in images else images.setdefault(image, _check_image(image))
             if err:
                 raise ValueError(f"{path}:{lineno}: {err}")
             seen[r["id"]] = lineno
             if "scores" in r and "score" not in r:
                 r["score"] = aggregate(r["scores"])
+            elif "scores" in r and abs(r["score"] - aggregate(r["scores"])) > 1e-6:
+                disagree.append((lineno, r["score"], aggregate(r["scores"])))
             r["image_path"] = os.path.join(root, r["image"])
             records.append(r)
+    if disagree:
+        line, s, agg = disagree[0]
+        warnings.warn(f"{path}: {len(disagree)} records give a 'score' that differs from the aggregate of their "
+                      f"'scores' (first: line {line}, score {s} against {agg:g}); 'score' is the label used",
+                      stacklevel=2)
     return records
 
 def group_records(records):

@@ -123,7 +123,7 @@ def table_from_predictions(records, pred):
     s = np.array([r["score"] for r in records])
     groups = [(r.get("group", r["prompt"]), r["dimension"]) for r in records]
     # synthetic world: HPA over pairs whose images hold the same number of objects, where counting
-    # objects (the shortcut a direct scorer finds, DESIGN.md section 4) cannot order the pair
+    # objects (the shortcut a direct scorer finds first in this world) cannot order the pair
     same_n = [g + (len(r["scene"]["objects"]),) if "scene" in r else None for g, r in zip(groups, records)]
     dims = np.array([r["dimension"] for r in records])
     table = {}
@@ -260,51 +260,76 @@ def plot_curves(paths, out, column="hpa"):
     return out
 
 
-if __name__ == "__main__":
+def nonfinite_note(records, pred):
+    """None, or a line naming how many predictions of mu are NaN / inf (a corrupt or diverged model:
+    every comparison with NaN is false, so HPA would read as a plain low number)"""
+    bad = np.flatnonzero(~np.isfinite(np.asarray(pred["mu"], dtype=np.float64)))
+    if not len(bad):
+        return None
+    first = ", ".join(repr(records[i]["id"]) for i in bad[:3])
+    return f"{len(bad)} of {len(records)} records got a non-finite mu (first: {first}); the model outputs NaN or inf"
+
+
+def main(argv=None):
     import argparse
     import json
+    import os
     import sys
 
-    if len(sys.argv) > 1 and sys.argv[1] == "summarize":  # python eval.py summarize runs/results/*.eval.json
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "summarize":  # python eval.py summarize runs/results/*.eval.json
         print("Table 2 (overall test split; mean ± std over seeds)")
-        print(summarize(sys.argv[2:]))
+        print(summarize(argv[1:]))
         print("\nTable 3 (accuracy against output tokens per scoring call)")
-        print(summarize(sys.argv[2:], TABLE3, methods=("opd", "student-sft", "sft", "gdso", "risd")))
+        print(summarize(argv[1:], TABLE3, methods=("opd", "student-sft", "sft", "gdso", "risd")))
         print("\nPaired differences of HPA (a - b on the same seed; 95% t interval over seeds)")
-        print(paired_differences(sys.argv[2:]))
-        raise SystemExit
-    if len(sys.argv) > 1 and sys.argv[1] == "curves":  # python eval.py curves OUT.png runs/results/*.curve.jsonl
-        print(plot_curves(sys.argv[3:], sys.argv[2]))
-        raise SystemExit
-
-    parser = argparse.ArgumentParser(description="score a JSONL with a score-model checkpoint and print PLCC / SRCC / HPA")
-    parser.add_argument("--ckpt", required=True, help="a score-model .safetensors, 'tiny' (the untrained embedded model) or 'count-only' (the synthetic world's shortcut baseline)")
-    parser.add_argument("--data", required=True, help="labeled JSONL (e.g. runs/demo/world/test.jsonl)")
-    parser.add_argument("--mode", default=None, choices=["direct", "reasoning"], help="prompt mode; default: the checkpoint's own")
-    parser.add_argument("--batch-size", type=int, default=32, help="queries per forward")
-    parser.add_argument("--max-new-tokens", type=int, default=96, help="reasoning mode: trace length budget")
-    parser.add_argument("--limit", type=int, default=0, help="score only the first N records (0 = all)")
-    parser.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu", help="torch device")
-    parser.add_argument("--json", default="", help="also write the table to this JSON file (for `eval.py summarize`)")
-    parser.add_argument("--method", default="", help="the method name recorded in --json")
-    args = parser.parse_args()
+        print(paired_differences(argv[1:]))
+        return
+    if argv and argv[0] == "curves":  # python eval.py curves OUT.png runs/results/*.curve.jsonl
+        print(plot_curves(argv[2:], argv[1]))
+        return
 
     import torch
 
-    from data import load_jsonl
-    from model import ScoreModel
+    import common
 
-    records = load_jsonl(args.data)
+    parser = argparse.ArgumentParser(description="score a JSONL with a score model and print PLCC / SRCC / HPA")
+    parser.add_argument("--ckpt", "--model", dest="ckpt", required=True,
+                        help="a score-model .safetensors, a Hugging Face model folder or hub id (zero-shot), 'tiny' "
+                             "(the untrained embedded model) or 'count-only' (the synthetic world's shortcut baseline)")
+    parser.add_argument("--data", required=True, help="labeled JSONL, or a --data folder (its test.jsonl)")
+    parser.add_argument("--mode", default=None, choices=["direct", "reasoning"], help="prompt mode; default: the checkpoint's own (direct for an HF model)")
+    parser.add_argument("--batch-size", type=int, default=32, help="queries per forward")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="reasoning mode: trace length budget")
+    parser.add_argument("--limit", type=int, default=0, help="score only the first N records (0 = all)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--json", default="", help="also write the table to this JSON file (for `eval.py summarize`)")
+    parser.add_argument("--method", default="", help="the method name recorded in --json")
+    args = parser.parse_args(argv)
+
+    path = args.data if os.path.isfile(args.data) else common.data_files(args.data, "test.jsonl")[0]
+    records = common.load_records(path)
     records = records[:args.limit] if args.limit else records
     if args.ckpt == "count-only":
-        mode = "count-only"
-        table = table_from_predictions(records, count_only_predictions(records))
+        if not all("scene" in r for r in records):
+            common.fail(f"--ckpt count-only reads the synthetic world's scenes; {path} has records without 'scene'")
+        mode, pred = "count-only", count_only_predictions(records)
     else:
-        model = ScoreModel.tiny() if args.ckpt == "tiny" else ScoreModel.load(args.ckpt)
+        model = common.load_model(args.ckpt)
         model.to(args.device)
         mode = args.mode or getattr(model, "metadata", {}).get("mode", "direct")
-        table, _ = evaluate(model, records, mode, args.batch_size, args.max_new_tokens)
-    print(format_table(table, f"{args.ckpt} on {args.data} ({mode} mode)"))
+        common.check_context(model, records, mode, args.max_new_tokens if mode == "reasoning" else 1)
+        pred = predict(model, records, mode, args.batch_size, args.max_new_tokens)
+    table = table_from_predictions(records, pred)
+    print(format_table(table, f"{args.ckpt} on {path} ({mode} mode)"))
+    note = nonfinite_note(records, pred)
+    if note:  # no JSON: a table of NaN predictions must not enter a summary
+        print(f"error: {note}", file=sys.stderr)
+        raise SystemExit(1)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"method": args.method or mode, "table": table}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -34,6 +34,7 @@ Labels off the half-point grid (aggregates of annotations) use their nearest bin
 their exact value for the rewards and L_pw.
 
 Launch:
+    python data.py --out runs/world --n 200 --seed 0          # the tiny world, once (the default --data)
     python gdso.py                                            # tiny world, from assets/tiny_base.safetensors
     python gdso.py --method grpo --out runs/grpo.safetensors  # the GRPO baseline
     torchrun --nproc_per_node=8 gdso.py --model Qwen/Qwen3.5-27B --data my_pairs --bf16 --fsdp \\
@@ -158,7 +159,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="GDSO teacher training (and the GRPO / parsed-reward baselines)")
     p.add_argument("--init", default="assets/tiny_base.safetensors", help="start from this score-model .safetensors (the tiny base by default)")
     p.add_argument("--model", default="", help="instead of --init: an HF folder / hub id (e.g. Qwen/Qwen3.5-27B), or 'tiny'")
-    p.add_argument("--data", default="runs/world", help="folder with train.jsonl / test.jsonl (synthetic world rendered there if missing)")
+    p.add_argument("--data", default="runs/world", help="folder with train.jsonl and test.jsonl (README, Data), or world:n=200,seed=0 to render the synthetic world")
     p.add_argument("--out", default="runs/gdso.safetensors", help="checkpoint path (.safetensors; .train.pt beside it)")
     p.add_argument("--method", default="gdso", choices=["gdso", "grpo"], help="grpo = expectation reward only, alphas forced to 0")
     p.add_argument("--reward-from", default="expectation", choices=["expectation", "parsed"], help="reward from mu, or from the score written in the trace (ablation)")
@@ -193,30 +194,36 @@ def get_args(argv=None):
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True, help="keep the vision tower frozen (default)")
     args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error(f"--steps must be at least 1 (got {args.steps}): a run of no steps would write nothing")
     if args.method == "grpo":
         args.alpha_pt = args.alpha_pw = 0.0
     return args
 
 
 def main(argv=None):
-    from data import load_jsonl, make_pairs
+    from data import make_pairs
     from eval import format_table
 
     args = get_args(argv)
     rank, world, device = common.dist_init()
     common.seed_all(args.seed + rank)
     dtype = torch.bfloat16 if args.bf16 else None  # frozen pi_ref only: the policy trains on fp32 master weights
-    # under FSDP2 the models are built on the meta device and each rank reads only its shard (common.wrap)
-    model = common.load_model(args.model or args.init, seed=args.seed, meta=common.sharded(args.fsdp))
-    train_file, test_file = common.world_data(args.data, seed=0)
-    train, test = load_jsonl(train_file), load_jsonl(test_file)
+    # the data first: a missing file, a bad record or too few pairs stops the run before any model loads
+    train_file, test_file = common.data_files(args.data, "train.jsonl", "test.jsonl")
+    train, test = common.load_records(train_file), common.load_records(test_file)
     test = test[:args.eval_limit] if args.eval_limit else test
     pairs = make_pairs(train)
+    common.check_batch(len(pairs), args.pairs, "--pairs", f"same-prompt pairs with different labels in {train_file}", world)
     batches = common.Batches(pairs, args.pairs, rank, world, seed=args.seed)
     P, G = args.pairs // world, args.group
     micro = min(args.micro_pairs, P)
     if P % micro:
         raise SystemExit(f"pairs per rank {P} must be a multiple of --micro-pairs {micro}")
+    # under FSDP2 the models are built on the meta device and each rank reads only its shard (common.wrap)
+    model = common.load_model(args.model or args.init, seed=args.seed, meta=common.sharded(args.fsdp))
+    common.check_context(model, train, "reasoning", args.max_new_tokens)
+    common.check_context(model, test, "reasoning", args.max_new_tokens)
 
     if args.freeze_vision:
         model.vision_tower().requires_grad_(False)
@@ -233,7 +240,7 @@ def main(argv=None):
     if args.resume:
         step, _ = common.load_resume(args.out, policy, optimizer, batches)
         if ref is not None:
-            common.load_frozen(ref, common.ref_path(args.out))
+            common.load_frozen(ref, common.ref_path(args.out), step)  # refused unless at the set's step
         common.print0(f"resumed {args.out} at step {step}")
     inner = common.unwrap(policy)
     total_updates = args.steps * args.inner_steps
@@ -345,6 +352,7 @@ def main(argv=None):
                 for name, val in (("pg", pg), ("l_pt", l_pt), ("l_pw", l_pw), *stats.items()):
                     sums[name] += float(val.detach()) / len(chunks)
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.clip)
+            common.check_finite_step(step, grad_norm, sums["pg"])  # stop, before a NaN update
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             inner_logs.append(dict(sums, grad_norm=float(grad_norm), lr=lr))
@@ -368,7 +376,7 @@ def main(argv=None):
         if step % args.save_every == 0 or step == args.steps or stopping:
             common.save_checkpoint(args.out, policy, optimizer, step, batches, args, mode="reasoning", stage=args.method)
             if ref is not None:
-                common.save_frozen(ref, common.ref_path(args.out))
+                common.save_frozen(ref, common.ref_path(args.out), step)
         if stopping:
             break
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:

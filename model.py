@@ -661,9 +661,17 @@ def read_checkpoint(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors' own error type: a truncated or foreign file
+        raise ValueError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {e}") from None
+    # bytes overwritten in place keep the size and the header; NaN / inf weights are the usual trace
+    for k, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{path}: tensor {k} holds {int((~torch.isfinite(t)).sum())} non-finite values "
+                             f"(a corrupt file, or a run that diverged)")
     return meta, tensors
 
 

@@ -79,7 +79,7 @@ parser.add_argument("--baseline", default="", help="finetune: the generator GSB 
 parser.add_argument("--judge", default="", help="optional teacher score-model .safetensors: a second blind GSB judge (reasoning mode)")
 parser.add_argument("--dimensions", default="alignment,realism,aesthetics,plausibility", help="comma-separated rubric dimensions of the reward")
 parser.add_argument("--weights", default="", help="comma-separated weights of the dimensions in R (default: all 1)")
-parser.add_argument("--data", default="runs/world", help="folder with train.jsonl / test.jsonl: train prompts for fine-tuning, test prompts held out")
+parser.add_argument("--data", default="runs/world", help="folder with train.jsonl / test.jsonl (README, Data): train prompts for fine-tuning, test prompts held out; or world:n=200,seed=0")
 parser.add_argument("--out", default="runs/gen_rft.safetensors", help="checkpoint path (.safetensors; .train.pt and grid PNGs beside it)")
 parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: finetune 60, pretrain 2000)")
 parser.add_argument("--batch-size", type=int, default=None, help="global batch, prompts per optimizer step (default: finetune 16, pretrain 32)")
@@ -751,9 +751,9 @@ def main(args):
     rank, world, device = common.dist_init()
     common.seed_all(args.seed + rank)
     weights = parse_weights(args.dimensions, args.weights)
-    train_file, test_file = common.world_data(args.data, seed=args.seed)
-    train_prompts = list(dict.fromkeys(r["prompt"] for r in data.load_jsonl(train_file)))
-    test_prompts = list(dict.fromkeys(r["prompt"] for r in data.load_jsonl(test_file)))
+    train_file, test_file = common.data_files(args.data, "train.jsonl", "test.jsonl")  # README, Data
+    train_prompts = list(dict.fromkeys(r["prompt"] for r in common.load_records(train_file)))
+    test_prompts = list(dict.fromkeys(r["prompt"] for r in common.load_records(test_file)))
     held_out = test_prompts[:args.eval_prompts] if args.eval_prompts else test_prompts
     grid_prompts = test_prompts[:args.grid_prompts]
 

@@ -30,7 +30,7 @@ Checkpoints: the student as --out (.safetensors with metadata mode "direct", or 
 --opd; usable by eval.py and reward_ft.py) plus .train.pt for --resume, as in gdso.py.
 
 Launch:
-    python risd.py --teacher runs/gdso.safetensors                     # tiny world, student from the tiny base
+    python risd.py --teacher runs/gdso.safetensors                     # tiny world (runs/world), student from the tiny base
     python risd.py --teacher runs/gdso.safetensors --cache runs/qt.safetensors --traces 4
     python risd.py --teacher runs/gdso.safetensors --opd --out runs/opd.safetensors
     python risd.py --teacher runs/gdso.safetensors --throughput       # images/s: student vs teacher
@@ -206,8 +206,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="RISD student distillation from a reasoning teacher (and the OPD baseline)")
     p.add_argument("--teacher", required=True, help="the frozen teacher: a reasoning-mode score-model .safetensors (e.g. from gdso.py)")
     p.add_argument("--student", default="assets/tiny_base.safetensors", help="student init: 'tiny', a score-model .safetensors, or an HF folder / hub id")
-    p.add_argument("--data", default="runs/world", help="folder with train.jsonl / test.jsonl (synthetic world rendered there if missing)")
-    p.add_argument("--unlabeled", default="", help="JSONL of (id, prompt, image, dimension) to distill on (default: --data's train.jsonl, labels ignored)")
+    p.add_argument("--data", default="runs/world", help="folder with test.jsonl and unlabeled.jsonl (or train.jsonl, labels ignored) (README, Data), or world:n=200,seed=0 to render the synthetic world")
+    p.add_argument("--unlabeled", default="", help="JSONL of (id, prompt, image, dimension) to distill on (default: --data's unlabeled.jsonl, else its train.jsonl, labels ignored)")
     p.add_argument("--limit", type=int, default=0, help="use only the first N unlabeled records (0 = all)")
     p.add_argument("--out", default="", help="student checkpoint (.safetensors; .train.pt beside it); default runs/risd.safetensors or runs/opd.safetensors")
     p.add_argument("--opd", action="store_true", help="the on-policy distillation baseline (Eqs. 18-19) instead of RISD")
@@ -238,6 +238,8 @@ def get_args(argv=None):
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True, help="keep the student's vision tower frozen (default)")
     args = p.parse_args(argv)
+    if args.steps < 1 and not args.throughput:
+        p.error(f"--steps must be at least 1 (got {args.steps}): a run of no steps would write nothing")
     args.method = "opd" if args.opd else "risd"
     args.lr = args.lr if args.lr is not None else (2e-4 if args.opd else 1e-3)
     args.out = args.out or f"runs/{args.method}.safetensors"
@@ -264,13 +266,31 @@ def load_teacher(path, dtype=None, meta=False):
 def main(argv=None):
     import torch.distributed as dist
 
-    from data import load_jsonl
     from eval import format_table
 
     args = get_args(argv)
     rank, world, device = common.dist_init()
     common.seed_all(args.seed + rank)
     dtype = torch.bfloat16 if args.bf16 else None
+    # the data first (README, Data): unlabeled records from --unlabeled, else the folder's
+    # unlabeled.jsonl, else its train.jsonl with the labels ignored; test.jsonl (labeled) for evaluation
+    (test_file,) = common.data_files(args.data, "test.jsonl")
+    folder = os.path.dirname(test_file)
+    if args.unlabeled:
+        unlabeled_file = args.unlabeled
+    elif os.path.isfile(os.path.join(folder, "unlabeled.jsonl")):
+        unlabeled_file = os.path.join(folder, "unlabeled.jsonl")
+    else:
+        (unlabeled_file,) = common.data_files(args.data, "train.jsonl")
+    # only what the teacher and the student read, so no label can leak in
+    records = [{k: r[k] for k in ("id", "prompt", "image_path", "dimension")}
+               for r in common.load_records(unlabeled_file, labeled=False)]
+    records = records[:args.limit] if args.limit else records
+    test = common.load_records(test_file)
+    test = test[:args.eval_limit] if args.eval_limit else test
+    student_mode = "reasoning" if args.opd else "direct"
+    if not args.throughput:
+        common.check_batch(len(records), args.batch_size, "--batch-size", f"unlabeled records in {unlabeled_file}", world)
     # under FSDP2 both are built on the meta device and each rank reads only its shards (common.wrap);
     # --throughput scores with whole models on one rank
     meta = common.sharded(args.fsdp) and not args.throughput
@@ -281,14 +301,10 @@ def main(argv=None):
             check_same_tokenizer(teacher, student)
         except ValueError as e:
             raise SystemExit(str(e))
-    train_file, test_file = common.world_data(args.data, seed=0)
-    # unlabeled records: only what the teacher and the student read, so no label can leak in
-    records = [{k: r[k] for k in ("id", "prompt", "image_path", "dimension")}
-               for r in load_jsonl(args.unlabeled or train_file, labeled=False)]
-    records = records[:args.limit] if args.limit else records
-    test = load_jsonl(test_file)
-    test = test[:args.eval_limit] if args.eval_limit else test
-    student_mode = "reasoning" if args.opd else "direct"
+    student_answer = args.max_new_tokens if args.opd else 1  # a trace, or the one score token
+    common.check_context(teacher, records, "reasoning", args.max_new_tokens)
+    common.check_context(student, records, student_mode, student_answer)
+    common.check_context(student, test, student_mode, student_answer)
 
     if args.throughput:  # deployment cost: one direct token vs a trace then the score, same batch size
         if rank == 0:
@@ -457,6 +473,7 @@ def main(argv=None):
             kl_share, n_valid, n = risd_step(chunks)
             logs = {"kl": kl_share, "valid": n_valid / n, "skipped": n - n_valid}
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        common.check_finite_step(step, grad_norm, logs.get("kl", logs.get("loss")))  # stop, before a NaN update
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

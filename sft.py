@@ -23,6 +23,7 @@ reduced across ranks on the last micro-batch only.
 
 Launch:
     make base                                                                     # the tiny bases, ~40 min on a CPU
+    python data.py --out runs/world --n 200 --seed 0                              # the tiny world (the default --data)
     python sft.py --init assets/tiny_base.safetensors --out runs/sft.safetensors  # SFT baseline
     torchrun --nproc_per_node=8 sft.py --model Qwen/Qwen3.5-27B --data my_data --bf16 --fsdp \\
         --batch-size 256 --micro-batch 4 --lr 1e-5 --out runs/sft27b.safetensors
@@ -35,7 +36,7 @@ import torch
 from PIL import Image
 
 import common
-from data import load_jsonl, score_to_level
+from data import score_to_level
 from eval import format_table
 from kernels import score_ce
 
@@ -43,7 +44,7 @@ parser = argparse.ArgumentParser(description="SFT baseline (direct score token) 
 parser.add_argument("--stage", default="sft", choices=["sft", "base"], help="sft: direct score CE; base: tiny-world captions + traces")
 parser.add_argument("--model", default="tiny", help="'tiny', an HF folder / hub id, or a score-model .safetensors")
 parser.add_argument("--init", default="", help="start from this score-model .safetensors (overrides --model)")
-parser.add_argument("--data", default="runs/world", help="folder with train.jsonl / test.jsonl (the synthetic world is rendered there if missing)")
+parser.add_argument("--data", default="runs/world", help="folder with train.jsonl and test.jsonl (README, Data), or world:n=200,seed=0 to render the synthetic world")
 parser.add_argument("--holdout", default="", help="a JSONL whose prompts are dropped from the training data (base stage: the labeled world's test split)")
 parser.add_argument("--out", default="runs/sft.safetensors", help="checkpoint path (.safetensors; .train.pt beside it)")
 parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300; base stage 2400)")
@@ -67,20 +68,20 @@ args = parser.parse_args()
 # a language model from scratch (base stage) wants a larger lr and more steps; an explicit value always wins
 args.lr = args.lr if args.lr is not None else (3e-3 if args.stage == "base" else 1e-3)
 args.steps = args.steps if args.steps is not None else (2400 if args.stage == "base" else 300)
+if args.steps < 1:
+    parser.error(f"--steps must be at least 1 (got {args.steps}): a run of no steps would write nothing")
 
 # -----------------------------------------------------------------------------
 # init
 
 rank, world, device = common.dist_init()
 common.seed_all(args.seed + rank)
-# fp32 master weights (--bf16 is compute only); under FSDP2 built on meta, each rank reads only its shard
-model = common.load_model(args.init or args.model, seed=args.seed, meta=common.sharded(args.fsdp))
-if args.stage == "base" and model.source != "tiny":
-    raise SystemExit("--stage base pretrains the embedded tiny model; real models start from their own pretraining")
-train_file, test_file = common.world_data(args.data, seed=args.seed)
-train, test = load_jsonl(train_file), load_jsonl(test_file)
+# the data first: a missing file, a bad record or a batch larger than the data stops the run before
+# any model is loaded
+train_file, test_file = common.data_files(args.data, "train.jsonl", "test.jsonl")
+train, test = common.load_records(train_file), common.load_records(test_file)
 if args.holdout:
-    held = {r["prompt"] for r in load_jsonl(args.holdout, labeled=False)}
+    held = {r["prompt"] for r in common.load_records(args.holdout, labeled=False)}
     train = [r for r in train if r["prompt"] not in held]
     common.print0(f"held out {len(held)} prompts of {args.holdout}: {len(train)} training records left")
 if args.eval_limit:
@@ -99,8 +100,16 @@ micro = min(args.micro_batch, args.batch_size // world)
 if args.batch_size % (micro * world):
     raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of micro-batch x world = {micro * world}")
 accum = args.batch_size // (micro * world)
+common.check_batch(len(items), args.batch_size, "--batch-size", "training items", world)
 batches = common.Batches(items, args.batch_size, rank, world, seed=args.seed)
 
+# fp32 master weights (--bf16 is compute only); under FSDP2 built on meta, each rank reads only its shard
+model = common.load_model(args.init or args.model, seed=args.seed, meta=common.sharded(args.fsdp))
+if args.stage == "base" and model.source != "tiny":
+    raise SystemExit("--stage base pretrains the embedded tiny model; real models start from their own pretraining")
+eval_mode = "reasoning" if args.stage == "base" else "direct"
+common.check_context(model, train, eval_mode, 1 if args.stage == "sft" else 96)
+common.check_context(model, test, eval_mode, 1 if args.stage == "sft" else 96)
 if args.freeze_vision:
     model.vision_tower().requires_grad_(False)
 ddp_model = common.wrap(model, device, fsdp=args.fsdp, bf16=args.bf16, checkpointing=args.checkpointing)
@@ -109,7 +118,6 @@ step = 0
 if args.resume:
     step, _ = common.load_resume(args.out, ddp_model, optimizer, batches)
     common.print0(f"resumed {args.out} at step {step}")
-eval_mode = "reasoning" if args.stage == "base" else "direct"
 common.print0(f"{args.stage} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {len(items)} items | "
               f"world {world} x micro {micro} x accum {accum} = {args.batch_size} | {args.steps} steps")
 
@@ -177,6 +185,7 @@ while step < args.steps:
             (loss_sum * world / n_global).backward()  # DDP / FSDP average over ranks; x world makes it the global sum
         logged += float(loss_sum.detach())
     grad_norm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), args.clip)
+    common.check_finite_step(step, grad_norm, logged * world / n_global)  # stop, before a NaN update
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     step += 1

@@ -255,7 +255,7 @@ def test_opd_expected_gradient_is_the_reverse_kl_gradient():
 
 
 @needs_base
-def test_a_mismatched_tokenizer_is_refused(base, tmp_path):
+def test_a_mismatched_tokenizer_is_refused(base, world, tmp_path):
     import copy
 
     check_same_tokenizer(base, ScoreModel.load(BASE))  # the same tokenizer loaded twice: accepted
@@ -267,7 +267,7 @@ def test_a_mismatched_tokenizer_is_refused(base, tmp_path):
     # and the script refuses it before any work, with the same message
     path = str(tmp_path / "other_tok.safetensors")
     other.save(path, mode="reasoning")
-    res = _run(["--teacher", BASE, "--student", path, "--opd", "--out", str(tmp_path / "o.safetensors"),
+    res = _run(["--teacher", BASE, "--student", path, "--opd", "--data", world, "--out", str(tmp_path / "o.safetensors"),
                 "--steps", "1"], check=False)
     assert res.returncode != 0 and "tokenizers differ" in res.stderr, res.stderr[-2000:]
 
