@@ -1,0 +1,115 @@
+"""
+Tests for world.py (the tiny world's own stages) and the generic rubric of data.py.
+
+Run: python -m pytest tests/test_world.py -q   (about half a minute, CPU only)
+"""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import data  # noqa: E402
+import world  # noqa: E402
+
+
+def scene(objects, **defects):
+    objs = [dict(quadrant=q, color=c, shape=s, offset=o, support=sup) for q, c, s, o, sup in objects]
+    base = dict(noise="none", blur="none", artifacts="none", clutter="none", contrast="normal", seed=0)
+    return dict(objects=objs, **{**base, **defects})
+
+
+def test_generic_rubric_counts_defects_not_their_weight():
+    items = data.parse_prompt("a red circle top left and a blue square bottom right")
+    s = scene([("top left", "red", "circle", 1, "floating"), ("bottom right", "green", "square", 0, "hovering"),
+               ("top right", "blue", "cross", 0, "grounded")],
+              noise="strong", blur="mild", clutter="strong", contrast="low")
+    # alignment: one wrong colour + one extra = 2 defects; the annotators' rubric: 1.5 + 1 = 2.5
+    # realism: strong noise + mild blur = 2 defects; annotators 2.5 + 1 = 3.5
+    # aesthetics: off center + clutter + low contrast = 3; annotators 1 + 2 + 1.5 = 4.5
+    # plausibility: floating + hovering = 2; annotators 2 + 0.5 = 2.5
+    assert data.defect_counts(s, items) == {"alignment": 2, "realism": 2, "aesthetics": 3, "plausibility": 2}
+    assert data.generic_scores(s, items) == {"alignment": 3.0, "realism": 3.0, "aesthetics": 2.0, "plausibility": 3.0}
+    assert data.true_scores(s, items) == {"alignment": 2.5, "realism": 1.5, "aesthetics": 1.0, "plausibility": 2.5}
+    # four defects or more reach the floor, 1
+    many = scene([("top left", "red", "circle", 0, "floating")] + [(q, "red", "cross", 0, "sunk") for q in
+                  ("top right", "bottom left", "bottom right")])
+    assert data.generic_scores(many, items)["plausibility"] == 1.0
+
+
+def test_pretraining_world_traces_end_on_the_generic_rubric(tmp_path):
+    recs = data.make_world(str(tmp_path), n=6, seed=3, trace_rubric="generic")
+    for r in recs:
+        items = data.parse_prompt(r["prompt"])
+        assert data.parse_score(r["trace"]) == data.score_to_level(data.generic_scores(r["scene"], items)[r["dimension"]])
+        assert r["score"] == data.aggregate(r["scores"])  # the labels stay the annotators'
+    assert any(data.generic_scores(r["scene"], data.parse_prompt(r["prompt"]))[r["dimension"]] != r["true_score"]
+               for r in recs)
+    with pytest.raises(ValueError, match="trace_rubric"):
+        data.make_world(str(tmp_path), n=2, trace_rubric="annotators")
+
+
+def test_scene_labels():
+    s = scene([("top right", "blue", "diamond", -1, "sunk")], noise="mild", clutter="strong", contrast="low")
+    y = world.scene_labels(s)
+    # quadrants in reading order; only top right holds an object
+    assert y["color"] == [0, 1 + list(data.COLORS).index("blue"), 0, 0]
+    assert y["shape"] == [0, 1 + data.SHAPES.index("diamond"), 0, 0]
+    assert y["offset"] == [-100, 0, -100, -100] and y["support"] == [-100, data.SUPPORTS.index("sunk"), -100, -100]
+    assert (y["noise"], y["blur"], y["artifacts"], y["clutter"], y["contrast"]) == (1, 0, 0, 2, 1)
+
+
+def test_tower_stage_learns_the_scene_labels():
+    from model import ScoreModel
+
+    torch.manual_seed(0)
+    model = ScoreModel.tiny(seed=0, **world.TINY_SIZES["student"])
+    images, labels = world.batch_of_scenes(np.random.default_rng(99), 64)
+    tokens = world.tower_tokens(model, images)
+    assert tokens.shape == (64, 4, model.vlm.config.text_config.hidden_size)  # one token per quadrant
+    before = model.vision_tower().patch_embed.proj.weight.detach().clone()
+    acc = world.train_tower(model, steps=150, batch=32, lr=3e-3, seed=0, log_every=1000, eval_images=64)
+    assert not torch.equal(before, model.vision_tower().patch_embed.proj.weight)  # the tower itself trained
+    # majority-class rates: ~0.5 for colour (empty quadrants), ~0.7 for blur (none); 150 steps are
+    # a fraction of the stage (3,000), enough to be clearly above both
+    assert acc["color"] > 0.65 and acc["blur"] > 0.9, acc
+
+
+class _WorldTraces:
+    """A stand-in model whose reasoning-mode traces are the world's own, for check_traces."""
+
+    def __init__(self, wrong_verdicts=False):
+        self.wrong = wrong_verdicts
+
+    def eval(self):
+        return self
+
+    def score(self, prompts, images, dims, mode, max_new_tokens):
+        from types import SimpleNamespace
+
+        traces = []
+        for p, d, r in zip(prompts, dims, self.records):
+            t = data.make_trace(r["scene"], data.parse_prompt(p), d)
+            traces.append(t.replace(", no.", ", yes.") if self.wrong else t)
+        return SimpleNamespace(traces=traces)
+
+
+def test_check_traces_scores_the_worlds_own_traces_perfectly(tmp_path):
+    data.make_world(str(tmp_path), n=8, seed=1)
+    recs = data.load_jsonl(str(tmp_path / "train.jsonl"))
+    fake = _WorldTraces()
+    fake.records = recs
+    table, kinds = world.check_traces(fake, recs, batch_size=len(recs))
+    for d in data.DIMENSIONS:
+        assert table[d]["lines"] == 1.0 and table[d]["trace"] == 1.0 and table[d]["score_true"] == 1.0
+    # a model that says "yes" where the world says "no" loses exactly those alignment lines
+    liar = _WorldTraces(wrong_verdicts=True)
+    liar.records = recs
+    table, kinds = world.check_traces(liar, recs, batch_size=len(recs))
+    n_no = sum(l.endswith(", no.") for r in recs if r["dimension"] == "alignment" for l in r["trace"].split("\n"))
+    n_lines = sum(len(r["trace"].split("\n")) - 1 for r in recs if r["dimension"] == "alignment")
+    assert n_no > 0 and table["alignment"]["lines"] == pytest.approx(1 - n_no / n_lines)
+    assert table["realism"]["lines"] == 1.0
