@@ -30,7 +30,7 @@ Checkpoints: the student as --out (.safetensors with metadata mode "direct", or 
 --opd; usable by eval.py and reward_ft.py) plus .train.pt for --resume, as in gdso.py.
 
 Launch:
-    python risd.py --teacher runs/gdso.safetensors                     # tiny world (runs/world), student from the tiny base
+    python risd.py --teacher runs/gdso.safetensors                     # tiny world (runs/world), student from the tiny student base
     python risd.py --teacher runs/gdso.safetensors --cache runs/qt.safetensors --traces 4
     python risd.py --teacher runs/gdso.safetensors --opd --out runs/opd.safetensors
     python risd.py --teacher runs/gdso.safetensors --throughput       # images/s: student vs teacher
@@ -205,7 +205,7 @@ def throughput(model, records, mode, batch_size, batches=3, max_new_tokens=64):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="RISD student distillation from a reasoning teacher (and the OPD baseline)")
     p.add_argument("--teacher", required=True, help="the frozen teacher: a reasoning-mode score-model .safetensors (e.g. from gdso.py)")
-    p.add_argument("--student", default="assets/tiny_base.safetensors", help="student init: 'tiny', a score-model .safetensors, or an HF folder / hub id")
+    p.add_argument("--student", default="assets/tiny_student_base.safetensors", help="student init: a score-model .safetensors (default: the tiny student base, a third of the teacher's size), 'tiny', or an HF folder / hub id")
     p.add_argument("--data", default="runs/world", help="folder with test.jsonl and unlabeled.jsonl (or train.jsonl, labels ignored) (README, Data), or world:n=200,seed=0 to render the synthetic world")
     p.add_argument("--unlabeled", default="", help="JSONL of (id, prompt, image, dimension) to distill on (default: --data's unlabeled.jsonl, else its train.jsonl, labels ignored)")
     p.add_argument("--limit", type=int, default=0, help="use only the first N unlabeled records (0 = all)")

@@ -9,8 +9,9 @@ falls, resume equals an uninterrupted run, and torchrun (DDP, FSDP2) matches one
     python -m pytest tests/test_risd.py -q            # unit tests and short runs (~1 min on 2 cores)
     python -m pytest tests/test_risd.py -q -m slow    # the torchrun runs too
 
-The model-level tests and the runs start from the shipped tiny base (assets/tiny_base.safetensors),
-which plays both teacher (reasoning mode) and student (direct mode).
+The runs take the shipped tiny base (assets/tiny_base.safetensors) as the teacher and the tiny
+student base (assets/tiny_student_base.safetensors, risd.py's default) as the student; where a
+test needs teacher and student to be the same model it passes --student explicitly.
 """
 
 import json
@@ -337,8 +338,8 @@ def test_resume_equals_an_uninterrupted_run(world, tmp_path):
 @needs_base
 def test_opd_run_writes_a_reasoning_student(world, tmp_path):
     out = str(tmp_path / "opd.safetensors")
-    log = _run(["--teacher", BASE, "--data", world, "--opd", "--out", out, *COMMON, "--steps", "2",
-                "--batch-size", "8", "--micro-batch", "4"]).stdout
+    log = _run(["--teacher", BASE, "--student", BASE, "--data", world, "--opd", "--out", out, *COMMON,
+                "--steps", "2", "--batch-size", "8", "--micro-batch", "4"]).stdout
     advs = [float(x) for x in re.findall(r"\| adv ([-+0-9.]+)", log)]
     assert len(advs) == 2 and all(math.isfinite(a) for a in advs)
     # teacher and student start from the same weights: before the first update A_t = 0 on every token
@@ -354,17 +355,18 @@ def test_torchrun_two_ranks_match_one_process(world, tmp_path, variant):
     # fixed targets (a cache built once; greedy rollouts for OPD) make the update independent of the split;
     # micro-batches of 4: two per rank, gradients reduced on the second only
     cache = str(tmp_path / "qt.safetensors")
+    # the student is the student base (the default), not the teacher: from the teacher's own
+    # weights every OPD advantage is 0 and nothing would move
     args = ["--teacher", BASE, "--data", world, *COMMON, "--steps", "2", "--save-every", "2", "--lr", "3e-3",
-            "--micro-batch", "4"]
+            "--micro-batch", "4", "--student", STUDENT]
     if variant.startswith("opd"):
-        # a student other than the teacher: from the teacher's own weights every advantage is 0
-        args += ["--opd", "--temperature", "0", "--lr", "1e-3", "--student", STUDENT]
+        args += ["--opd", "--temperature", "0", "--lr", "1e-3"]
     else:
         args += ["--cache", cache]
     one, two = str(tmp_path / "one.safetensors"), str(tmp_path / "two.safetensors")
     _run([*args, "--out", one])
     _run([*args, "--out", two] + (["--fsdp"] if "fsdp" in variant else []), nproc=2)
-    a, b, base = load_file(one), load_file(two), load_file(STUDENT if variant.startswith("opd") else BASE)
+    a, b, base = load_file(one), load_file(two), load_file(STUDENT)
     moved = torch.cat([(a[k] - base[k]).abs().flatten() for k in a])
     diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     assert moved.mean() > 1e-5, "the run did not change the weights: nothing was compared"
