@@ -28,12 +28,12 @@ demo:
 	$(PY) data.py --out $(WORLD) --n 200 --seed 0
 	@echo "== zero-shot: the shipped tiny base, reasoning mode"
 	$(PY) eval.py --ckpt assets/tiny_base.safetensors --data $(WORLD)/test.jsonl --mode reasoning --limit 256
-	@echo "== SFT baseline: direct score token"
-	$(PY) sft.py --init assets/tiny_base.safetensors --data $(WORLD) --out $(DEMO)/sft.safetensors --steps 60 --eval-every 0 --eval-limit 256
+	@echo "== SFT baseline: direct score token (a short run: make results trains 400 steps)"
+	$(PY) sft.py --init assets/tiny_base.safetensors --data $(WORLD) --out $(DEMO)/sft.safetensors --steps 150 --lr 3e-3 --eval-every 0 --eval-limit 256
 	@echo "== GDSO teacher"
-	$(PY) gdso.py --data $(WORLD) --out $(DEMO)/gdso.safetensors --steps 20 --eval-every 0 --eval-limit 256
-	@echo "== RISD student: one direct token, distilled from the GDSO teacher"
-	$(PY) risd.py --teacher $(DEMO)/gdso.safetensors --data $(WORLD) --out $(DEMO)/risd.safetensors --steps 100 --eval-every 0 --eval-limit 256
+	$(PY) gdso.py --data $(WORLD) --out $(DEMO)/gdso.safetensors --steps 30 --eval-every 0 --eval-limit 256
+	@echo "== RISD student: the tiny student base, one direct token, distilled from the GDSO teacher"
+	$(PY) risd.py --teacher $(DEMO)/gdso.safetensors --data $(WORLD) --out $(DEMO)/risd.safetensors --steps 150 --lr 3e-3 --teacher-temperature 0 --eval-every 0 --eval-limit 256
 	@echo "== reward fine-tuning: a short generator pretraining run, then the shipped tiny generator tuned through the RISD student"
 	$(PY) reward_ft.py --stage pretrain --data $(WORLD) --steps 300 --out $(DEMO)/gen_pretrain.safetensors
 	$(PY) reward_ft.py --init assets/tiny_gen.safetensors --data $(WORLD) --reward $(DEMO)/risd.safetensors --judge $(DEMO)/gdso.safetensors --out $(DEMO)/gen_rft.safetensors
@@ -59,6 +59,7 @@ results-seed-%: $(WORLD)/test.jsonl
 	mkdir -p $(RESULTS)
 	rm -f $(RESULTS)/*-$*.curve.jsonl
 	$(PY) sft.py --init assets/tiny_base.safetensors --data $(WORLD) --out $(RESULTS)/sft-$*.safetensors --steps $(SFT_STEPS) --lr 3e-3 --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
+	$(PY) sft.py --stage rewarddance --init assets/tiny_base.safetensors --data $(WORLD) --out $(RESULTS)/rewarddance-$*.safetensors --steps $(SFT_STEPS) --lr 3e-3 --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
 	$(PY) sft.py --init assets/tiny_student_base.safetensors --data $(WORLD) --out $(RESULTS)/student-sft-$*.safetensors --steps $(SFT_STEPS) --lr 3e-3 --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
 	$(PY) gdso.py --method grpo --data $(WORLD) --out $(RESULTS)/grpo-$*.safetensors --steps $(RL_STEPS) --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
 	$(PY) gdso.py --data $(WORLD) --out $(RESULTS)/gdso-$*.safetensors --steps $(RL_STEPS) --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0

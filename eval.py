@@ -86,8 +86,8 @@ def predict(model, records, mode="direct", batch_size=32, max_new_tokens=64, pro
     """Score every record with its own dimension: mu (N,) and, in reasoning mode, output lengths.
 
     Records are batched within a dimension (one rubric prompt per batch) in file order. Returns
-    mu, sigma, n_tokens (output tokens per scoring call: 1 in direct mode) and valid (reasoning
-    traces that reached a score token) as numpy arrays in record order.
+    mu, sigma, n_tokens (output tokens per scoring call: 1 in direct and rewarddance modes) and
+    valid (reasoning traces that reached a score token) as numpy arrays in record order.
     """
     import torch
     from PIL import Image
@@ -159,10 +159,11 @@ def format_table(table, title=None):
 
 TABLE2 = ("plcc", "srcc", "hpa", "margin_hpa", "hpa_same_n")  # the paper's Table 2, + same-count HPA
 TABLE3 = ("hpa", "margin_hpa", "tokens")  # Table 3: accuracy against output tokens per scoring call
-ORDER = ("count-only", "zero-shot", "sft", "grpo", "gdso", "student-zero-shot", "student-sft", "opd", "risd")
+ORDER = ("count-only", "zero-shot", "sft", "rewarddance", "grpo", "gdso", "student-zero-shot", "student-sft", "opd", "risd")
 # the paper's claims as paired differences (a - b, per seed): reasoning over direct, GDSO over GRPO,
-# and a one-token student that keeps its teacher's accuracy
-PAIRED = (("gdso", "grpo"), ("grpo", "sft"), ("gdso", "sft"), ("risd", "gdso"), ("risd", "opd"), ("risd", "student-sft"))
+# a one-token student that keeps its teacher's accuracy, and what a post-hoc rationale adds to SFT
+PAIRED = (("gdso", "grpo"), ("grpo", "sft"), ("gdso", "sft"), ("risd", "gdso"), ("risd", "opd"), ("risd", "student-sft"),
+          ("rewarddance", "sft"))
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t quantiles by dof
 
 
@@ -298,7 +299,7 @@ def main(argv=None):
                         help="a score-model .safetensors, a Hugging Face model folder or hub id (zero-shot), 'tiny' "
                              "(the untrained embedded model) or 'count-only' (the synthetic world's shortcut baseline)")
     parser.add_argument("--data", required=True, help="labeled JSONL, or a --data folder (its test.jsonl)")
-    parser.add_argument("--mode", default=None, choices=["direct", "reasoning"], help="prompt mode; default: the checkpoint's own (direct for an HF model)")
+    parser.add_argument("--mode", default=None, choices=["direct", "reasoning", "rewarddance"], help="prompt mode; default: the checkpoint's own (direct for an HF model)")
     parser.add_argument("--batch-size", type=int, default=32, help="queries per forward")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="reasoning mode: trace length budget")
     parser.add_argument("--limit", type=int, default=0, help="score only the first N records (0 = all)")

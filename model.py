@@ -11,9 +11,10 @@ spread. This is Q-Align's reading of a score from token logits, applied to Z-Rew
   base model emits these tokens naturally. Every bin is checked to be exactly one token.
 - score head: hidden state at the score position times only the K LM-head rows of the bin
   tokens, never the full-vocabulary logits.
-- two prompt modes: "direct" (the score token is the first answer token; SFT and the RISD
-  student) and "reasoning" (a trace, then "Score: N"; the GDSO teacher); a third, "caption",
-  exists only to pretrain the tiny world's base model.
+- prompt modes: "direct" (the score token is the first answer token; SFT and the RISD student)
+  and "reasoning" (a trace, then "Score: N"; the GDSO teacher); "rewarddance" (trained on the
+  score token, then a post-hoc rationale) is scored like "direct", from the first answer token
+  only; "caption" exists only to pretrain the tiny world's base model.
 - checkpoints: one safetensors file with the weights and everything needed to rebuild the model
   offline (HF config, tokenizer, image-processor settings, chat template, bins, prompt version).
 - the embedded default, ScoreModel.tiny(): a ~0.5M-parameter Qwen3.5-architecture VLM built from
@@ -67,7 +68,11 @@ INSTRUCTIONS = {
     "caption": "Describe the image.",  # the tiny world's base pretraining only: no rubric
     "direct": "Answer with one digit from 1 (worst) to 9 (best).",
     "reasoning": f"Check each item on its own line, then answer '{SCORE_MARKER} N' with one digit N from 1 (worst) to 9 (best).",
+    # the RewardDance baseline (sft.py --stage rewarddance): trained to write a rationale after the
+    # score, read at the score alone
+    "rewarddance": "Answer with one digit from 1 (worst) to 9 (best), then explain why.",
 }
+ONE_TOKEN_MODES = ("direct", "rewarddance")  # the score is the first answer token: one forward, no generation
 assert set(RUBRICS) == set(DIMENSIONS)
 
 
@@ -506,7 +511,7 @@ class ScoreModel(nn.Module):
               temperature=0.0):
         """Score N (prompt, image) pairs on one dimension (or a list of N dimensions).
 
-        direct: one forward, the score token read at the end of the prompt.
+        direct (and rewarddance): one forward, the score token read at the end of the prompt.
         reasoning: generate a trace (greedy unless temperature > 0), then read the distribution at
         the score token after the last "Score:"; a trace without one is marked invalid and scored
         at the end of the trace. Gradients flow when grad mode is on (direct mode).
@@ -517,14 +522,14 @@ class ScoreModel(nn.Module):
         outs = []
         for a in range(0, N, bs):
             sl = slice(a, a + bs)
-            if mode == "direct":
-                batch = self.encode(prompts[sl], images[sl], dims[sl], "direct")
+            if mode in ONE_TOKEN_MODES:
+                batch = self.encode(prompts[sl], images[sl], dims[sl], mode)
                 idx = torch.full((batch["input_ids"].shape[0],), batch["prompt_len"] - 1, device=self.device)
                 outs.append(self.distribution(self(batch, idx)["score_logits"]))
             else:
                 outs.append(self.score_with_reasoning(prompts[sl], images[sl], dims[sl], max_new_tokens, temperature))
         cat = lambda name: torch.cat([getattr(o, name) for o in outs]) if outs and getattr(outs[0], name) is not None else None
-        traces = sum((o.traces for o in outs), []) if mode != "direct" else None
+        traces = sum((o.traces for o in outs), []) if mode not in ONE_TOKEN_MODES else None
         return ScoreOutput(probs=cat("probs"), mean=cat("mean"), std=cat("std"), logits=cat("logits"),
                            traces=traces, valid=cat("valid"))
 

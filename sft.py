@@ -1,10 +1,19 @@
 """
-Supervised training of the score model, two stages.
+Supervised training of the score model, three stages.
 
 1. --stage sft (the paper's SFT baseline): the direct score token is trained with cross-entropy on
    the human label's bin, -log q(s) (Eq. 8 without reasoning); the label is the aggregate of the
    annotations rounded to the nearest of the nine bins. No reasoning trace is read or written.
-2. --stage base (the tiny world only): the language model of a tiny VLM whose vision tower was
+2. --stage rewarddance (the paper's RewardDance baseline, Table 2): the answer is the score token,
+   then a post-hoc rationale written for the known label, then the end of the turn. The loss is
+   the score token's CE exactly as in stage 1 (Eq. 8) plus --rationale-weight x the next-token
+   loss of the tokens after the score token (the rationale and the end of the turn). Scoring
+   reads q at the first answer token, as stage 1 does: one output token, the rationale is never
+   generated. The rationale is the record's `rationale` string; a tiny-world record (one with a
+   `scene`) without one uses the world's own item-by-item trace for it, without its
+   "Score:" line (the paper distilled its rationales from a stronger model given the label; the
+   world's trace is what such a model would write). A record with neither stops the run.
+3. --stage base (the tiny world only): the language model of a tiny VLM whose vision tower was
    trained first (world.py tower) learns image captions and the templated item-by-item traces of a
    pretraining world of its own (not the labeled world the methods train on, and without its test
    prompts), with the tower frozen. The traces' score lines follow a generic rubric (every defect
@@ -14,17 +23,20 @@ Supervised training of the score model, two stages.
    and GDSO start from it; `make base` regenerates the shipped assets/tiny_base.safetensors and
    assets/tiny_student_base.safetensors.
 
-Loss normalization: the loss is summed over a rank's samples (sft) or answer tokens (base) and
-divided by their global number in the step (all ranks, all micro-batches), so any world size and
-accumulation gives the same update as one process with the whole batch. That count is known before
-any forward (the batch size; the tokenized answers' lengths), so each micro-batch runs forward and
-backward at once and only one micro-batch's activations are alive at a time; gradients are
-reduced across ranks on the last micro-batch only.
+Loss normalization: the score CE is summed over a rank's samples and divided by the step's global
+number of samples; the token loss (base: the answer; rewarddance: the rationale) is summed over a
+rank's tokens and divided by the step's global number of those tokens (all ranks, all
+micro-batches), i.e. a per-token mean over the step, so a long rationale weighs more than a short
+one. Any world size and accumulation then gives the same update as one process with the whole
+batch. Both counts are known before any forward (the batch size; the tokenized answers' lengths),
+so each micro-batch runs forward and backward at once and only one micro-batch's activations are
+alive at a time; gradients are reduced across ranks on the last micro-batch only.
 
 Launch:
     make base                                                                     # the tiny bases, ~40 min on a CPU
     python data.py --out runs/world --n 200 --seed 0                              # the tiny world (the default --data)
     python sft.py --init assets/tiny_base.safetensors --out runs/sft.safetensors  # SFT baseline
+    python sft.py --stage rewarddance --init assets/tiny_base.safetensors --out runs/rewarddance.safetensors
     torchrun --nproc_per_node=8 sft.py --model Qwen/Qwen3.5-27B --data my_data --bf16 --fsdp \\
         --batch-size 256 --micro-batch 4 --lr 1e-5 --out runs/sft27b.safetensors
 """
@@ -36,12 +48,14 @@ import torch
 from PIL import Image
 
 import common
-from data import score_to_level
+from data import SCORE_MARKER, make_trace, parse_prompt, score_to_level
 from eval import format_table
 from kernels import score_ce
+from model import BIN_TOKENS
 
-parser = argparse.ArgumentParser(description="SFT baseline (direct score token) and the tiny world's base pretraining")
-parser.add_argument("--stage", default="sft", choices=["sft", "base"], help="sft: direct score CE; base: tiny-world captions + traces")
+parser = argparse.ArgumentParser(description="SFT baseline (direct score token), the RewardDance baseline and the tiny world's base pretraining")
+parser.add_argument("--stage", default="sft", choices=["sft", "rewarddance", "base"], help="sft: direct score CE; rewarddance: score CE + post-hoc rationale loss; base: tiny-world captions + traces")
+parser.add_argument("--rationale-weight", type=float, default=1.0, help="rewarddance: weight of the rationale's per-token loss beside the score CE")
 parser.add_argument("--model", default="tiny", help="'tiny', an HF folder / hub id, or a score-model .safetensors")
 parser.add_argument("--init", default="", help="start from this score-model .safetensors (overrides --model)")
 parser.add_argument("--data", default="runs/world", help="folder with train.jsonl and test.jsonl (README, Data), or world:n=200,seed=0 to render the synthetic world")
@@ -70,6 +84,21 @@ args.lr = args.lr if args.lr is not None else (3e-3 if args.stage == "base" else
 args.steps = args.steps if args.steps is not None else (2400 if args.stage == "base" else 300)
 if args.steps < 1:
     parser.error(f"--steps must be at least 1 (got {args.steps}): a run of no steps would write nothing")
+if args.rationale_weight < 0:
+    parser.error(f"--rationale-weight must be >= 0 (got {args.rationale_weight})")
+
+
+def rationale_of(r):
+    """The post-hoc rationale of a labeled record: its `rationale`, else (the tiny world) its trace
+    without the final "Score:" line; None if it has neither."""
+    if "rationale" in r:
+        return r["rationale"] if isinstance(r["rationale"], str) and r["rationale"].strip() else None
+    if "scene" not in r:
+        return None
+    trace = r.get("trace") or make_trace(r["scene"], parse_prompt(r["prompt"]), r["dimension"])
+    lines = trace.split("\n")
+    return "\n".join(lines[:-1] if lines[-1].startswith(SCORE_MARKER) else lines)
+
 
 # -----------------------------------------------------------------------------
 # init
@@ -94,6 +123,12 @@ if args.stage == "base":
     items += [("reasoning", r, r["trace"]) for r in train]
     if not all("trace" in r for r in train):
         raise SystemExit(f"{train_file} has records without a 'trace': --stage base needs the synthetic world")
+elif args.stage == "rewarddance":
+    items = [("rewarddance", r, rationale_of(r)) for r in train]
+    bad = next((r for _, r, text in items if text is None), None)
+    if bad is not None:
+        common.fail(f"{train_file}: record {bad['id']!r} has no 'rationale' (a non-empty string): --stage rewarddance "
+                    f"trains on the score followed by its rationale (README, Data)")
 else:
     items = [("direct", r, None) for r in train]
 micro = min(args.micro_batch, args.batch_size // world)
@@ -107,9 +142,25 @@ batches = common.Batches(items, args.batch_size, rank, world, seed=args.seed)
 model = common.load_model(args.init or args.model, seed=args.seed, meta=common.sharded(args.fsdp))
 if args.stage == "base" and model.source != "tiny":
     raise SystemExit("--stage base pretrains the embedded tiny model; real models start from their own pretraining")
-eval_mode = "reasoning" if args.stage == "base" else "direct"
-common.check_context(model, train, eval_mode, 1 if args.stage == "sft" else 96)
-common.check_context(model, test, eval_mode, 1 if args.stage == "sft" else 96)
+eval_mode = {"base": "reasoning", "rewarddance": "rewarddance", "sft": "direct"}[args.stage]
+
+
+def answer_ids(text, r=None):
+    """The answer tokens: the caption or trace (base), or the score token then the rationale
+    (rewarddance), then the end of the turn."""
+    tok = model.tokenizer
+    ids = tok.encode(text, add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>")]
+    if args.stage != "rewarddance":
+        return ids
+    # the label's bin token first (one token, model.py checks it), the rationale on the next line
+    score = tok.encode(BIN_TOKENS[score_to_level(r["score"]) - 1], add_special_tokens=False)
+    return score + tok.encode("\n", add_special_tokens=False) + ids
+
+
+# the longest answer must fit when training; scoring reads one token (sft, rewarddance) or a trace
+answer_len = max(len(answer_ids(t, r)) for _, r, t in items) if args.stage == "rewarddance" else {"sft": 1, "base": 96}[args.stage]
+common.check_context(model, train, eval_mode, answer_len)
+common.check_context(model, test, eval_mode, 96 if args.stage == "base" else 1)
 if args.freeze_vision:
     model.vision_tower().requires_grad_(False)
 ddp_model = common.wrap(model, device, fsdp=args.fsdp, bf16=args.bf16, checkpointing=args.checkpointing)
@@ -120,35 +171,48 @@ if args.resume:
     common.print0(f"resumed {args.out} at step {step}")
 common.print0(f"{args.stage} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {len(items)} items | "
               f"world {world} x micro {micro} x accum {accum} = {args.batch_size} | {args.steps} steps")
+# the weight of the per-token loss beside the score CE: the whole loss (base), the rationale's
+# (rewarddance), none (sft)
+token_weight = {"sft": 0.0, "base": 1.0, "rewarddance": args.rationale_weight}[args.stage]
 
 
 def open_images(recs):
     return [Image.open(r["image_path"]).convert("RGB") for r in recs]
 
 
-def answer_ids(text):
-    """The base stage's answer tokens: the caption or trace, then the end of the turn."""
-    tok = common.unwrap(ddp_model).tokenizer
-    return tok.encode(text, add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>")]
-
-
 def micro_count(chunk):
-    """What normalizes the loss, before any forward: samples (sft) or answer tokens (base)."""
-    return len(chunk) if args.stage == "sft" else sum(len(answer_ids(text)) for _, _, text in chunk)
+    """What normalizes the loss, before any forward: (samples with a score CE, tokens with a
+    next-token loss). rewarddance's tokens are the answer's after the score token."""
+    if args.stage == "base":
+        return 0, sum(len(answer_ids(text)) for _, _, text in chunk)
+    if args.stage == "rewarddance":
+        return len(chunk), sum(len(answer_ids(text, r)) - 1 for _, r, text in chunk)
+    return len(chunk), 0
 
 
 def micro_loss(chunk):
-    """Sum of the loss over this micro-batch (over samples, or over answer tokens)."""
+    """(score CE summed over samples, next-token loss summed over tokens) of this micro-batch."""
     inner = common.unwrap(ddp_model)
-    if args.stage == "sft":
+    zero = torch.zeros((), device=device)
+    if args.stage in ("sft", "rewarddance"):
         recs = [r for _, r, _ in chunk]
-        batch = inner.encode([r["prompt"] for r in recs], open_images(recs), [r["dimension"] for r in recs], "direct")
+        # rewarddance teacher-forces score + rationale; the score is read before the answer either way
+        comps = [answer_ids(text, r) for _, r, text in chunk] if args.stage == "rewarddance" else None
+        batch = inner.encode([r["prompt"] for r in recs], open_images(recs), [r["dimension"] for r in recs], eval_mode,
+                             completions=comps)
         idx = torch.full((len(recs),), batch["prompt_len"] - 1, device=device)
-        logits = ddp_model(batch, idx)["score_logits"]
+        targets = None
+        if comps is not None:
+            # the rationale's tokens only: position Lp - 1 predicts the score token, whose loss is
+            # the bin CE below (Eq. 8), not a second, full-vocabulary term
+            targets = inner.completion_targets(batch, comps)
+            targets[:, batch["prompt_len"] - 1] = -100
+        out = ddp_model(batch, idx, targets=targets)
         target = torch.tensor([score_to_level(r["score"]) - 1 for r in recs], device=device)  # nearest bin
-        return score_ce(logits, target).sum()
+        nll = -out["token_logprobs"].sum() if targets is not None else zero
+        return score_ce(out["score_logits"], target).sum(), nll
     # base: next-token loss on the answer (caption or trace + end of turn) only
-    loss = 0.0
+    nll = zero
     for mode in ("caption", "reasoning"):
         sub = [(r, text) for m, r, text in chunk if m == mode]
         if not sub:
@@ -160,8 +224,8 @@ def micro_loss(chunk):
         targets = inner.completion_targets(batch, comps)
         idx = torch.full((len(recs),), batch["prompt_len"] - 1, device=device)
         lp = ddp_model(batch, idx, targets=targets)["token_logprobs"]
-        loss = loss - lp.sum()
-    return loss
+        nll = nll - lp.sum()
+    return zero, nll
 
 
 # -----------------------------------------------------------------------------
@@ -173,26 +237,35 @@ while step < args.steps:
     common.set_lr(optimizer, lr)
     mine = batches.next()
     chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
-    # the step's global count (samples or answer tokens, all ranks and micro-batches), counted first
-    n_global = common.all_sum(sum(micro_count(c) for c in chunks))
+    # the step's global counts (samples, tokens; all ranks and micro-batches), counted first; a
+    # count of 0 has no loss term to normalize (max 1)
+    counts = [micro_count(c) for c in chunks]
+    n_samples = max(common.all_sum(sum(n for n, _ in counts)), 1.0)
+    n_tokens = max(common.all_sum(sum(n for _, n in counts)), 1.0)
     ddp_model.train()
-    logged = 0.0
+    ce_sum, nll_sum = 0.0, 0.0
     for i, chunk in enumerate(chunks):
         # forward and backward per micro-batch: one micro-batch's graph alive at a time; gradients
         # reduced across ranks on the last one only
         with common.grad_sync(ddp_model, i == len(chunks) - 1):
-            loss_sum = micro_loss(chunk)
-            (loss_sum * world / n_global).backward()  # DDP / FSDP average over ranks; x world makes it the global sum
-        logged += float(loss_sum.detach())
+            ce, nll = micro_loss(chunk)
+            # DDP / FSDP average over ranks; x world makes each term its global sum over its count
+            (ce * world / n_samples + token_weight * nll * world / n_tokens).backward()
+        ce_sum, nll_sum = ce_sum + float(ce.detach()), nll_sum + float(nll.detach())
+    # this rank's share of the global mean losses; all_mean below sums them back over ranks
+    ce_mean, nll_mean = ce_sum * world / n_samples, nll_sum * world / n_tokens
+    logged = ce_mean + token_weight * nll_mean
     grad_norm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), args.clip)
-    common.check_finite_step(step, grad_norm, logged * world / n_global)  # stop, before a NaN update
+    common.check_finite_step(step, grad_norm, logged)  # stop, before a NaN update
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     step += 1
-    metrics = common.all_mean({"loss": logged * world / n_global, "grad_norm": float(grad_norm)})
+    metrics = common.all_mean({"loss": logged, "score_ce": ce_mean, "rationale": nll_mean, "grad_norm": float(grad_norm)})
     if step % 10 == 0 or step == 1:
         ms = timer.lap() / (10 if step > 1 else 1)
-        common.print0(f"step {step:5d} | loss {metrics['loss']:.4f} | grad {metrics['grad_norm']:.2f} | lr {lr:.2e} | "
+        # rewarddance: the two terms of its loss as well (the rationale's per-token, unweighted)
+        terms = f" | score_ce {metrics['score_ce']:.4f} | rationale {metrics['rationale']:.4f}" if args.stage == "rewarddance" else ""
+        common.print0(f"step {step:5d} | loss {metrics['loss']:.4f}{terms} | grad {metrics['grad_norm']:.2f} | lr {lr:.2e} | "
                       f"{ms:.0f} ms/step | {args.batch_size / ms * 1000:.1f} samples/s{common.peak_memory(device)}")
     if step % args.save_every == 0 or step == args.steps:
         common.save_checkpoint(args.out, ddp_model, optimizer, step, batches, args, mode=eval_mode, stage=args.stage)
