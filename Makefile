@@ -60,6 +60,7 @@ results-seed-%: $(WORLD)/test.jsonl
 	rm -f $(RESULTS)/*-$*.curve.jsonl
 	$(PY) sft.py --init assets/tiny_base.safetensors --data $(WORLD) --out $(RESULTS)/sft-$*.safetensors --steps $(SFT_STEPS) --lr 3e-3 --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
 	$(PY) sft.py --stage rewarddance --init assets/tiny_base.safetensors --data $(WORLD) --out $(RESULTS)/rewarddance-$*.safetensors --steps $(SFT_STEPS) --lr 3e-3 --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
+	$(PY) sft.py --stage rewarddance --init assets/tiny_student_base.safetensors --data $(WORLD) --out $(RESULTS)/student-rewarddance-$*.safetensors --steps $(SFT_STEPS) --lr 3e-3 --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
 	$(PY) sft.py --init assets/tiny_student_base.safetensors --data $(WORLD) --out $(RESULTS)/student-sft-$*.safetensors --steps $(SFT_STEPS) --lr 3e-3 --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
 	$(PY) gdso.py --method grpo --data $(WORLD) --out $(RESULTS)/grpo-$*.safetensors --steps $(RL_STEPS) --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
 	$(PY) gdso.py --data $(WORLD) --out $(RESULTS)/gdso-$*.safetensors --steps $(RL_STEPS) --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0

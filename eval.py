@@ -159,11 +159,11 @@ def format_table(table, title=None):
 
 TABLE2 = ("plcc", "srcc", "hpa", "margin_hpa", "hpa_same_n")  # the paper's Table 2, + same-count HPA
 TABLE3 = ("hpa", "margin_hpa", "tokens")  # Table 3: accuracy against output tokens per scoring call
-ORDER = ("count-only", "zero-shot", "sft", "rewarddance", "grpo", "gdso", "student-zero-shot", "student-sft", "opd", "risd")
+ORDER = ("count-only", "zero-shot", "sft", "rewarddance", "grpo", "gdso", "student-zero-shot", "student-sft", "student-rewarddance", "opd", "risd")
 # the paper's claims as paired differences (a - b, per seed): reasoning over direct, GDSO over GRPO,
 # a one-token student that keeps its teacher's accuracy, and what a post-hoc rationale adds to SFT
 PAIRED = (("gdso", "grpo"), ("grpo", "sft"), ("gdso", "sft"), ("risd", "gdso"), ("risd", "opd"), ("risd", "student-sft"),
-          ("rewarddance", "sft"))
+          ("rewarddance", "sft"), ("student-rewarddance", "student-sft"))
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t quantiles by dof
 
 
@@ -197,7 +197,7 @@ def summarize(paths, columns=TABLE2, methods=None):
     """Mean ± std over seeds of the overall row of *.eval.json files, one line per method."""
     runs = load_runs(paths)
     order = [m for m in ORDER if m in runs] + sorted(m for m in runs if m not in ORDER)
-    lines = [f"{'method':<18}{'seeds':>6}" + "".join(f"{c:>17}" for c in columns)]
+    lines = [f"{'method':<20}{'seeds':>6}" + "".join(f"{c:>17}" for c in columns)]
     for method in order:
         if methods and method not in methods:
             continue
@@ -205,14 +205,14 @@ def summarize(paths, columns=TABLE2, methods=None):
         for c in columns:
             v = np.array([row[c] for row in runs[method].values()])
             cells += f"{v.mean():>10.3f} ± {v.std():.3f}"
-        lines.append(f"{method:<18}{len(runs[method]):>6}{cells}")
+        lines.append(f"{method:<20}{len(runs[method]):>6}{cells}")
     return "\n".join(lines)
 
 
 def paired_differences(paths, column="hpa", pairs=PAIRED):
     """a - b per seed for each pair of methods, with a 95% t interval over the seeds they share"""
     runs = load_runs(paths)
-    lines = [f"{'difference':<24}{'seeds':>6}{'mean':>9}{'95% interval':>20}   per seed"]
+    lines = [f"{'difference':<38}{'seeds':>6}{'mean':>9}{'95% interval':>20}   per seed"]
     for a, b in pairs:
         if a not in runs or b not in runs:
             continue
@@ -222,7 +222,7 @@ def paired_differences(paths, column="hpa", pairs=PAIRED):
             continue
         half = T975.get(len(d) - 1, 1.96) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
         each = " ".join(f"{x:+.3f}" for x in d)
-        lines.append(f"{a + ' - ' + b:<24}{len(d):>6}{d.mean():>+9.3f}   [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]   {each}")
+        lines.append(f"{a + ' - ' + b:<38}{len(d):>6}{d.mean():>+9.3f}   [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]   {each}")
     return "\n".join(lines)
 
 
@@ -290,7 +290,7 @@ def main(argv=None):
         print("Table 2 (overall test split; mean ± std over seeds)")
         print(summarize(argv[1:]))
         print("\nTable 3 (accuracy against output tokens per scoring call)")
-        print(summarize(argv[1:], TABLE3, methods=("opd", "student-sft", "sft", "gdso", "risd")))
+        print(summarize(argv[1:], TABLE3, methods=("opd", "student-sft", "student-rewarddance", "sft", "rewarddance", "gdso", "risd")))
         print("\nPaired differences of HPA (a - b on the same seed; 95% t interval over seeds)")
         print(paired_differences(argv[1:]))
         return
