@@ -33,7 +33,7 @@ so each micro-batch runs forward and backward at once and only one micro-batch's
 alive at a time; gradients are reduced across ranks on the last micro-batch only.
 
 Launch:
-    make base                                                                     # the tiny bases, ~40 min on a CPU
+    make base                                                                     # the tiny bases, ~50 min on a CPU
     python data.py --out runs/world --n 200 --seed 0                              # the tiny world (the default --data)
     python sft.py --init assets/tiny_base.safetensors --out runs/sft.safetensors  # SFT baseline
     python sft.py --stage rewarddance --init assets/tiny_base.safetensors --out runs/rewarddance.safetensors
