@@ -42,6 +42,9 @@ with "Score: d", d = score_to_level(true score), e.g. for alignment:
   bottom right blue square: green square, no.
   extra: none.
   Score: 6
+An alignment line says what the quadrant holds before its verdict, so that the verdict compares
+two phrases already written. The tiny bases' pretraining world (--trace-rubric generic) ends its
+traces on a generic rubric instead, generic_scores: every defect one point, whatever its kind.
 
 Make a world:  python data.py --out data/world --n 200 --seed 0
 """
