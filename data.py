@@ -298,7 +298,7 @@ def make_trace(scene, items, dimension, level=None):
         lines = []
         for it, (s, o) in zip(items, status):
             # what the quadrant holds first, then the verdict: reading before judging makes the
-            # comparison one of two phrases already written (README, "the tiny world")
+            # comparison one of two phrases already written (README, "The embedded tiny default")
             seen = "empty" if s in ("missing", "moved") else f"{o['color']} {o['shape']}"
             verdict = "yes" if s == "ok" else f"at {o['quadrant']}" if s == "moved" else "no"
             lines.append(f"{_name(it)}: {seen}, {verdict}.")

@@ -11,8 +11,8 @@ for a pretrained VLM ("sees well, does not know the annotators' rubric"):
    and their mean (noise, blur, artifacts, clutter, contrast); cross-entropy on labels known from
    how each image was drawn, fresh images every step. This is how real towers are pretrained
    (supervised or contrastive, before the language model), and it is what the tiny world lacked:
-   a random frozen tower, read by the language model, misses the subtle cues (README, "the tiny
-   world").
+   a random frozen tower, read by the language model, misses the subtle cues (README, "The
+   embedded tiny default").
 2. base (sft.py --stage base --init TOWER): a fresh language model on the frozen trained tower
    learns captions and item-by-item traces whose score lines follow a generic rubric (every
    defect costs one point; data.generic_scores), not the annotators' rubric: zero-shot it reasons
