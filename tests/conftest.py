@@ -26,3 +26,22 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = _old
+
+
+def assert_same_update(one, two, start, min_moved=1e-5):
+    """Two checkpoints that must hold the same update from `start` (torchrun ranks against one
+    process): the run moved the weights at all, and their difference is rounding-level.
+
+    The gradients agree to float rounding, but AdamW's first steps divide by sqrt(v): a weight whose
+    gradient is ~1e-9 (rounding-level) moves by up to lr either way. So: the mean difference is tiny
+    against the mean movement and only a handful of weights differ at all.
+    """
+    from safetensors.torch import load_file
+
+    a, b, base = load_file(one), load_file(two), load_file(start)
+    assert set(a) == set(b)
+    moved = torch.cat([(a[k] - base[k]).abs().flatten() for k in a])
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert moved.mean() > min_moved, "the run did not change the weights: nothing was compared"
+    assert diff.mean() < 1e-3 * moved.mean(), (diff.mean(), moved.mean())
+    assert (diff > 1e-5).float().mean() < 5e-3

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import common
+from conftest import assert_same_update
 import model as model_lib
 from data import SCORE_MARKER, score_to_level
 from model import BIN_TOKENS, ScoreModel
@@ -245,8 +246,6 @@ def test_resume_equals_an_uninterrupted_run(world, tmp_path, monkeypatch):
 def test_torchrun_two_ranks_match_one_process(world, tmp_path, fsdp):
     # 2 ranks x 2 micro-batches of 2 against one process with 4 micro-batches of 2: the rationale's
     # token count that normalizes its loss is the step's global one on every rank
-    from safetensors.torch import load_file
-
     args = ["--stage", "rewarddance", "--init", BASE, "--data", world, "--steps", "2", "--batch-size", "8",
             "--micro-batch", "2", "--lr", "3e-3", "--warmup", "1", "--eval-every", "0", "--eval-limit", "4",
             "--save-every", "2"]
@@ -257,10 +256,4 @@ def test_torchrun_two_ranks_match_one_process(world, tmp_path, fsdp):
                  os.path.join(ROOT, "sft.py"), *args, "--out", two, *(["--fsdp"] if fsdp else [])]):
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    a, b, base = load_file(one), load_file(two), load_file(BASE)
-    moved = torch.cat([(a[k] - base[k]).abs().flatten() for k in a])
-    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
-    assert moved.mean() > 1e-5, "the run did not change the weights: nothing was compared"
-    # as in tests/test_sft.py: AdamW's first steps amplify rounding-level gradients
-    assert diff.mean() < 1e-3 * moved.mean(), (diff.mean(), moved.mean())
-    assert (diff > 1e-5).float().mean() < 5e-3
+    assert_same_update(one, two, BASE)
