@@ -253,12 +253,13 @@ def plot_curves(paths, out, column="hpa"):
         line, = ax.plot(steps, v.mean(0), marker="o", ms=3, label=f"{method} ({len(v)} seeds)")
         ax.fill_between(steps, v.min(0), v.max(0), color=line.get_color(), alpha=0.2)
     # the models the runs start from (zero-shot rows beside the curves, seedless *.eval.json) as dashed lines
-    for p in sorted({os.path.join(os.path.dirname(p), f) for p in paths for f in os.listdir(os.path.dirname(p) or ".")}):
-        if p.endswith("zero-shot.eval.json"):
-            with open(p) as f:
-                ax.axhline(json.load(f)["table"]["overall"][column], ls="--", lw=1, color="gray")
-            ax.annotate(run_name(p)[0], (0, ax.get_lines()[-1].get_ydata()[0]), xycoords=("axes fraction", "data"),
-                        xytext=(3, 3), textcoords="offset points", fontsize=7, color="gray")
+    folders = {os.path.dirname(p) or "." for p in paths}
+    for p in sorted(os.path.join(d, f) for d in folders for f in os.listdir(d) if f.endswith("zero-shot.eval.json")):
+        with open(p) as f:
+            y = json.load(f)["table"]["overall"][column]
+        ax.axhline(y, ls="--", lw=1, color="gray")
+        ax.annotate(run_name(p)[0], (0, y), xycoords=("axes fraction", "data"), xytext=(3, 3),
+                    textcoords="offset points", fontsize=7, color="gray")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"test {column.upper().replace('_', ' ')}")
     ax.grid(alpha=0.3)
