@@ -48,7 +48,7 @@ import torch
 from PIL import Image
 
 import common
-from data import SCORE_MARKER, make_trace, parse_prompt, score_to_level
+from data import SCORE_MARKER, make_trace, parse_prompt, parse_score, score_to_level
 from eval import format_table
 from kernels import score_ce
 from model import BIN_TOKENS
@@ -77,6 +77,7 @@ parser.add_argument("--seed", type=int, default=0, help="seed for init, data ord
 parser.add_argument("--bf16", action="store_true", help="bfloat16 compute (fp32 master weights and optimizer state)")
 parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP replication")
 parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+parser.add_argument("--direct-items", action="store_true", help="base stage: also train the one-token direct answer on the trace's own (generic-rubric) score, so that the base can score without reasoning as a pretrained VLM can")
 parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True, help="keep the vision tower frozen (default; the tiny base's tower is trained in a stage of its own, world.py)")
 args = parser.parse_args()
 # a language model from scratch (base stage) wants a larger lr and more steps; an explicit value always wins
@@ -120,9 +121,12 @@ if args.stage == "base":
     # one captioning item per image, one reasoning item per (image, dimension) with its trace
     images = {r["image_path"]: r for r in train}
     items = [("caption", r, r["caption"]) for r in images.values() if "caption" in r]
-    items += [("reasoning", r, r["trace"]) for r in train]
     if not all("trace" in r for r in train):
         raise SystemExit(f"{train_file} has records without a 'trace': --stage base needs the synthetic world")
+    items += [("reasoning", r, r["trace"]) for r in train]
+    if args.direct_items:
+        # the direct answer is the trace's own score (the base's generic rubric), not the label
+        items += [("direct", r, None) for r in train]
 elif args.stage == "rewarddance":
     items = [("rewarddance", r, rationale_of(r)) for r in train]
     bad = next((r for _, r, text in items if text is None), None)
@@ -184,7 +188,8 @@ def micro_count(chunk):
     """What normalizes the loss, before any forward: (samples with a score CE, tokens with a
     next-token loss). rewarddance's tokens are the answer's after the score token."""
     if args.stage == "base":
-        return 0, sum(len(answer_ids(text)) for _, _, text in chunk)
+        return (sum(m == "direct" for m, _, _ in chunk),
+                sum(len(answer_ids(text)) for m, _, text in chunk if m != "direct"))
     if args.stage == "rewarddance":
         return len(chunk), sum(len(answer_ids(text, r)) - 1 for _, r, text in chunk)
     return len(chunk), 0
@@ -211,8 +216,16 @@ def micro_loss(chunk):
         target = torch.tensor([score_to_level(r["score"]) - 1 for r in recs], device=device)  # nearest bin
         nll = -out["token_logprobs"].sum() if targets is not None else zero
         return score_ce(out["score_logits"], target).sum(), nll
-    # base: next-token loss on the answer (caption or trace + end of turn) only
-    nll = zero
+    # base: next-token loss on the answer (caption or trace + end of turn); with --direct-items
+    # also the direct score token's CE on the trace's own score
+    nll, ce = zero, zero
+    direct = [r for m, r, _ in chunk if m == "direct"]
+    if direct:
+        batch = inner.encode([r["prompt"] for r in direct], open_images(direct), [r["dimension"] for r in direct], "direct")
+        idx = torch.full((len(direct),), batch["prompt_len"] - 1, device=device)
+        out = ddp_model(batch, idx)
+        target = torch.tensor([parse_score(r["trace"]) - 1 for r in direct], device=device)
+        ce = score_ce(out["score_logits"], target).sum()
     for mode in ("caption", "reasoning"):
         sub = [(r, text) for m, r, text in chunk if m == mode]
         if not sub:
@@ -225,7 +238,7 @@ def micro_loss(chunk):
         idx = torch.full((len(recs),), batch["prompt_len"] - 1, device=device)
         lp = ddp_model(batch, idx, targets=targets)["token_logprobs"]
         nll = nll - lp.sum()
-    return zero, nll
+    return ce, nll
 
 
 # -----------------------------------------------------------------------------
