@@ -102,29 +102,59 @@ def _unflatten(t, lead):
 
 
 @triton.jit
-def _rne_bf16(x):
-    # fp32 -> bf16 rounding for the interpreter: a GPU's cast rounds to nearest even, the
-    # interpreter's truncates. adding 0x7fff plus the lowest kept bit and clearing the low 16
-    # bits rounds to nearest even, after which the truncating cast is exact.
+def _round_bf16_nearest_even(x):
+    # fp32 -> bf16 rounding for the interpreter, whose fp32 -> bf16 cast truncates where a GPU's
+    # rounds to nearest even. adding 0x7fff plus the lowest kept bit and clearing the low 16 bits
+    # rounds to nearest even, after which the truncating cast is exact.
     bits = x.to(tl.uint32, bitcast=True)
     bits = bits + 0x7FFF + ((bits >> 16) & 1)
     return ((bits >> 16) << 16).to(tl.float32, bitcast=True)
 
 
 @triton.jit
+def _logit_tile(
+    hidden_ptr, weight_ptr, rows, cols, row_mask, col_mask,
+    stride_hidden_token, stride_hidden_dim, stride_weight_vocab, stride_weight_dim, D, inv_temp,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # z = (h @ W^T) / tau for the tokens `rows` and vocabulary entries `cols`, accumulated in fp32
+    # over D in BLOCK_D steps. the forward and the backward both build their tiles here, with the
+    # same tile sizes, so the backward recomputes the logits the forward saw: the same products,
+    # summed in the same BLOCK_D steps. rows past the tokens and columns past V load zeros, so z
+    # is finite (0) there; the callers mask them.
+    acc = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        dim_mask = dims < D
+        h = tl.load(hidden_ptr + rows[:, None] * stride_hidden_token + dims[None, :] * stride_hidden_dim,
+                    mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+        w = tl.load(weight_ptr + cols[:, None] * stride_weight_vocab + dims[None, :] * stride_weight_dim,
+                    mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
+        if DOT_FP32:
+            # fp32 operands: fp32 inputs, and the CPU interpreter (whose bf16 dot is wrong)
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc * inv_temp
+
+
+@triton.jit
 def _logprob_fwd_kernel(
-    h_ptr, w_ptr, y_ptr,  # inputs: hidden (T, D), weight (V, D), targets (T,)
-    m_ptr, s_ptr, zy_ptr, a_ptr,  # outputs, one row per vocabulary split: (S, T) each
-    stride_ht, stride_hd, stride_wv, stride_wd,
+    hidden_ptr, weight_ptr, targets_ptr,  # inputs: hidden (T, D), weight (V, D), targets (T,)
+    max_ptr, sumexp_ptr, target_logit_ptr, sumexp_z_ptr,  # outputs, one row per vocabulary split: (S, T)
+    stride_hidden_token, stride_hidden_dim, stride_weight_vocab, stride_weight_dim,
     T, V, D, v_per_split, inv_temp,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # program (pid_t, pid_s) owns BLOCK_T tokens and the vocabulary split
+    # [pid_s * v_per_split, (pid_s + 1) * v_per_split); it writes the split's partial statistics
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    rmask = rows < T
-    y = tl.load(y_ptr + rows, mask=rmask, other=-1)
+    row_mask = rows < T
+    y = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
     # online log-sum-exp state (Milakov & Gimelshein): after each chunk, m is the max so far and
     # s = sum exp(z - m); a new max rescales the old sums by exp(m_old - m_new)
     m = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
@@ -134,22 +164,11 @@ def _logprob_fwd_kernel(
     v_lo = pid_s.to(tl.int64) * v_per_split
     for v0 in range(0, v_per_split, BLOCK_V):
         cols = v_lo + v0 + tl.arange(0, BLOCK_V)  # int64: V * D can pass 2^31
-        cmask = cols < V
-        acc = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            dmask = dd < D
-            h = tl.load(h_ptr + rows[:, None] * stride_ht + dd[None, :] * stride_hd,
-                        mask=rmask[:, None] & dmask[None, :], other=0.0)
-            w = tl.load(w_ptr + cols[:, None] * stride_wv + dd[None, :] * stride_wd,
-                        mask=cmask[:, None] & dmask[None, :], other=0.0)
-            if DOT_FP32:
-                # fp32 operands: fp32 inputs, and the CPU interpreter (whose bf16 dot is wrong)
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        zf = acc * inv_temp  # finite everywhere: columns past V loaded zero weights
-        z = tl.where(cmask[None, :], zf, float("-inf"))  # ... and take no probability
+        col_mask = cols < V
+        zf = _logit_tile(hidden_ptr, weight_ptr, rows, cols, row_mask, col_mask,
+                         stride_hidden_token, stride_hidden_dim, stride_weight_vocab, stride_weight_dim,
+                         D, inv_temp, BLOCK_T, BLOCK_V, BLOCK_D, DOT_FP32, DOT_PRECISION)
+        z = tl.where(col_mask[None, :], zf, float("-inf"))  # columns past V take no probability
         m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every chunk has a column < V
         alpha = tl.exp(m - m_new)
         e = tl.exp(z - m_new[:, None])  # exactly 0 past V
@@ -159,22 +178,25 @@ def _logprob_fwd_kernel(
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], zf, 0.0), axis=1)
         m = m_new
     out = pid_s.to(tl.int64) * T + rows
-    tl.store(m_ptr + out, m, mask=rmask)
-    tl.store(s_ptr + out, s, mask=rmask)
-    tl.store(zy_ptr + out, zy, mask=rmask)
+    tl.store(max_ptr + out, m, mask=row_mask)
+    tl.store(sumexp_ptr + out, s, mask=row_mask)
+    tl.store(target_logit_ptr + out, zy, mask=row_mask)
     if ENTROPY:
-        tl.store(a_ptr + out, a, mask=rmask)
+        tl.store(sumexp_z_ptr + out, a, mask=row_mask)
 
 
 @triton.jit
 def _logprob_bwd_kernel(
-    h_ptr, w_ptr, y_ptr, lse_ptr, zbar_ptr, glp_ptr, gent_ptr,  # a chunk of C tokens, and the weight
-    dz_ptr,  # output: d loss / d (hidden @ weight.T) for the chunk, (C, V) contiguous
-    stride_ht, stride_hd, stride_wv, stride_wd, stride_glp, stride_gent,
+    hidden_ptr, weight_ptr, targets_ptr,  # a chunk of C tokens (hidden (C, D), targets (C,)), and the weight
+    lse_ptr, zbar_ptr,  # what the forward saved for these tokens, (C,) each
+    grad_logprob_ptr, grad_entropy_ptr,  # upstream gradients, (C,) each
+    grad_logits_ptr,  # output: d loss / d (hidden @ weight.T) for the chunk, (C, V) contiguous
+    stride_hidden_token, stride_hidden_dim, stride_weight_vocab, stride_weight_dim,
+    stride_grad_logprob, stride_grad_entropy,
     C, V, D, inv_temp, ignore_index,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    RNE_BF16: tl.constexpr,
+    HAS_GRAD_LOGPROB: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr,
 ):
     # gradient derivation, per token, with z = h W^T / tau, p = softmax(z), lse = log sum exp z:
     #   logprob  lp = z_y - lse               -> dlp/dz_j = [j == y] - p_j
@@ -187,40 +209,30 @@ def _logprob_bwd_kernel(
     pid_v = tl.program_id(1)
     rows = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    rmask = rows < C
-    cmask = cols < V
-    # recompute the logit tile exactly as the forward did
-    acc = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        dmask = dd < D
-        h = tl.load(h_ptr + rows[:, None] * stride_ht + dd[None, :] * stride_hd,
-                    mask=rmask[:, None] & dmask[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_wv + dd[None, :] * stride_wd,
-                    mask=cmask[:, None] & dmask[None, :], other=0.0)
-        if DOT_FP32:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    z = acc * inv_temp
-    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    row_mask = rows < C
+    col_mask = cols < V
+    z = _logit_tile(hidden_ptr, weight_ptr, rows, cols, row_mask, col_mask,
+                    stride_hidden_token, stride_hidden_dim, stride_weight_vocab, stride_weight_dim,
+                    D, inv_temp, BLOCK_T, BLOCK_V, BLOCK_D, DOT_FP32, DOT_PRECISION)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     p = tl.exp(z - lse[:, None])
-    y = tl.load(y_ptr + rows, mask=rmask, other=ignore_index)
-    keep = rmask & (y != ignore_index)  # ignored tokens: zero gradient
+    y = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
+    keep = row_mask & (y != ignore_index)  # ignored tokens: zero gradient
     dz = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
-    if HAS_GLP:
-        glp = tl.load(glp_ptr + rows * stride_glp, mask=rmask, other=0.0).to(tl.float32)
+    if HAS_GRAD_LOGPROB:
+        glp = tl.load(grad_logprob_ptr + rows * stride_grad_logprob, mask=row_mask, other=0.0).to(tl.float32)
         onehot = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
         dz += glp[:, None] * (onehot - p)
-    if HAS_GENT:
-        gent = tl.load(gent_ptr + rows * stride_gent, mask=rmask, other=0.0).to(tl.float32)
-        zbar = tl.load(zbar_ptr + rows, mask=rmask, other=0.0)
+    if HAS_GRAD_ENTROPY:
+        gent = tl.load(grad_entropy_ptr + rows * stride_grad_entropy, mask=row_mask, other=0.0).to(tl.float32)
+        zbar = tl.load(zbar_ptr + rows, mask=row_mask, other=0.0)
         dz += gent[:, None] * p * (zbar[:, None] - z)
-    dz = tl.where(keep[:, None] & cmask[None, :], dz * inv_temp, 0.0)
-    if RNE_BF16:
-        dz = _rne_bf16(dz)
-    tl.store(dz_ptr + rows[:, None] * V + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
-             mask=rmask[:, None] & cmask[None, :])
+    # ignored tokens and columns past V get exactly 0
+    dz = tl.where(keep[:, None] & col_mask[None, :], dz * inv_temp, 0.0)
+    if EMULATE_BF16_RNE:
+        dz = _round_bf16_nearest_even(dz)
+    tl.store(grad_logits_ptr + rows[:, None] * V + cols[None, :], dz.to(grad_logits_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
 
 
 # -----------------------------------------------------------------------------
@@ -265,13 +277,16 @@ def _config(t, v, d, dtype, on_gpu, chunk_size=None):
 def _forward(h, w, y, inv_temp, entropy, ignore_index, cfg):
     t, d = h.shape
     v = w.shape[0]
-    st = torch.empty((4, cfg["splits"], t), device=h.device, dtype=torch.float32)
-    m, s, zy, a = st[0], st[1], st[2], st[3]
-    grid = (triton.cdiv(t, cfg["BLOCK_T"]), cfg["splits"])
-    _logprob_fwd_kernel[grid](
-        h, w, y, m, s, zy, a,
-        h.stride(0), h.stride(1), w.stride(0), w.stride(1),
-        t, v, d, cfg["v_per_split"], inv_temp,
+    # per vocabulary split: running max, sum exp(z - max), target logit and, for the entropy, sum exp(z - max) z
+    stats = torch.empty((4 if entropy else 3, cfg["splits"], t), device=h.device, dtype=torch.float32)
+    m, s, zy = stats[0], stats[1], stats[2]
+    a = stats[3] if entropy else None
+    _logprob_fwd_kernel[(triton.cdiv(t, cfg["BLOCK_T"]), cfg["splits"])](
+        hidden_ptr=h, weight_ptr=w, targets_ptr=y,
+        max_ptr=m, sumexp_ptr=s, target_logit_ptr=zy, sumexp_z_ptr=a,
+        stride_hidden_token=h.stride(0), stride_hidden_dim=h.stride(1),
+        stride_weight_vocab=w.stride(0), stride_weight_dim=w.stride(1),
+        T=t, V=v, D=d, v_per_split=cfg["v_per_split"], inv_temp=inv_temp,
         BLOCK_T=cfg["BLOCK_T"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
         ENTROPY=entropy, DOT_FP32=cfg["DOT_FP32"], DOT_PRECISION=cfg["DOT_PRECISION"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -297,25 +312,27 @@ def _backward(h, w, y, lse, zbar, glp, gent, inv_temp, ignore_index, cfg, need_d
     dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_dh else None
     dw = torch.zeros_like(w, memory_format=torch.contiguous_format) if need_dw else None
     buf = torch.empty((c, v), device=h.device, dtype=w.dtype)  # the only (C, V) allocation
-    dummy = lse
+    zbar = zbar if gent is not None else None  # only the entropy gradient reads it
+    chunk = lambda x, c0, c1: None if x is None else x[c0:c1]  # noqa: E731
     for c0 in range(0, t, c):
         c1 = min(t, c0 + c)
         dz = buf[: c1 - c0]
         hc = h[c0:c1]
-        grid = (triton.cdiv(c1 - c0, cfg["BLOCK_T"]), triton.cdiv(v, cfg["BLOCK_V"]))
-        _logprob_bwd_kernel[grid](
-            hc, w, y[c0:c1], lse[c0:c1],
-            zbar[c0:c1] if zbar is not None else dummy,
-            glp[c0:c1] if glp is not None else dummy,
-            gent[c0:c1] if gent is not None else dummy,
-            dz,
-            hc.stride(0), hc.stride(1), w.stride(0), w.stride(1),
-            glp.stride(0) if glp is not None else 0, gent.stride(0) if gent is not None else 0,
-            c1 - c0, v, d, inv_temp, ignore_index,
+        _logprob_bwd_kernel[(triton.cdiv(c1 - c0, cfg["BLOCK_T"]), triton.cdiv(v, cfg["BLOCK_V"]))](
+            hidden_ptr=hc, weight_ptr=w, targets_ptr=y[c0:c1],
+            lse_ptr=lse[c0:c1], zbar_ptr=chunk(zbar, c0, c1),
+            grad_logprob_ptr=chunk(glp, c0, c1), grad_entropy_ptr=chunk(gent, c0, c1),
+            grad_logits_ptr=dz,
+            stride_hidden_token=hc.stride(0), stride_hidden_dim=hc.stride(1),
+            stride_weight_vocab=w.stride(0), stride_weight_dim=w.stride(1),
+            stride_grad_logprob=None if glp is None else glp.stride(0),
+            stride_grad_entropy=None if gent is None else gent.stride(0),
+            C=c1 - c0, V=v, D=d, inv_temp=inv_temp, ignore_index=ignore_index,
             BLOCK_T=cfg["BLOCK_T"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
-            HAS_GLP=glp is not None, HAS_GENT=gent is not None,
+            HAS_GRAD_LOGPROB=glp is not None, HAS_GRAD_ENTROPY=gent is not None,
             DOT_FP32=cfg["DOT_FP32"], DOT_PRECISION=cfg["DOT_PRECISION"],
-            RNE_BF16=not h.is_cuda and w.dtype == torch.bfloat16,
+            # the interpreter (CPU tensors) truncates fp32 -> bf16; a GPU rounds, and compiles this out
+            EMULATE_BF16_RNE=not h.is_cuda and w.dtype == torch.bfloat16,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         # the two GEMMs of the chunk (cuBLAS on a GPU): dh = dz W, dW += dz^T h
