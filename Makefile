@@ -25,7 +25,7 @@ test: install
 	$(PY) -m pytest -q
 
 demo:
-	$(PY) data.py --out $(WORLD) --n 200 --seed 0
+	$(PY) world.py render --out $(WORLD) --n 200 --seed 0
 	@echo "== zero-shot: the shipped tiny base, reasoning mode"
 	$(PY) eval.py --ckpt assets/tiny_base.safetensors --data $(WORLD)/test.jsonl --mode reasoning --limit 256
 	@echo "== SFT baseline: direct score token (a short run: make results trains 400 steps)"
@@ -53,7 +53,7 @@ $(RESULTS)/zero-shot.eval.json: $(WORLD)/test.jsonl
 	$(PY) eval.py --ckpt assets/tiny_base.safetensors --data $(WORLD)/test.jsonl --mode reasoning --json $@
 
 $(WORLD)/test.jsonl:
-	$(PY) data.py --out $(WORLD) --n 200 --seed 0
+	$(PY) world.py render --out $(WORLD) --n 200 --seed 0
 
 results-seed-%: $(WORLD)/test.jsonl
 	mkdir -p $(RESULTS)
@@ -70,8 +70,8 @@ results-seed-%: $(WORLD)/test.jsonl
 # the tiny teacher and student bases: vision tower on scene labels, then captions and traces whose
 # score lines follow the generic rubric, on a pretraining world without the labeled world's test prompts
 base:
-	$(PY) data.py --out $(WORLD) --n 200 --seed 0
-	$(PY) data.py --out runs/pretrain --n 4000 --seed 1 --trace-rubric generic --test-frac 0.02
+	$(PY) world.py render --out $(WORLD) --n 200 --seed 0
+	$(PY) world.py render --out runs/pretrain --n 4000 --seed 1 --trace-rubric generic --test-frac 0.02
 	mkdir -p runs/base
 	for size in teacher student; do \
 	  $(PY) world.py tower --size $$size --out runs/base/tower-$$size.safetensors && \
@@ -97,7 +97,7 @@ gpu-check:
 	@$(PY) -c "import torch; print('gpu-check:', torch.cuda.get_device_name(0), 'x', torch.cuda.device_count(), '| torch', torch.__version__)"; date -u
 	TRITON_INTERPRET= $(PY) -m pytest -q tests/test_kernels.py
 	$(PY) bench.py --quick
-	$(PY) data.py --out $(GPU_CHECK)/world --n 40 --seed 0
+	$(PY) world.py render --out $(GPU_CHECK)/world --n 40 --seed 0
 	$(PY) sft.py --init assets/tiny_base.safetensors --data $(GPU_CHECK)/world --out $(GPU_CHECK)/sft.safetensors \
 	  --bf16 --checkpointing --steps 20 --eval-every 0 --eval-limit 64
 	torchrun --standalone --nproc_per_node=$$($(PY) -c "import torch; print(torch.cuda.device_count())") gdso.py \

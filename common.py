@@ -504,7 +504,7 @@ def fail(msg):
     raise SystemExit(2)
 
 
-WORLD_HINT = "to use the synthetic world, render it first (python data.py --out FOLDER) or pass --data world:n=200,seed=0"
+WORLD_HINT = "to use the synthetic world, render it first (python world.py render --out FOLDER) or pass --data world:n=200,seed=0"
 
 
 def data_folder(spec):
@@ -523,7 +523,7 @@ def data_folder(spec):
 def render_world(spec):
     import json
 
-    import data
+    from world import make_world
 
     opts = {"n": "200", "seed": "0", "dir": ""}
     for kv in filter(None, spec.partition(":")[2].split(",")):
@@ -547,7 +547,7 @@ def render_world(spec):
         fail(f"--data {spec}: {folder} already holds data that --data world did not render; pick another dir=")
     if is_main():
         print0(f"rendering the synthetic world into {folder} (n={n}, seed={seed})")
-        data.make_world(folder, n=n, seed=seed)
+        make_world(folder, n=n, seed=seed)
         # the stamp last: a render cut short is not mistaken for a finished one
         with open(stamp + ".tmp", "w") as f:
             json.dump(want, f)

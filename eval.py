@@ -140,7 +140,7 @@ def table_from_predictions(records, pred):
 
 def count_only_predictions(records):
     """The shortcut baseline: mu = 5 - |objects drawn - objects named in the prompt| (synthetic world)."""
-    from data import parse_prompt
+    from world import parse_prompt
 
     mu = np.array([5.0 - abs(len(r["scene"]["objects"]) - len(parse_prompt(r["prompt"]))) for r in records])
     n = len(records)

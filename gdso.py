@@ -34,7 +34,7 @@ Labels off the half-point grid (aggregates of annotations) use their nearest bin
 their exact value for the rewards and L_pw.
 
 Launch:
-    python data.py --out runs/world --n 200 --seed 0          # the tiny world, once (the default --data)
+    python world.py render --out runs/world --n 200 --seed 0  # the tiny world, once (the default --data)
     python gdso.py                                            # tiny world, from assets/tiny_base.safetensors
     python gdso.py --method grpo --out runs/grpo.safetensors  # the GRPO baseline
     torchrun --nproc_per_node=8 gdso.py --model Qwen/Qwen3.5-27B --data my_pairs --bf16 --fsdp \\

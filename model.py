@@ -18,7 +18,8 @@ spread. This is Q-Align's reading of a score from token logits, applied to Z-Rew
 - checkpoints: one safetensors file with the weights and everything needed to rebuild the model
   offline (HF config, tokenizer, image-processor settings, chat template, bins, prompt version).
 - the embedded default, ScoreModel.tiny(): a ~0.5M-parameter Qwen3.5-architecture VLM built from
-  a config, with a byte-level BPE tokenizer made in code. Nothing is downloaded.
+  a config, with a byte-level BPE tokenizer made in code; both come from world.py, the tiny world's
+  file, imported only when the tiny model is built. Nothing is downloaded.
 
 References: Z-Reward (Jin, Cai et al., arXiv 2606.09076), Q-Align (Wu et al., arXiv 2312.17090),
 Qwen3.5 / Qwen3-VL / Qwen2.5-VL in Hugging Face transformers.
@@ -26,7 +27,6 @@ Qwen3.5 / Qwen3-VL / Qwen2.5-VL in Hugging Face transformers.
 
 import inspect
 import json
-import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,7 +38,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from data import DIMENSIONS, SCORE_MARKER, VOCAB
+from data import DIMENSIONS, S_MAX, S_MIN, SCORE_MARKER
 
 # without flash-linear-attention / causal-conv1d (CPU, or a bare GPU box) Qwen3.5's linear-attention
 # layers run transformers' torch fallback, which is correct; drop the once-per-op notice about it
@@ -52,9 +52,8 @@ for _handler in __import__("transformers").utils.logging.get_logger().handlers:
 # -----------------------------------------------------------------------------
 # the rubric: bins, dimensions, prompts
 
-BINS = tuple(1.0 + 0.5 * i for i in range(9))  # the nine-level half-point grid, S_min = 1, S_max = 5
+BINS = tuple(S_MIN + 0.5 * i for i in range(9))  # the nine-level half-point grid from S_MIN = 1 to S_MAX = 5
 BIN_TOKENS = tuple(str(i + 1) for i in range(9))  # level L <-> score 1 + (L - 1) / 2
-S_MIN, S_MAX = BINS[0], BINS[-1]
 PROMPT_VERSION = "zr-rubric-v1"  # bump whenever a word of the prompts below changes
 CHECKPOINT_FORMAT = "zreward-score-model-v1"
 
@@ -73,7 +72,7 @@ INSTRUCTIONS = {
     "rewarddance": "Answer with one digit from 1 (worst) to 9 (best), then explain why.",
 }
 ONE_TOKEN_MODES = ("direct", "rewarddance")  # the score is the first answer token: one forward, no generation
-assert set(RUBRICS) == set(DIMENSIONS)
+assert set(RUBRICS) == set(DIMENSIONS) and BINS[-1] == S_MAX
 
 
 def rubric_messages(prompt, dimension, mode):
@@ -87,95 +86,6 @@ def rubric_messages(prompt, dimension, mode):
     else:
         text = f"Prompt: {prompt}\n{RUBRICS[dimension]}\n{INSTRUCTIONS[mode]}"
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-
-
-# -----------------------------------------------------------------------------
-# the embedded tiny default: tokenizer, image processor and config built in code
-
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|image_pad|>", "<|video_pad|>")
-# ChatML, as Qwen's templates write it; images become <|vision_start|><|image_pad|><|vision_end|>
-TINY_CHAT_TEMPLATE = (
-    "{%- for m in messages -%}"
-    "{{- '<|im_start|>' + m['role'] + '\n' -}}"
-    "{%- if m['content'] is string -%}{{- m['content'] -}}"
-    "{%- else -%}{%- for c in m['content'] -%}"
-    "{%- if c['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- else -%}{{- c['text'] -}}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{- '<|im_end|>\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
-)
-
-
-def build_tiny_tokenizer():
-    """A byte-level BPE tokenizer with whole-word merges for the synthetic world's words.
-
-    It is an instance of the Qwen3.5 tokenizer class (same normalizer, pre-tokenizer and byte-level
-    decoder), so it round-trips through save/load and splits digits one by one like the real one.
-    Any text encodes (bytes are the fallback); the merges only make the world's words one token.
-    """
-    from tokenizers import Tokenizer, pre_tokenizers, trainers
-    from tokenizers.models import BPE
-    from transformers.models.qwen3_5.tokenization_qwen3_5 import Qwen3_5Tokenizer
-
-    words = set(VOCAB) | {"Score", "Prompt", "Rate", "Answer", "Check", "user", "assistant", "system"}
-    for text in list(RUBRICS.values()) + list(INSTRUCTIONS.values()):
-        words |= {w for w in "".join(c if c.isalpha() else " " for c in text).split()}
-    # train BPE with the Qwen3.5 pre-tokenizer until every word, alone or after a space, is one
-    # token (an unbounded vocabulary merges each distinct pre-token completely; deterministic)
-    pipeline = Qwen3_5Tokenizer()._tokenizer
-    bpe = Tokenizer(BPE())
-    bpe.normalizer, bpe.pre_tokenizer = pipeline.normalizer, pipeline.pre_tokenizer
-    trainer = trainers.BpeTrainer(vocab_size=100_000, min_frequency=1, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([" ".join(sorted(words)), "\n".join(sorted(words))], trainer=trainer)
-    model = json.loads(bpe.to_str())["model"]
-    vocab, merges = dict(model["vocab"]), [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    for tok in SPECIAL_TOKENS:
-        vocab[tok] = len(vocab)
-    tok = Qwen3_5Tokenizer(vocab=vocab, merges=merges, unk_token="<|endoftext|>", eos_token="<|im_end|>",
-                           pad_token="<|endoftext|>")
-    tok.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
-    tok.chat_template = TINY_CHAT_TEMPLATE
-    return tok
-
-
-def tiny_image_processor():
-    """Qwen's image processor at the tiny world's scale: 64x64 images pass without resizing."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    return Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
-                                    image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
-                                    size={"shortest_edge": 32 * 32, "longest_edge": 256 * 256})
-
-
-def tiny_config(tokenizer, hidden=64, layers=2, vision_depth=2, vision_hidden=None):
-    """Hybrid Gated-DeltaNet + full attention, tied embeddings; the tiny teacher is hidden 64 x 2 layers.
-    vision_hidden (default: hidden) sets the tower's width; its merger always projects to `hidden`."""
-    vision_hidden = vision_hidden or hidden
-    from transformers import Qwen3_5Config
-
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab_size = 64 * math.ceil(len(tokenizer) / 64)  # room to grow, aligned rows
-    layer_types = ["linear_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
-    return Qwen3_5Config(
-        text_config=dict(
-            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-            layer_types=layer_types, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-            linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
-            # rotary dim = head_dim * 0.25 = 8; M-RoPE splits its 4 frequencies over (t, h, w)
-            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25,
-                                 mrope_section=[2, 1, 1], mrope_interleaved=True),
-            max_position_embeddings=1024, tie_word_embeddings=True,
-            eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2,
-                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden,
-                           num_position_embeddings=64),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
 
 
 # -----------------------------------------------------------------------------
@@ -296,8 +206,11 @@ class ScoreModel(nn.Module):
 
     @classmethod
     def tiny(cls, seed=0, **sizes):
-        """The embedded default: deterministic given the seed, nothing downloaded."""
+        """The embedded default: deterministic given the seed, nothing downloaded. Its tokenizer,
+        config and image processor are the tiny world's (world.py), imported only here."""
         from transformers import Qwen3_5ForConditionalGeneration
+
+        from world import build_tiny_tokenizer, tiny_config, tiny_image_processor
 
         tokenizer = build_tiny_tokenizer()
         config = tiny_config(tokenizer, **sizes)

@@ -9,7 +9,7 @@ Differentiable reward fine-tuning of a text-to-image generator with the Z-Reward
    so that "top left" carries "red circle"), predicting the clean image from which v follows; and
    DiffusersGenerator, any diffusers flow-matching pipeline with a peft LoRA (optional imports).
 2. --stage pretrain (the tiny world only) trains the TinyGenerator with the flow-matching loss on
-   images rendered on the fly by data.py for fresh prompts (never a held-out one): by default the
+   images rendered on the fly by world.py for fresh prompts (never a held-out one): by default the
    candidates whose objects are the prompt's, with every other defect of the world (noise, blur,
    blocky artifacts, clutter, low contrast, off-center, hovering, floating or sunk objects) at the
    world's rates; --pretrain-data world also keeps the near misses and random candidates. It is
@@ -28,7 +28,7 @@ Differentiable reward fine-tuning of a text-to-image generator with the Z-Reward
 4. Evaluation: GSB (Eq. 21) of the fine-tuned generator against the starting one on held-out
    prompts (the world's test split), the same noise for both, judged blindly by judges that do not
    share the student's weights: the synthetic world's own scoring read back from the pixels
-   (data.oracle_scores: objects, colors, shapes, positions, support, noise, blur, clutter ...) and,
+   (world.oracle_scores: objects, colors, shapes, positions, support, noise, blur, clutter ...) and,
    with --judge, the GDSO teacher in reasoning mode. The student's own GSB is printed too, only as
    supporting evidence: a reward can be hacked. Every --grid-every steps a PNG grid of fixed held-out
    prompts, before (top row), after (middle row) and their difference |after - before| x 16 (bottom
@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import common
-import data
+from data import DIMENSIONS
 
 parser = argparse.ArgumentParser(description="differentiable reward fine-tuning of a text-to-image generator (ReFL / DRaFT-K)")
 parser.add_argument("--stage", default="finetune", choices=["finetune", "pretrain"], help="finetune: reward fine-tuning; pretrain: the tiny world's SFT generator")
@@ -166,8 +166,8 @@ class Block(nn.Module):
 
 @functools.lru_cache(maxsize=1)
 def tiny_tokenizer_json():
-    """The tiny world's tokenizer (model.py), serialized; the generator keeps it in its checkpoint."""
-    from model import build_tiny_tokenizer
+    """The tiny world's tokenizer (world.py), serialized; the generator keeps it in its checkpoint."""
+    from world import build_tiny_tokenizer
 
     return build_tiny_tokenizer().backend_tokenizer.to_str()
 
@@ -587,9 +587,9 @@ class Rollout(nn.Module):
 
 def parse_weights(dimensions, weights):
     dims = [d.strip() for d in dimensions.split(",") if d.strip()]
-    unknown = [d for d in dims if d not in data.DIMENSIONS]
+    unknown = [d for d in dims if d not in DIMENSIONS]
     if not dims or unknown:
-        raise SystemExit(f"--dimensions: unknown {unknown} (choose from {data.DIMENSIONS})")
+        raise SystemExit(f"--dimensions: unknown {unknown} (choose from {DIMENSIONS})")
     w = [float(x) for x in weights.split(",")] if weights else [1.0] * len(dims)
     if len(w) != len(dims) or any(x < 0 for x in w) or sum(w) <= 0:
         raise SystemExit(f"--weights needs {len(dims)} non-negative numbers with a positive sum, got {weights!r}")
@@ -617,13 +617,15 @@ def judge_scores(images, prompts, weights, teacher=None, student=None, oracle=Tr
     """Per-image scores from each judge, weighted over dimensions as the reward is:
     {'oracle': (B,), 'teacher': (B,), 'student': (B,)}, plus the oracle's per-dimension scores.
 
-    The oracle reads the tiny world's 64x64 images only (data.oracle_scores); a real generator is
+    The oracle reads the tiny world's 64x64 images only (world.oracle_scores); a real generator is
     judged by the teacher (and, as supporting evidence, the student)."""
     dims = list(weights)
     w = np.array([weights[d] for d in dims])
     out, per_dim = {}, {}
     if oracle:
-        orc = np.array([[data.oracle_scores(im, p)[d] for d in dims] for im, p in zip(to_uint8(images), prompts)])  # (B, D)
+        from world import oracle_scores
+
+        orc = np.array([[oracle_scores(im, p)[d] for d in dims] for im, p in zip(to_uint8(images), prompts)])  # (B, D)
         out["oracle"], per_dim = orc @ w / w.sum(), {d: orc[:, j] for j, d in enumerate(dims)}
     for name, model in (("teacher", teacher), ("student", student)):
         if model is not None:
@@ -715,27 +717,6 @@ def load_generator_resume(path, gen, optimizer, batches=None):
     if batches is not None and train["batches"] is not None:
         batches.load_state(train["batches"])
     return train["step"]
-
-
-# -----------------------------------------------------------------------------
-# pretraining data: the synthetic world's image distribution, rendered on the fly
-
-
-def world_batch(rng, n, exclude, clean=False):
-    """n (prompt, image) pairs drawn as data.make_world draws them, never with a held-out prompt."""
-    prompts, images = [], []
-    while len(prompts) < n:
-        items = data.sample_items(rng)
-        text = data.prompt_text(items)
-        if text in exclude:
-            continue
-        scenes = data.sample_candidates(rng, items, 4)
-        if clean:  # the candidates whose objects are exactly the prompt's (at least the clean one)
-            scenes = [s for s in scenes if data.true_scores(s, items)["alignment"] == data.S_MAX]
-        scene = scenes[int(rng.integers(len(scenes)))]
-        prompts.append(text)
-        images.append(np.asarray(data.render_scene(scene), np.float32) / 255)
-    return prompts, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (n, 3, 64, 64) in [0, 1]
 
 
 # -----------------------------------------------------------------------------
@@ -867,7 +848,9 @@ def main(args):
     # -------------------------------------------------------------------------
     # the loop
 
-    exclude = set(test_prompts)
+    exclude = set(test_prompts)  # pretraining never draws a held-out prompt
+    if args.stage == "pretrain":
+        from world import generator_batch  # the tiny world's images, rendered on the fly
     timer = common.Timer()
     # --bf16: the generator computes in bf16 on its fp32 parameters; the reward model is frozen bf16
     compute = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
@@ -879,7 +862,7 @@ def main(args):
         if args.stage == "pretrain":
             for m in range(accum):
                 rng = np.random.default_rng([args.seed, rank, step, m])  # a pure function of the step: exact resume
-                prompts, images = world_batch(rng, micro, exclude, clean=args.pretrain_data == "clean")
+                prompts, images = generator_batch(rng, micro, exclude, clean=args.pretrain_data == "clean")
                 x = gen.to_latent(images.to(device))
                 # gradients are reduced across ranks on the last micro-batch only
                 with common.grad_sync(ddp, m == accum - 1), compute():

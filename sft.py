@@ -17,7 +17,7 @@ Supervised training of the score model, three stages.
    trained first (world.py tower) learns image captions and the templated item-by-item traces of a
    pretraining world of its own (not the labeled world the methods train on, and without its test
    prompts), with the tower frozen. The traces' score lines follow a generic rubric (every defect
-   one point, data.generic_scores), not the annotators': the result reads images well and scores
+   one point, world.generic_scores), not the annotators': the result reads images well and scores
    on the wrong scale, the tiny world's stand-in for a pretrained VLM before it learns a rubric
    (the paper starts from a pretrained Qwen3.5 with a system prompt instead). Zero-shot, GRPO
    and GDSO start from it; `make base` regenerates the shipped assets/tiny_base.safetensors and
@@ -34,7 +34,7 @@ alive at a time; gradients are reduced across ranks on the last micro-batch only
 
 Launch:
     make base                                                                     # the tiny bases, ~50 min on a CPU
-    python data.py --out runs/world --n 200 --seed 0                              # the tiny world (the default --data)
+    python world.py render --out runs/world --n 200 --seed 0                      # the tiny world (the default --data)
     python sft.py --init assets/tiny_base.safetensors --out runs/sft.safetensors  # SFT baseline
     python sft.py --stage rewarddance --init assets/tiny_base.safetensors --out runs/rewarddance.safetensors
     torchrun --nproc_per_node=8 sft.py --model Qwen/Qwen3.5-27B --data my_data --bf16 --fsdp \\
@@ -48,7 +48,7 @@ import torch
 from PIL import Image
 
 import common
-from data import SCORE_MARKER, make_trace, parse_prompt, parse_score, score_to_level
+from data import SCORE_MARKER, parse_score, score_to_level
 from eval import format_table
 from kernels import score_ce
 from model import BIN_TOKENS
@@ -96,6 +96,8 @@ def rationale_of(r):
         return r["rationale"] if isinstance(r["rationale"], str) and r["rationale"].strip() else None
     if "scene" not in r:
         return None
+    from world import make_trace, parse_prompt
+
     trace = r.get("trace") or make_trace(r["scene"], parse_prompt(r["prompt"]), r["dimension"])
     lines = trace.split("\n")
     return "\n".join(lines[:-1] if lines[-1].startswith(SCORE_MARKER) else lines)

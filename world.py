@@ -1,10 +1,51 @@
 """
-The tiny world's own stages: what the embedded tiny models need before any method of the paper
-can be tried on them, and nothing a real-scale user needs.
+The tiny world: what the embedded tiny models train and are measured on, and nothing a real-scale
+user needs (data.py holds the record format every script reads, model.py the score model). The
+scripts import from here only where they touch the tiny world: the tiny model, a record with a
+scene, the tiny generator's pretraining stream and the pixel oracle.
 
-A real VLM arrives with a pretrained vision tower and a language model that can describe an
-image; the tiny one starts from random weights. Three stages make it the tiny world's stand-in
-for a pretrained VLM ("sees well, does not know the annotators' rubric"):
+The synthetic world. A 64x64 RGB image is a 2x2 grid of 32x32 quadrants
+("top left", "top right", "bottom left", "bottom right") with at most one object per quadrant,
+because with patch 16 and spatial merge 2 each quadrant is exactly one image token of the VLM:
+free placement was measured not to learn at all. Every quadrant has a dark ground line; an object
+(a colored circle, square, triangle, diamond or cross) normally stands on it, centered.
+A prompt names 1-3 objects, e.g. "a red circle top left and a blue square bottom right".
+Each prompt gets C candidates: one clean, one same-count near miss (an object of the right count
+with the wrong color or shape, so that counting objects cannot rank them), the rest random.
+Defects, and the true score of each dimension (all clipped to [1, 5], on the half-point grid):
+  alignment    = 5 - 1.5 per wrong color or wrong shape - 2 per object wrong in both or missing
+                   - 1.5 per object moved to another (unprompted) quadrant - 1 per extra object
+  realism      = 5 - sum over noise, blur, blocky artifacts of (none 0, mild 1, strong 2.5)
+  aesthetics   = 5 - 1 per off-center object - clutter (none 0, mild 0.5, strong 2) - 1.5 if low contrast
+  plausibility = 5 - per object (grounded 0, hovering 0.5, floating 2, sunk into the ground 1.5)
+"Sunk" is the interpenetration defect: the ground line runs through the object. (Two objects
+overlapping would break the one-object-per-quadrant rule that makes the world learnable.)
+Simulated annotators add Gaussian noise (sd 0.5, and 3x that for one annotation in ten) to the
+true score and round to the grid; the half-point penalties (mild clutter, hovering) make subtle
+pairs that noisy labels often order wrongly, as in real preference data.
+The teacher's reasoning trace for a dimension has one short line per item (prompt items for
+alignment, drawn objects for aesthetics and plausibility, defect kinds for realism) and ends
+with "Score: d", d = score_to_level(true score), e.g. for alignment:
+  top left red circle: red circle, yes.
+  bottom right blue square: green square, no.
+  extra: none.
+  Score: 6
+An alignment line says what the quadrant holds before its verdict, so that the verdict compares
+two phrases already written. The tiny bases' pretraining world (--trace-rubric generic) ends its
+traces on a generic rubric instead, generic_scores: every defect one point, whatever its kind.
+
+make_world writes the labeled world as records of data.py's format, each also carrying its scene,
+caption and trace; generator_batch is the same distribution rendered on the fly, the tiny
+generator's pretraining stream (reward_ft.py --stage pretrain). The oracle (estimate_scene,
+oracle_scores) reads a scene back from the pixels of any 64x64 image, without learning: the
+blind judge of reward_ft.py.
+
+The tiny models. ScoreModel.tiny() builds a Qwen3.5-architecture VLM from tiny_config, with a
+byte-level BPE tokenizer made in code whose merges make the world's words single tokens
+(build_tiny_tokenizer) and Qwen's image processor at 64x64 (tiny_image_processor). A real VLM
+arrives with a pretrained vision tower and a language model that can describe an image; the tiny
+one starts from random weights. Three stages make it the tiny world's stand-in for a pretrained
+VLM ("sees well, does not know the annotators' rubric"):
 
 1. tower: the vision tower alone, supervised on the scene's own labels. A linear head per
    attribute reads the tower's 4 merged tokens (one per quadrant: colour, shape, offset, support)
@@ -15,7 +56,7 @@ for a pretrained VLM ("sees well, does not know the annotators' rubric"):
    embedded tiny default").
 2. base (sft.py --stage base --init TOWER): a fresh language model on the frozen trained tower
    learns captions and item-by-item traces whose score lines follow a generic rubric (every
-   defect costs one point; data.generic_scores), not the annotators' rubric: zero-shot it reasons
+   defect costs one point; generic_scores), not the annotators' rubric: zero-shot it reasons
    right and scores on the wrong scale, which is the room GDSO, GRPO and SFT have to learn in.
 3. check: greedy traces of a checkpoint compared line by line with the world's own traces, per
    dimension and per kind of line, and its score lines against both rubrics.
@@ -23,11 +64,17 @@ for a pretrained VLM ("sees well, does not know the annotators' rubric"):
 The teacher and the student are built the same way at two sizes (TINY_SIZES), as the paper's
 27B teacher and 9B student come from one family.
 
+    python world.py render --out runs/world --n 200 --seed 0                         # the labeled world
+    python world.py render --out runs/pretrain --n 4000 --seed 1 --trace-rubric generic --test-frac 0.02
     python world.py tower --size teacher --out runs/base/tower-teacher.safetensors   # ~3 min on a CPU
     python world.py check --ckpt assets/tiny_base.safetensors --data runs/world/test.jsonl
 """
 
 import argparse
+import json
+import math
+import os
+import re
 import time
 from collections import defaultdict
 
@@ -35,15 +82,592 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFilter
 
-import data
-from data import COLORS, DIMENSIONS, QUADRANTS, SEVERITIES, SHAPES, SUPPORTS
+from data import DIMENSIONS, S_MAX, S_MIN, SCORE_MARKER, aggregate, load_jsonl, parse_score, score_to_level
+from model import INSTRUCTIONS, RUBRICS, ScoreModel
+
+
+# -----------------------------------------------------------------------------
+# vocabulary and scenes
+
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+COLORS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230),
+          "yellow": (235, 200, 20), "purple": (150, 50, 190)}
+SEVERITIES = ("none", "mild", "strong")
+SUPPORTS = ("grounded", "hovering", "floating", "sunk")
+LIFT = {"grounded": 0, "hovering": 4, "floating": 10, "sunk": -6}  # pixels above the ground
+BACKGROUND, GROUND = (225, 225, 215), (70, 70, 70)
+SIZE, SHIFT = 14, 8  # object box side, and the horizontal shift of an off-center object
+# penalties behind the true scores (see the module docstring)
+ALIGN_PENALTY = {"ok": 0.0, "color": 1.5, "shape": 1.5, "both": 2.0, "missing": 2.0, "moved": 1.5}
+EXTRA_PENALTY, OFFCENTER_PENALTY, LOW_CONTRAST_PENALTY = 1.0, 1.0, 1.5
+REALISM_PENALTY = {"none": 0.0, "mild": 1.0, "strong": 2.5}
+CLUTTER_PENALTY = {"none": 0.0, "mild": 0.5, "strong": 2.0}
+SUPPORT_PENALTY = {"grounded": 0.0, "hovering": 0.5, "floating": 2.0, "sunk": 1.5}
+# the words of the templates below (+ DIMENSIONS, which the rubric prompts use)
+_TEMPLATE_WORDS = "a and yes no empty at extra none noise blur artifacts clutter contrast normal low " \
+                  "centered off center " + SCORE_MARKER.rstrip(":")
+VOCAB = sorted(set(" ".join([*QUADRANTS, *SHAPES, *COLORS, *SEVERITIES, *SUPPORTS, *DIMENSIONS,
+                             _TEMPLATE_WORDS]).split()))
+
+
+def prompt_text(items):
+    parts = [f"a {it['color']} {it['shape']} {it['quadrant']}" for it in items]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+_ITEM_RE = re.compile(r"a (\w+) (\w+) ((?:top|bottom) (?:left|right))")
+
+
+def parse_prompt(prompt):
+    """prompt text -> items [{"quadrant", "color", "shape"}] (inverse of prompt_text)"""
+    return [{"quadrant": q, "color": c, "shape": s} for c, s, q in _ITEM_RE.findall(prompt)]
+
+
+def _name(o):
+    return f"{o['quadrant']} {o['color']} {o['shape']}"
+
+
+# -----------------------------------------------------------------------------
+# the rubric behind the labels: true and generic scores, captions and traces
+
+def check_alignment(scene, items):
+    """per prompt item (status, what is there instead) and the list of extra objects"""
+    by_q = {o["quadrant"]: o for o in scene["objects"]}
+    prompted = {it["quadrant"] for it in items}
+    spare = [o for o in scene["objects"] if o["quadrant"] not in prompted]
+    result = []
+    for it in items:
+        o = by_q.get(it["quadrant"])
+        if o is not None:
+            wrong = (o["color"] != it["color"], o["shape"] != it["shape"])
+            status = {(0, 0): "ok", (1, 0): "color", (0, 1): "shape", (1, 1): "both"}[wrong]
+            result.append((status, o))
+            continue
+        # a missing item whose exact object stands in an unprompted quadrant was moved there
+        same = [s for s in spare if (s["color"], s["shape"]) == (it["color"], it["shape"])]
+        if same:
+            spare.remove(same[0])
+        result.append(("moved", same[0]) if same else ("missing", None))
+    return result, spare
+
+
+def true_scores(scene, items):
+    """{dimension: true score} from how the scene was drawn (formulas in the module docstring)"""
+    status, extras = check_alignment(scene, items)
+    objs = scene["objects"]
+    penalty = {
+        "alignment": sum(ALIGN_PENALTY[s] for s, _ in status) + EXTRA_PENALTY * len(extras),
+        "realism": sum(REALISM_PENALTY[scene[k]] for k in ("noise", "blur", "artifacts")),
+        "aesthetics": OFFCENTER_PENALTY * sum(o["offset"] != 0 for o in objs)
+        + CLUTTER_PENALTY[scene["clutter"]] + LOW_CONTRAST_PENALTY * (scene["contrast"] == "low"),
+        "plausibility": sum(SUPPORT_PENALTY[o["support"]] for o in objs),
+    }
+    return {d: max(S_MIN, S_MAX - float(penalty[d])) for d in DIMENSIONS}
+
+
+def defect_counts(scene, items):
+    """{dimension: number of defects}, every kind and severity counted once (the generic rubric)"""
+    status, extras = check_alignment(scene, items)
+    objs = scene["objects"]
+    return {
+        "alignment": sum(s != "ok" for s, _ in status) + len(extras),
+        "realism": sum(scene[k] != "none" for k in ("noise", "blur", "artifacts")),
+        "aesthetics": sum(o["offset"] != 0 for o in objs) + (scene["clutter"] != "none") + (scene["contrast"] == "low"),
+        "plausibility": sum(o["support"] != "grounded" for o in objs),
+    }
+
+
+def generic_scores(scene, items):
+    """{dimension: score} on a generic rubric that is not the annotators': every defect costs one
+    point, whatever its kind or severity (max(1, 5 - defects)). The tiny base is pretrained on
+    traces that end on this scale, so that zero-shot it reasons right but scores on the wrong scale,
+    as a pretrained VLM does before it learns a rubric."""
+    return {d: max(S_MIN, S_MAX - float(n)) for d, n in defect_counts(scene, items).items()}
+
+
+def make_caption(scene, detail=False):
+    """what is in each quadrant; detail=True adds placement and the image-level defects"""
+    by_q = {o["quadrant"]: o for o in scene["objects"]}
+    parts = []
+    for q in QUADRANTS:
+        o = by_q.get(q)
+        if o is None:
+            parts.append(f"{q}: empty.")
+        elif detail:
+            where = "centered" if o["offset"] == 0 else "off center"
+            parts.append(f"{q}: {o['color']} {o['shape']}, {where}, {o['support']}.")
+        else:
+            parts.append(f"{q}: {o['color']} {o['shape']}.")
+    if detail:
+        parts += [f"{k}: {scene[k]}." for k in ("noise", "blur", "artifacts", "clutter", "contrast")]
+    return " ".join(parts)
+
+
+def make_trace(scene, items, dimension, level=None):
+    """the teacher's item-by-item reasoning for one dimension, ending with 'Score: level'"""
+    if level is None:
+        level = score_to_level(true_scores(scene, items)[dimension])
+    if dimension == "alignment":
+        status, extras = check_alignment(scene, items)
+        lines = []
+        for it, (s, o) in zip(items, status):
+            # what the quadrant holds first, then the verdict: reading before judging makes the
+            # comparison one of two phrases already written (README, "The embedded tiny default")
+            seen = "empty" if s in ("missing", "moved") else f"{o['color']} {o['shape']}"
+            verdict = "yes" if s == "ok" else f"at {o['quadrant']}" if s == "moved" else "no"
+            lines.append(f"{_name(it)}: {seen}, {verdict}.")
+        lines.append("extra: " + (", ".join(_name(o) for o in extras) or "none") + ".")
+    elif dimension == "realism":
+        lines = [f"{k}: {scene[k]}." for k in ("noise", "blur", "artifacts")]
+    elif dimension == "aesthetics":
+        lines = [f"{_name(o)}: {'centered' if o['offset'] == 0 else 'off center'}."
+                 for o in scene["objects"]]
+        lines += [f"clutter: {scene['clutter']}.", f"contrast: {scene['contrast']}."]
+    elif dimension == "plausibility":
+        lines = [f"{_name(o)}: {o['support']}." for o in scene["objects"]]
+    else:
+        raise ValueError(f"unknown dimension {dimension!r}")
+    return "\n".join(lines + [f"{SCORE_MARKER} {level}"])
+
+
+# -----------------------------------------------------------------------------
+# rendering
+
+def _draw_object(draw, o):
+    q = QUADRANTS.index(o["quadrant"])
+    x0 = 32 * (q % 2) + (32 - SIZE) // 2 + SHIFT * o["offset"]
+    y0 = 32 * (q // 2) + 26 - SIZE - LIFT[o["support"]]  # grounded: bottom row touches the ground
+    x1, y1, cx, cy = x0 + SIZE - 1, y0 + SIZE - 1, x0 + SIZE // 2, y0 + SIZE // 2
+    fill = COLORS[o["color"]]
+    if o["shape"] == "circle":
+        draw.ellipse([x0, y0, x1, y1], fill=fill)
+    elif o["shape"] == "square":  # inset by one pixel so its area is close to the circle's
+        draw.rectangle([x0 + 1, y0 + 1, x1 - 1, y1 - 1], fill=fill)
+    elif o["shape"] == "triangle":
+        draw.polygon([(x0, y1), (x1, y1), (cx, y0)], fill=fill)
+    elif o["shape"] == "diamond":
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+    elif o["shape"] == "cross":
+        draw.rectangle([x0, cy - 2, x1, cy + 2], fill=fill)
+        draw.rectangle([cx - 2, y0, cx + 2, y1], fill=fill)
+
+
+def render_scene(scene):
+    """scene dict -> 64x64 RGB PIL image; deterministic (the noise comes from scene["seed"])"""
+    rng = np.random.default_rng(scene["seed"])
+    img = Image.new("RGB", (64, 64), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for o in scene["objects"]:
+        _draw_object(draw, o)
+    for q in range(4):  # ground lines after the objects, so they run through a sunk object
+        x, y = 32 * (q % 2), 32 * (q // 2)
+        draw.rectangle([x + 1, y + 26, x + 30, y + 27], fill=GROUND)
+    n_junk = {"none": 0, "mild": 8, "strong": 24}[scene["clutter"]]
+    for x, y in rng.integers(0, 63, size=(n_junk, 2)):  # clutter: 2x2 dark specks anywhere
+        draw.rectangle([int(x), int(y), int(x) + 1, int(y) + 1], fill=(90, 60, 30))
+    if scene["contrast"] == "low":  # wash everything toward mid gray
+        img = Image.fromarray((128 + 0.4 * (np.asarray(img, np.float32) - 128)).astype(np.uint8))
+    # realism defects, in capture order: optics (blur), sensor (noise), compression (blocks)
+    radius = {"none": 0.0, "mild": 0.8, "strong": 1.6}[scene["blur"]]
+    if radius:
+        img = img.filter(ImageFilter.GaussianBlur(radius))
+    x = np.asarray(img, np.float32)
+    sd = {"none": 0.0, "mild": 9.0, "strong": 22.0}[scene["noise"]]
+    if sd:
+        x = x + rng.normal(0.0, sd, x.shape)
+    amp = {"none": 0.0, "mild": 8.0, "strong": 24.0}[scene["artifacts"]]
+    if amp:  # blocky compression: an offset per 8x8 block and channel, then coarse quantization
+        x = x + np.kron(rng.uniform(-amp, amp, (8, 8, 3)), np.ones((8, 8, 1)))
+        step = 16.0 if scene["artifacts"] == "mild" else 40.0
+        x = np.floor(x / step + 0.5) * step
+    return Image.fromarray(np.clip(x + 0.5, 0, 255).astype(np.uint8))
+
+
+# -----------------------------------------------------------------------------
+# the labeled world: prompts, candidates and annotators, make_world and its CLI (world.py render),
+# and the same draws as a stream for the tiny generator
+
+def _pick(rng, options, p=None):
+    return options[int(rng.choice(len(options), p=p))]
+
+
+def sample_items(rng):
+    n = int(rng.choice([1, 2, 3], p=[0.3, 0.4, 0.3]))
+    quads = sorted(int(q) for q in rng.choice(4, size=n, replace=False))  # prompts in reading order
+    return [{"quadrant": QUADRANTS[q], "color": _pick(rng, list(COLORS)), "shape": _pick(rng, SHAPES)}
+            for q in quads]
+
+
+def _sample_objects(rng, items, kind):
+    # kind: "clean" (as prompted), "near" (same count, 1-2 wrong attributes) or "free"
+    free = [q for q in QUADRANTS if q not in {it["quadrant"] for it in items}]
+    n_wrong = 2 if len(items) > 1 and rng.random() < 0.3 else 1  # near misses: 1 or 2 wrong items
+    wrong = set(rng.choice(len(items), size=n_wrong, replace=False))
+    objects = []
+    for i, it in enumerate(items):
+        if kind == "clean":
+            status = "ok"
+        elif kind == "near":
+            status = _pick(rng, ("color", "shape")) if i in wrong else "ok"
+        else:
+            status = _pick(rng, ("ok", "color", "shape", "both", "missing", "moved"),
+                           p=[0.4, 0.15, 0.15, 0.05, 0.125, 0.125])
+        o = dict(it)
+        if status in ("color", "both"):
+            o["color"] = _pick(rng, [c for c in COLORS if c != it["color"]])
+        if status in ("shape", "both"):
+            o["shape"] = _pick(rng, [s for s in SHAPES if s != it["shape"]])
+        if status == "moved" and free:
+            o["quadrant"] = free.pop(int(rng.integers(len(free))))
+        if status != "missing" or (i == len(items) - 1 and not objects):  # never an empty image
+            objects.append(o)
+    for q in free if kind == "free" else []:
+        if rng.random() < 0.25:  # an extra, unprompted object
+            objects.append({"quadrant": q, "color": _pick(rng, list(COLORS)), "shape": _pick(rng, SHAPES)})
+    return sorted(objects, key=lambda o: QUADRANTS.index(o["quadrant"]))
+
+
+def _sample_defects(rng, objects):
+    # the non-alignment defects, each drawn independently of the alignment errors
+    scene = {"objects": [dict(o, offset=int(rng.choice([-1, 0, 1], p=[0.15, 0.7, 0.15])),
+                              support=_pick(rng, SUPPORTS, p=[0.6, 0.15, 0.12, 0.13]))
+                         for o in objects]}
+    kinds = set(rng.choice(3, size=int(rng.choice(4, p=[0.35, 0.4, 0.2, 0.05])), replace=False))
+    for k, name in enumerate(("noise", "blur", "artifacts")):
+        scene[name] = _pick(rng, ("mild", "strong"), p=[0.6, 0.4]) if k in kinds else "none"
+    scene["clutter"] = _pick(rng, SEVERITIES, p=[0.65, 0.2, 0.15])
+    scene["contrast"] = "low" if rng.random() < 0.25 else "normal"
+    scene["seed"] = int(rng.integers(2**31))
+    return scene
+
+
+def sample_candidates(rng, items, n):
+    """n scenes for one prompt: one clean, one same-count near miss, the rest free"""
+    kinds = (["clean", "near"] + ["free"] * n)[:n]
+    scenes = [_sample_defects(rng, _sample_objects(rng, items, k)) for k in kinds]
+    for _ in range(20):  # redraw defects until every dimension has at least two distinct scores
+        truth = [true_scores(s, items) for s in scenes]
+        if n < 2 or all(len({t[d] for t in truth}) > 1 for d in DIMENSIONS):
+            break
+        j = int(rng.integers(n))
+        scenes[j] = _sample_defects(rng, scenes[j]["objects"])
+    return [scenes[int(j)] for j in rng.permutation(n)]  # the clean one is not always first
+
+
+def annotate(rng, truth, n, noise=0.5):
+    """n simulated annotations: truth + Gaussian noise (sometimes 3x wider), rounded to the grid"""
+    sd = noise * np.where(rng.random(n) < 0.1, 3.0, 1.0)
+    raw = truth + sd * rng.normal(size=n)
+    return [float(np.clip(np.floor(2 * x + 0.5) / 2, S_MIN, S_MAX)) for x in raw]
+
+
+def make_world(out, n, seed=0, candidates=4, annotators=5, test_frac=0.2, noise=0.5, trace_rubric="true"):
+    """render n prompts x candidates images and write out/{train,test}.jsonl; returns the records.
+    trace_rubric: the scale the records' traces end on, "true" (the annotators' rubric) or "generic"
+    (generic_scores: the tiny base's pretraining world)"""
+    if trace_rubric not in ("true", "generic"):
+        raise ValueError(f"trace_rubric must be 'true' or 'generic', got {trace_rubric!r}")
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    prompts, texts = [], set()
+    while len(prompts) < n:  # distinct prompts, so that train and test share none
+        items = sample_items(rng)
+        if prompt_text(items) not in texts:
+            texts.add(prompt_text(items))
+            prompts.append(items)
+    n_test = min(n - 1, round(n * test_frac)) if n > 1 and test_frac > 0 else 0
+    files = {split: open(os.path.join(out, f"{split}.jsonl"), "w", encoding="utf-8")
+             for split in ("train", "test")}
+    records = []
+    for p, items in enumerate(prompts):
+        split, group = ("test" if p >= n - n_test else "train"), f"p{p:05d}"
+        for c, scene in enumerate(sample_candidates(rng, items, candidates)):
+            image = f"images/{group}_c{c}.png"
+            render_scene(scene).save(os.path.join(out, image))
+            truth, caption = true_scores(scene, items), make_caption(scene)
+            traced = truth if trace_rubric == "true" else generic_scores(scene, items)
+            for d in DIMENSIONS:
+                scores = annotate(rng, truth[d], annotators, noise)
+                r = {"id": f"{group}_c{c}_{d}", "prompt": prompt_text(items), "image": image,
+                     "dimension": d, "scores": scores, "score": aggregate(scores),
+                     "true_score": truth[d], "group": group, "split": split, "caption": caption,
+                     "trace": make_trace(scene, items, d, score_to_level(traced[d])),
+                     "scene": scene}
+                files[split].write(json.dumps(r) + "\n")
+                records.append(r)
+    for f in files.values():
+        f.close()
+    return records
+
+
+def render(args):
+    """python world.py render: make_world with the CLI's options, and one line about what it wrote."""
+    t0 = time.time()
+    records = make_world(args.out, args.n, args.seed, args.candidates, args.annotators, args.test_frac,
+                         args.noise, args.trace_rubric)
+    n_train = sum(r["split"] == "train" for r in records)
+    print(f"{len(records)} records ({n_train} train, {len(records) - n_train} test), "
+          f"{len(records) // len(DIMENSIONS)} images in {args.out} | {time.time() - t0:.1f}s")
+
+
+def generator_batch(rng, n, exclude, clean=False):
+    """n (prompt, image) pairs drawn as make_world draws them, never with a prompt in `exclude`: the
+    tiny generator's pretraining stream (reward_ft.py --stage pretrain)."""
+    prompts, images = [], []
+    while len(prompts) < n:
+        items = sample_items(rng)
+        text = prompt_text(items)
+        if text in exclude:
+            continue
+        scenes = sample_candidates(rng, items, 4)
+        if clean:  # the candidates whose objects are exactly the prompt's (at least the clean one)
+            scenes = [s for s in scenes if true_scores(s, items)["alignment"] == S_MAX]
+        scene = scenes[int(rng.integers(len(scenes)))]
+        prompts.append(text)
+        images.append(np.asarray(render_scene(scene), np.float32) / 255)
+    return prompts, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (n, 3, 64, 64) in [0, 1]
+
+
+# -----------------------------------------------------------------------------
+# the image-reading oracle: the world's scores read back from the pixels of any 64x64 image
+
+# Thresholds of the estimates below, set on rendered world images; agreement with true_scores on
+# 1,200 renders: alignment .98, realism 1.00, aesthetics .95, plausibility .99 (tests/test_reward_ft.py)
+ORACLE = {
+    "contrast_lum": 195.0,  # median luminance below this: the low-contrast wash
+    "noise": {"none": (3.5, 12.0), "mild": (4.0, 12.5), "strong": (8.0, 14.5)},  # mild / strong, by artifacts
+    "blur": (0.15, 0.45),  # ground-line bleed: mild / strong
+    "min_pixels": 25, "min_chroma": 60.0,  # an object: this many saturated pixels of one color ...
+    "max_off_line": 60.0, "off_line_artifacts": {"none": 0.0, "mild": 25.0, "strong": 50.0},
+    "min_dice": 0.4,  # ... shaped like one of the world's objects
+    "speck_dark": 15.0, "speck_artifacts": {"none": 0.0, "mild": 20.0, "strong": 45.0},
+    "clutter": (12, 130),  # dark speck pixels: mild / strong
+}
+# the pixel classes: background, ground line, clutter speck and grays between them (a blurred line),
+# then the object colors
+_PLAIN_RGB = [BACKGROUND, GROUND, (90, 60, 30)] + [(g, g, g - 3) for g in (110, 150, 190)]
+_CLASS_RGB = np.array([*_PLAIN_RGB, *COLORS.values()], np.float32)
+_N_PLAIN = len(_PLAIN_RGB)  # classes before the object colors
+_TEMPLATES = None
+
+
+def _templates(blur="none"):
+    """{(shape, offset, support): (32, 32) coverage in [0, 1] of the object in the top-left quadrant},
+    after the given blur (a strongly blurred cross looks like a diamond when compared sharp)"""
+    global _TEMPLATES
+    if _TEMPLATES is None:
+        _TEMPLATES = {}
+    if blur not in _TEMPLATES:
+        radius = {"none": 0.0, "mild": 0.8, "strong": 1.6}[blur]
+        out = {}
+        for shape in SHAPES:
+            for offset in (-1, 0, 1):
+                for support in SUPPORTS:
+                    img = Image.new("RGB", (32, 32), (0, 0, 0))
+                    _draw_object(ImageDraw.Draw(img), {"quadrant": "top left", "color": "red", "shape": shape,
+                                                        "offset": offset, "support": support})
+                    img = img.filter(ImageFilter.GaussianBlur(radius)) if radius else img
+                    out[(shape, offset, support)] = np.asarray(img, np.float32)[:, :, 0] / COLORS["red"][0]
+        _TEMPLATES[blur] = out
+    return _TEMPLATES[blur]
+
+
+def _box3(x):
+    """3x3 mean over the two leading axes (edge-padded)"""
+    p = np.pad(x, ((1, 1), (1, 1)) + ((0, 0),) * (x.ndim - 2), mode="edge")
+    return sum(p[i:i + x.shape[0], j:j + x.shape[1]] for i in range(3) for j in range(3)) / 9
+
+
+def _median3(x):
+    """3x3 median per channel (edge-padded)"""
+    p = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    win = np.lib.stride_tricks.sliding_window_view(p, (3, 3), axis=(0, 1))  # (H, W, C, 3, 3)
+    return np.median(win.reshape(*x.shape, 9), -1)
+
+
+def estimate_scene(image):
+    """A 64x64 RGB image (PIL or uint8 array) -> the scene dict that render_scene would have drawn.
+
+    Simple image analysis, no learning, so it shares nothing with any score model: the contrast from
+    the background's brightness; blocky artifacts from the quantization of the values, noise from a
+    robust high-pass, blur from how far the ground line bleeds into the row below it; per quadrant
+    the dominant saturated color (nearest of the world's colors, on a median-filtered image), then
+    shape, offset and support by the template of _draw_object (blurred like the image) that best
+    matches the color's coverage; clutter from dark specks away from objects and ground lines.
+    Works on any 64x64 image, a generator's included: a smeared blob is no object, and a wrong
+    color, shape, place or support is read as such.
+    """
+    raw = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, np.float32)
+    if raw.shape != (64, 64, 3):
+        raise ValueError(f"the oracle reads 64x64 RGB images, got {raw.shape}")
+    lum = raw.mean(-1)
+    scene = {"contrast": "low" if np.median(lum) < ORACLE["contrast_lum"] else "normal"}
+    wash = 0.4 if scene["contrast"] == "low" else 1.0  # render_scene's low-contrast wash toward gray
+    palette = 128 + wash * (_CLASS_RGB - 128)
+    # realism: quantized values betray the blocky artifacts; noise is the high-pass left after them
+    v = raw.astype(np.int64).ravel()
+    on = lambda step: np.mean((v % step == 0) | (v == 255))
+    scene["artifacts"] = "strong" if on(40) > 0.95 else "mild" if on(16) > 0.95 else "none"
+    hp = np.abs(raw - _box3(raw)).mean(-1)
+    noise = float(np.median(hp))
+    t = ORACLE["noise"][scene["artifacts"]]
+    scene["noise"] = "strong" if noise > t[1] else "mild" if noise > t[0] else "none"
+    # blur: the ground line's bleed into the row below it, relative to the line's depth
+    cols = np.r_[3:29, 35:61]
+    below, line, bg = (np.median(lum[[r, r + 32]][:, cols]) for r in (28, 27, 30))
+    bleed = float((bg - below) / max(bg - line, 1.0))
+    t = ORACLE["blur"]
+    scene["blur"] = "strong" if bleed > t[1] else "mild" if bleed > t[0] else "none"
+    # pixel classes on a median-filtered image (noise and specks gone), objects per quadrant
+    sm = _median3(raw)
+    cls = ((sm[:, :, None, :] - palette) ** 2).sum(-1).argmin(-1)  # (64, 64)
+    # object colors are saturated: a grayish pixel (background shifted by blocky artifacts) is none
+    cls[(sm.max(-1) - sm.min(-1)) < ORACLE["min_chroma"] * wash] = 0
+    objects, taken = [], np.zeros((64, 64), bool)
+    rows = np.ones(32, bool)
+    rows[26:28] = False  # the ground line hides what is under it: not compared
+    for q, name in enumerate(QUADRANTS):
+        y0, x0 = 32 * (q // 2), 32 * (q % 2)
+        c = cls[y0:y0 + 32, x0:x0 + 32]
+        counts = np.bincount(c.ravel(), minlength=len(_CLASS_RGB))[_N_PLAIN:]
+        if counts.max() < ORACLE["min_pixels"]:
+            continue
+        k = int(counts.argmax())
+        # coverage: where each pixel lies between the background and the object color (a blend is
+        # partial coverage); pixels far off that line (ground, specks) cover nothing
+        bg, col = palette[0], palette[_N_PLAIN + k]
+        d = sm[y0:y0 + 32, x0:x0 + 32] - bg
+        f = (d @ (col - bg)) / ((col - bg) @ (col - bg))
+        off = np.linalg.norm(d - f[:, :, None] * (col - bg), axis=-1)
+        tol = max(ORACLE["max_off_line"] * wash, ORACLE["off_line_artifacts"][scene["artifacts"]])
+        cover = np.where(off < tol, f.clip(0, 1), 0.0)[rows]
+        # shape, offset and support: the template of render_scene (at the estimated blur) that
+        # overlaps best, by soft Dice
+        dice = {key: 2 * (cover * t[rows]).sum() / ((cover ** 2).sum() + (t[rows] ** 2).sum())
+                for key, t in _templates(scene["blur"]).items()}
+        shape, offset, support = max(dice, key=dice.get)
+        if dice[(shape, offset, support)] < ORACLE["min_dice"]:  # a smear of color, not an object
+            continue
+        objects.append({"quadrant": name, "color": list(COLORS)[k], "shape": shape, "offset": offset, "support": support})
+        taken[y0:y0 + 32, x0:x0 + 32] |= (_templates()[(shape, offset, support)] > 0) | (c == _N_PLAIN + k)
+    scene["objects"] = objects
+    # clutter: dark specks on the background, away from objects and ground lines; the darkness
+    # threshold rises with the noise and the blocky artifacts so that neither counts as a speck
+    dark = np.median(lum) - _box3(lum[:, :, None])[:, :, 0]
+    grow = _box3(_box3(taken[:, :, None].astype(np.float32)))[:, :, 0] > 0
+    away = ~grow
+    away[np.r_[23:31, 55:63]] = False
+    thr = max(ORACLE["speck_dark"] * wash, 1.5 * noise, ORACLE["speck_artifacts"][scene["artifacts"]])
+    specks = int(((dark > thr) & away).sum())
+    t = ORACLE["clutter"]
+    scene["clutter"] = "strong" if specks > t[1] else "mild" if specks > t[0] else "none"
+    scene["measured"] = {"noise": noise, "bleed": bleed, "specks": specks, "lum": float(np.median(lum))}
+    return scene
+
+
+def oracle_scores(image, prompt):
+    """{dimension: score} of a 64x64 image (PIL or uint8 array) for a prompt, read from its pixels:
+    the world's own formulas applied to the estimated scene (the blind judge of reward_ft.py)"""
+    return true_scores(estimate_scene(image), parse_prompt(prompt))
+
+
+# -----------------------------------------------------------------------------
+# the tiny models: tokenizer, image processor and config built in code
 
 # the tiny teacher and student: same family, the student has about a third of the parameters
 TINY_SIZES = {"teacher": dict(hidden=64, layers=2), "student": dict(hidden=32, layers=2)}
 
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>")
+# ChatML, as Qwen's templates write it; images become <|vision_start|><|image_pad|><|vision_end|>
+TINY_CHAT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{{- '<|im_start|>' + m['role'] + '\n' -}}"
+    "{%- if m['content'] is string -%}{{- m['content'] -}}"
+    "{%- else -%}{%- for c in m['content'] -%}"
+    "{%- if c['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- else -%}{{- c['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer with whole-word merges for the synthetic world's words.
+
+    It is an instance of the Qwen3.5 tokenizer class (same normalizer, pre-tokenizer and byte-level
+    decoder), so it round-trips through save/load and splits digits one by one like the real one.
+    Any text encodes (bytes are the fallback); the merges only make the world's words one token.
+    """
+    from tokenizers import Tokenizer, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers.models.qwen3_5.tokenization_qwen3_5 import Qwen3_5Tokenizer
+
+    words = set(VOCAB) | {"Score", "Prompt", "Rate", "Answer", "Check", "user", "assistant", "system"}
+    for text in list(RUBRICS.values()) + list(INSTRUCTIONS.values()):
+        words |= {w for w in "".join(c if c.isalpha() else " " for c in text).split()}
+    # train BPE with the Qwen3.5 pre-tokenizer until every word, alone or after a space, is one
+    # token (an unbounded vocabulary merges each distinct pre-token completely; deterministic)
+    pipeline = Qwen3_5Tokenizer()._tokenizer
+    bpe = Tokenizer(BPE())
+    bpe.normalizer, bpe.pre_tokenizer = pipeline.normalizer, pipeline.pre_tokenizer
+    trainer = trainers.BpeTrainer(vocab_size=100_000, min_frequency=1, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([" ".join(sorted(words)), "\n".join(sorted(words))], trainer=trainer)
+    model = json.loads(bpe.to_str())["model"]
+    vocab, merges = dict(model["vocab"]), [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    for tok in SPECIAL_TOKENS:
+        vocab[tok] = len(vocab)
+    tok = Qwen3_5Tokenizer(vocab=vocab, merges=merges, unk_token="<|endoftext|>", eos_token="<|im_end|>",
+                           pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+def tiny_image_processor():
+    """Qwen's image processor at the tiny world's scale: 64x64 images pass without resizing."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                    image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+                                    size={"shortest_edge": 32 * 32, "longest_edge": 256 * 256})
+
+
+def tiny_config(tokenizer, hidden=64, layers=2, vision_depth=2, vision_hidden=None):
+    """Hybrid Gated-DeltaNet + full attention, tied embeddings; the tiny teacher is hidden 64 x 2 layers.
+    vision_hidden (default: hidden) sets the tower's width; its merger always projects to `hidden`."""
+    vision_hidden = vision_hidden or hidden
+    from transformers import Qwen3_5Config
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab_size = 64 * math.ceil(len(tokenizer) / 64)  # room to grow, aligned rows
+    layer_types = ["linear_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    return Qwen3_5Config(
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+            layer_types=layer_types, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+            # rotary dim = head_dim * 0.25 = 8; M-RoPE splits its 4 frequencies over (t, h, w)
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25,
+                                 mrope_section=[2, 1, 1], mrope_interleaved=True),
+            max_position_embeddings=1024, tie_word_embeddings=True,
+            eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden,
+                           num_position_embeddings=64),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+
+
 # -----------------------------------------------------------------------------
-# scenes and their labels
+# the tower stage: the vision tower, supervised on the scene's own labels
 
 # per quadrant (read from that quadrant's merged token) and per image (read from the mean token);
 # an empty quadrant is class 0 of colour and shape, and has no offset or support (ignored)
@@ -53,9 +677,9 @@ IMAGE_HEADS = {"noise": 3, "blur": 3, "artifacts": 3, "clutter": 3, "contrast": 
 
 def random_scene(rng):
     """(scene, items): a random prompt and a candidate for it, clean, near miss or free"""
-    items = data.sample_items(rng)
+    items = sample_items(rng)
     kind = ("clean", "near", "free")[int(rng.choice(3, p=[0.25, 0.25, 0.5]))]
-    return data._sample_defects(rng, data._sample_objects(rng, items, kind)), items
+    return _sample_defects(rng, _sample_objects(rng, items, kind)), items
 
 
 def scene_labels(scene):
@@ -78,11 +702,7 @@ def batch_of_scenes(rng, n):
     """n fresh rendered images and their labels as tensors {head: (n, 4) or (n,)}"""
     scenes = [random_scene(rng)[0] for _ in range(n)]
     labels = [scene_labels(s) for s in scenes]
-    return [data.render_scene(s) for s in scenes], {k: torch.tensor([l[k] for l in labels]) for k in labels[0]}
-
-
-# -----------------------------------------------------------------------------
-# stage 1: the vision tower, supervised
+    return [render_scene(s) for s in scenes], {k: torch.tensor([l[k] for l in labels]) for k in labels[0]}
 
 
 class TowerProbe(nn.Module):
@@ -146,7 +766,7 @@ def train_tower(model, steps=3000, batch=64, lr=2e-3, seed=0, log_every=100, eva
 
 
 # -----------------------------------------------------------------------------
-# stage 3: how well a checkpoint's traces read the image
+# the trace check: how well a checkpoint's traces read the image
 
 
 def line_kind(dimension, line):
@@ -170,17 +790,17 @@ def check_traces(model, records, batch_size=32, max_new_tokens=96):
         out = model.score([r["prompt"] for r in recs], [r["image_path"] for r in recs],
                           [r["dimension"] for r in recs], mode="reasoning", max_new_tokens=max_new_tokens)
         for r, text in zip(recs, out.traces):
-            items, d = data.parse_prompt(r["prompt"]), r["dimension"]
-            want = data.make_trace(r["scene"], items, d).split("\n")
+            items, d = parse_prompt(r["prompt"]), r["dimension"]
+            want = make_trace(r["scene"], items, d).split("\n")
             got = text.strip().split("\n")
             for i, w in enumerate(want[:-1]):
                 ok = i < len(got) and got[i].strip() == w
                 per_dim[d]["lines"].append(ok)
                 per_kind[line_kind(d, w)].append(ok)
             per_dim[d]["trace"].append([g.strip() for g in got[:-1]] == want[:-1])
-            said = data.parse_score(text)
-            for rubric, scores in (("true", data.true_scores), ("generic", data.generic_scores)):
-                per_dim[d][f"score_{rubric}"].append(said == data.score_to_level(scores(r["scene"], items)[d]))
+            said = parse_score(text)
+            for rubric, scores in (("true", true_scores), ("generic", generic_scores)):
+                per_dim[d][f"score_{rubric}"].append(said == score_to_level(scores(r["scene"], items)[d]))
     table = {d: {k: float(np.mean(v)) for k, v in m.items()} for d, m in per_dim.items()}
     return table, {k: float(np.mean(v)) for k, v in sorted(per_kind.items())}
 
@@ -196,8 +816,18 @@ def format_check(table, kinds):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="the tiny world's own stages: vision tower, trace check")
+    parser = argparse.ArgumentParser(description="the tiny world: render it, train a tiny vision tower, check a checkpoint's traces")
     sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("render", help="render the labeled world: train.jsonl, test.jsonl and images/ in --out")
+    p.add_argument("--out", required=True, help="output directory (train.jsonl, test.jsonl, images/)")
+    p.add_argument("--n", type=int, default=200, help="number of prompts")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    p.add_argument("--candidates", type=int, default=4, help="images per prompt")
+    p.add_argument("--annotators", type=int, default=5, help="simulated annotations per record")
+    p.add_argument("--test-frac", type=float, default=0.2, help="fraction of prompts held out")
+    p.add_argument("--noise", type=float, default=0.5, help="annotator noise sd (score units)")
+    p.add_argument("--trace-rubric", default="true", choices=["true", "generic"],
+                   help="scale the traces end on: the annotators' rubric, or the generic one (base pretraining)")
     p = sub.add_parser("tower", help="build a tiny score model and train its vision tower on fresh scenes")
     p.add_argument("--size", default="teacher", choices=sorted(TINY_SIZES), help="which tiny model")
     p.add_argument("--out", required=True, help="score-model .safetensors: trained tower, random language model")
@@ -210,16 +840,16 @@ if __name__ == "__main__":
     p.add_argument("--limit", type=int, default=256, help="records to check (0 = all)")
     args = parser.parse_args()
 
-    from model import ScoreModel
-
-    if args.cmd == "tower":
+    if args.cmd == "render":
+        render(args)
+    elif args.cmd == "tower":
         model = ScoreModel.tiny(seed=args.seed, **TINY_SIZES[args.size])
         torch.manual_seed(args.seed)
         acc = train_tower(model, steps=args.steps, lr=args.lr, seed=args.seed)
         print("held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
         model.save(args.out, stage="tower", size=args.size, tower_accuracy=acc)
     else:
-        records = data.load_jsonl(args.data)
+        records = load_jsonl(args.data)
         records = records[:args.limit] if args.limit else records
         model = ScoreModel.load(args.ckpt)
         print(format_check(*check_traces(model, records)))

@@ -35,8 +35,9 @@ WRAP_SCRIPT = """
 import torch, common, data
 from PIL import Image
 from model import ScoreModel
+from world import make_world
 rank, world, device = common.dist_init(timeout_s=60)
-data.make_world(WORLD, n=4, seed=0)
+make_world(WORLD, n=4, seed=0)
 recs = data.load_jsonl(WORLD + '/train.jsonl')[:4]
 ims = [Image.open(r['image_path']).convert('RGB') for r in recs]
 def loss_of(w, sl):

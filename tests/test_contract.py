@@ -20,6 +20,7 @@ import torch
 
 import common
 import data
+from world import make_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "assets", "tiny_base.safetensors")
@@ -29,7 +30,7 @@ needs_base = pytest.mark.skipif(not os.path.exists(BASE), reason="tiny assets no
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    data.make_world(str(out), n=4, seed=0)  # 48 train records, 16 test records
+    make_world(str(out), n=4, seed=0)  # 48 train records, 16 test records
     return str(out)
 
 

@@ -32,7 +32,7 @@ pytest.importorskip("peft", reason="peft is optional (only reward_ft.py --genera
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
-import data  # noqa: E402
+from world import make_world  # noqa: E402
 import reward_ft  # noqa: E402
 from reward_ft import DiffusersGenerator, Rollout, reward  # noqa: E402
 
@@ -127,7 +127,7 @@ def tiny_pipeline(family, seed=0):
         from diffusers import ZImagePipeline, ZImageTransformer2DModel
         from transformers import Qwen3Config, Qwen3Model
 
-        from model import build_tiny_tokenizer
+        from world import build_tiny_tokenizer
 
         tok = build_tiny_tokenizer()  # a Qwen tokenizer with a ChatML template, as Z-Image's prompt encoding needs
         transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2,
@@ -170,7 +170,7 @@ def student():
 def files(tmp_path_factory, student):
     """The world's prompts and a student file, as the script reads them."""
     root = tmp_path_factory.mktemp("files")
-    data.make_world(str(root / "world"), n=10, seed=0)
+    make_world(str(root / "world"), n=10, seed=0)
     student.save(str(root / "student.safetensors"), mode="direct")
     return {"world": str(root / "world"), "student": str(root / "student.safetensors")}
 

@@ -199,10 +199,10 @@ needs_base = pytest.mark.skipif(not os.path.exists(BASE), reason="assets/tiny_ba
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    import data
+    from world import make_world
 
     out = tmp_path_factory.mktemp("world")
-    data.make_world(str(out), n=12, seed=0)
+    make_world(str(out), n=12, seed=0)
     return str(out)
 
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model import (BINS, DIMENSIONS, ScoreModel, build_tiny_tokenizer, preprocess_differentiable, read_checkpoint,
-                   tiny_image_processor, write_checkpoint)
+from model import BINS, DIMENSIONS, ScoreModel, preprocess_differentiable, read_checkpoint, write_checkpoint
+from world import build_tiny_tokenizer, tiny_image_processor
 
 
 @pytest.fixture(scope="module")

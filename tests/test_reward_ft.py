@@ -1,5 +1,5 @@
 """
-Tests for reward_ft.py (differentiable reward fine-tuning) and the pixel oracle of data.py.
+Tests for reward_ft.py (differentiable reward fine-tuning) and the pixel oracle of world.py.
 
 Run: python -m pytest tests/test_reward_ft.py -q   (well under a minute on 2 CPU cores)
 
@@ -19,9 +19,11 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import data  # noqa: E402
+from data import DIMENSIONS  # noqa: E402
 import reward_ft  # noqa: E402
 from reward_ft import Rollout, TinyGenerator, reward  # noqa: E402
+from world import (estimate_scene, generator_batch, make_world, oracle_scores, parse_prompt,  # noqa: E402
+                   prompt_text, render_scene, sample_candidates, sample_items, true_scores)
 
 PROMPTS = ["a red circle top left", "a blue square bottom right and a green cross top right"]
 WEIGHTS = {"alignment": 1.0, "realism": 0.5, "aesthetics": 1.0, "plausibility": 2.0}
@@ -174,16 +176,16 @@ def rendered():
     rng = np.random.default_rng(123)
     out = []
     for _ in range(60):
-        items = data.sample_items(rng)
-        for scene in data.sample_candidates(rng, items, 4):
-            out.append((scene, items, data.render_scene(scene)))
+        items = sample_items(rng)
+        for scene in sample_candidates(rng, items, 4):
+            out.append((scene, items, render_scene(scene)))
     return out
 
 
 def test_oracle_agrees_with_synthetic_labels(rendered):
-    truth = [data.true_scores(s, items) for s, items, _ in rendered]
-    pred = [data.oracle_scores(img, data.prompt_text(items)) for _, items, img in rendered]
-    agree = {d: np.mean([t[d] == p[d] for t, p in zip(truth, pred)]) for d in data.DIMENSIONS}
+    truth = [true_scores(s, items) for s, items, _ in rendered]
+    pred = [oracle_scores(img, prompt_text(items)) for _, items, img in rendered]
+    agree = {d: np.mean([t[d] == p[d] for t, p in zip(truth, pred)]) for d in DIMENSIONS}
     # measured on 1,200 renders: alignment .98, realism 1.00, aesthetics .95, plausibility .99
     assert agree["alignment"] >= 0.9, agree
     assert agree["realism"] >= 0.9, agree
@@ -198,17 +200,17 @@ def test_oracle_reads_a_clean_scene_exactly():
     scene = {"objects": [{"quadrant": "top left", "color": "red", "shape": "circle", "offset": 0, "support": "grounded"},
                          {"quadrant": "bottom right", "color": "blue", "shape": "cross", "offset": 1, "support": "floating"}],
              "noise": "none", "blur": "none", "artifacts": "none", "clutter": "none", "contrast": "normal", "seed": 0}
-    est = data.estimate_scene(data.render_scene(scene))
+    est = estimate_scene(render_scene(scene))
     for k in ("noise", "blur", "artifacts", "clutter", "contrast"):
         assert est[k] == scene[k]
     assert [{k: o[k] for k in ("quadrant", "color", "shape", "offset", "support")} for o in est["objects"]] == scene["objects"]
     # an empty canvas has no objects, and every prompted object counts as missing
-    blank = data.render_scene(dict(scene, objects=[]))
-    assert data.estimate_scene(blank)["objects"] == []
-    assert data.oracle_scores(blank, "a red circle top left")["alignment"] == 3.0
+    blank = render_scene(dict(scene, objects=[]))
+    assert estimate_scene(blank)["objects"] == []
+    assert oracle_scores(blank, "a red circle top left")["alignment"] == 3.0
     # uint8 arrays work as well as PIL images
-    assert data.oracle_scores(np.asarray(data.render_scene(scene)), "a red circle top left") == \
-        data.oracle_scores(data.render_scene(scene), "a red circle top left")
+    assert oracle_scores(np.asarray(render_scene(scene)), "a red circle top left") == \
+        oracle_scores(render_scene(scene), "a red circle top left")
 
 
 # -----------------------------------------------------------------------------
@@ -254,7 +256,7 @@ def _args(**kw):
 
 def test_finetune_resume_is_exact(tmp_path, student, monkeypatch):
     world = str(tmp_path / "world")
-    data.make_world(world, n=10, seed=0)
+    make_world(world, n=10, seed=0)
     student_path = str(tmp_path / "student.safetensors")
     student.save(student_path, mode="direct")
     reward_ft.main(_args(stage="pretrain", steps=2, batch_size=4, micro_batch=4, data=world, out=tmp_path / "gen.safetensors"))
@@ -291,7 +293,7 @@ def test_finetune_resume_is_exact(tmp_path, student, monkeypatch):
 def test_pretraining_lowers_the_flow_loss():
     torch.manual_seed(0)
     gen = TinyGenerator.fresh(0, width=32, depth=2, heads=2, patch=16)
-    prompts, images = reward_ft.world_batch(np.random.default_rng(0), 16, exclude=set())
+    prompts, images = generator_batch(np.random.default_rng(0), 16, exclude=set())
     x, cond = gen.to_latent(images), gen.encode(prompts)
     fixed = lambda: reward_ft.flow_loss(gen, x, cond, torch.Generator().manual_seed(1)).item()
     before = fixed()
@@ -303,17 +305,17 @@ def test_pretraining_lowers_the_flow_loss():
     assert fixed() < 0.7 * before
 
 
-def test_world_batch_never_draws_a_held_out_prompt():
+def test_generator_batch_never_draws_a_held_out_prompt():
     rng = np.random.default_rng(0)
-    prompts, _ = reward_ft.world_batch(rng, 64, exclude=set())
+    prompts, _ = generator_batch(rng, 64, exclude=set())
     held_out = set(prompts[:32])
-    again, images = reward_ft.world_batch(np.random.default_rng(1), 64, exclude=held_out)
+    again, images = generator_batch(np.random.default_rng(1), 64, exclude=held_out)
     assert not held_out & set(again) and images.shape == (64, 3, 64, 64)
     # clean: every image shows exactly the prompt's objects
-    prompts, images = reward_ft.world_batch(rng, 16, exclude=set(), clean=True)
+    prompts, images = generator_batch(rng, 16, exclude=set(), clean=True)
     for p, im in zip(prompts, images):
-        est = data.estimate_scene((im.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8))
-        assert len(est["objects"]) >= len(data.parse_prompt(p)) - 1  # the oracle may miss a washed-out one
+        est = estimate_scene((im.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8))
+        assert len(est["objects"]) >= len(parse_prompt(p)) - 1  # the oracle may miss a washed-out one
 
 
 def test_real_generator_path_is_an_optional_import():

@@ -37,10 +37,10 @@ FAST = ["--init", BASE, "--steps", "1", "--batch-size", "4", "--micro-batch", "2
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    import data
+    from world import make_world
 
     out = tmp_path_factory.mktemp("world")
-    data.make_world(str(out), n=8, seed=0)
+    make_world(str(out), n=8, seed=0)
     return str(out)
 
 

@@ -39,10 +39,10 @@ K = len(BINS)
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    import data
+    from world import make_world
 
     out = tmp_path_factory.mktemp("world")
-    data.make_world(str(out), n=12, seed=0)
+    make_world(str(out), n=12, seed=0)
     return str(out)
 
 

@@ -30,10 +30,10 @@ def _run(args):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    import data
+    from world import make_world
 
     out = tmp_path_factory.mktemp("world")
-    data.make_world(str(out), n=16, seed=1)
+    make_world(str(out), n=16, seed=1)
     return str(out)
 
 

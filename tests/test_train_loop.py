@@ -28,10 +28,10 @@ pytestmark = pytest.mark.skipif(not (os.path.exists(BASE) and os.path.exists(GEN
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    import data
+    from world import make_world
 
     out = tmp_path_factory.mktemp("world")
-    data.make_world(str(out), n=8, seed=0)
+    make_world(str(out), n=8, seed=0)
     return str(out)
 
 

@@ -1,5 +1,5 @@
 """
-Tests for world.py (the tiny world's own stages) and the generic rubric of data.py.
+Tests for world.py: the generic rubric, the tower stage's labels and training, the trace check.
 
 Run: python -m pytest tests/test_world.py -q   (about half a minute, CPU only)
 """
@@ -23,7 +23,7 @@ def scene(objects, **defects):
 
 
 def test_generic_rubric_counts_defects_not_their_weight():
-    items = data.parse_prompt("a red circle top left and a blue square bottom right")
+    items = world.parse_prompt("a red circle top left and a blue square bottom right")
     s = scene([("top left", "red", "circle", 1, "floating"), ("bottom right", "green", "square", 0, "hovering"),
                ("top right", "blue", "cross", 0, "grounded")],
               noise="strong", blur="mild", clutter="strong", contrast="low")
@@ -31,34 +31,34 @@ def test_generic_rubric_counts_defects_not_their_weight():
     # realism: strong noise + mild blur = 2 defects; annotators 2.5 + 1 = 3.5
     # aesthetics: off center + clutter + low contrast = 3; annotators 1 + 2 + 1.5 = 4.5
     # plausibility: floating + hovering = 2; annotators 2 + 0.5 = 2.5
-    assert data.defect_counts(s, items) == {"alignment": 2, "realism": 2, "aesthetics": 3, "plausibility": 2}
-    assert data.generic_scores(s, items) == {"alignment": 3.0, "realism": 3.0, "aesthetics": 2.0, "plausibility": 3.0}
-    assert data.true_scores(s, items) == {"alignment": 2.5, "realism": 1.5, "aesthetics": 1.0, "plausibility": 2.5}
+    assert world.defect_counts(s, items) == {"alignment": 2, "realism": 2, "aesthetics": 3, "plausibility": 2}
+    assert world.generic_scores(s, items) == {"alignment": 3.0, "realism": 3.0, "aesthetics": 2.0, "plausibility": 3.0}
+    assert world.true_scores(s, items) == {"alignment": 2.5, "realism": 1.5, "aesthetics": 1.0, "plausibility": 2.5}
     # four defects or more reach the floor, 1
     many = scene([("top left", "red", "circle", 0, "floating")] + [(q, "red", "cross", 0, "sunk") for q in
                   ("top right", "bottom left", "bottom right")])
-    assert data.generic_scores(many, items)["plausibility"] == 1.0
+    assert world.generic_scores(many, items)["plausibility"] == 1.0
 
 
 def test_pretraining_world_traces_end_on_the_generic_rubric(tmp_path):
-    recs = data.make_world(str(tmp_path), n=6, seed=3, trace_rubric="generic")
+    recs = world.make_world(str(tmp_path), n=6, seed=3, trace_rubric="generic")
     for r in recs:
-        items = data.parse_prompt(r["prompt"])
-        assert data.parse_score(r["trace"]) == data.score_to_level(data.generic_scores(r["scene"], items)[r["dimension"]])
+        items = world.parse_prompt(r["prompt"])
+        assert data.parse_score(r["trace"]) == data.score_to_level(world.generic_scores(r["scene"], items)[r["dimension"]])
         assert r["score"] == data.aggregate(r["scores"])  # the labels stay the annotators'
-    assert any(data.generic_scores(r["scene"], data.parse_prompt(r["prompt"]))[r["dimension"]] != r["true_score"]
+    assert any(world.generic_scores(r["scene"], world.parse_prompt(r["prompt"]))[r["dimension"]] != r["true_score"]
                for r in recs)
     with pytest.raises(ValueError, match="trace_rubric"):
-        data.make_world(str(tmp_path), n=2, trace_rubric="annotators")
+        world.make_world(str(tmp_path), n=2, trace_rubric="annotators")
 
 
 def test_scene_labels():
     s = scene([("top right", "blue", "diamond", -1, "sunk")], noise="mild", clutter="strong", contrast="low")
     y = world.scene_labels(s)
     # quadrants in reading order; only top right holds an object
-    assert y["color"] == [0, 1 + list(data.COLORS).index("blue"), 0, 0]
-    assert y["shape"] == [0, 1 + data.SHAPES.index("diamond"), 0, 0]
-    assert y["offset"] == [-100, 0, -100, -100] and y["support"] == [-100, data.SUPPORTS.index("sunk"), -100, -100]
+    assert y["color"] == [0, 1 + list(world.COLORS).index("blue"), 0, 0]
+    assert y["shape"] == [0, 1 + world.SHAPES.index("diamond"), 0, 0]
+    assert y["offset"] == [-100, 0, -100, -100] and y["support"] == [-100, world.SUPPORTS.index("sunk"), -100, -100]
     assert (y["noise"], y["blur"], y["artifacts"], y["clutter"], y["contrast"]) == (1, 0, 0, 2, 1)
 
 
@@ -92,13 +92,13 @@ class _WorldTraces:
 
         traces = []
         for p, d, r in zip(prompts, dims, self.records):
-            t = data.make_trace(r["scene"], data.parse_prompt(p), d)
+            t = world.make_trace(r["scene"], world.parse_prompt(p), d)
             traces.append(t.replace(", no.", ", yes.") if self.wrong else t)
         return SimpleNamespace(traces=traces)
 
 
 def test_check_traces_scores_the_worlds_own_traces_perfectly(tmp_path):
-    data.make_world(str(tmp_path), n=8, seed=1)
+    world.make_world(str(tmp_path), n=8, seed=1)
     recs = data.load_jsonl(str(tmp_path / "train.jsonl"))
     fake = _WorldTraces()
     fake.records = recs
