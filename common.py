@@ -596,6 +596,23 @@ def check_batch(n, batch, flag, what, world=1):
              + (f" (a multiple of the {world} ranks)" if world > 1 else ""))
 
 
+def split_batch(batch, micro, world, flag="--batch-size", micro_flag="--micro-batch"):
+    """(per-rank micro-batch, accumulation steps) of a global batch: each rank takes batch / world
+    samples in forwards of `micro` (capped at the rank's share). Every script splits its batch here,
+    so a batch that does not divide gets the same message everywhere."""
+    micro = min(micro, batch // world)
+    if micro < 1 or batch % (micro * world):
+        fail(f"{flag} {batch} must be a multiple of {micro_flag} x ranks = {max(micro, 1)} x {world}")
+    return micro, batch // (micro * world)
+
+
+def open_images(records):
+    """The RGB images of records (their resolved `image_path`), in order."""
+    from PIL import Image
+
+    return [Image.open(r["image_path"]).convert("RGB") for r in records]
+
+
 def check_finite_step(step, grad_norm, loss=None):
     """Stop on a non-finite gradient norm (the global one: a NaN on any rank reaches every rank's
     norm), before the optimizer applies it; the checkpoint on disk is the last finite one."""

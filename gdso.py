@@ -44,7 +44,6 @@ Launch:
 import argparse
 
 import torch
-from PIL import Image
 
 import common
 from data import S_MAX, S_MIN, score_to_level
@@ -217,9 +216,7 @@ def main(argv=None):
     common.check_batch(len(pairs), args.pairs, "--pairs", f"same-prompt pairs with different labels in {train_file}", world)
     batches = common.Batches(pairs, args.pairs, rank, world, seed=args.seed)
     P, G = args.pairs // world, args.group
-    micro = min(args.micro_pairs, P)
-    if P % micro:
-        raise SystemExit(f"pairs per rank {P} must be a multiple of --micro-pairs {micro}")
+    micro, _ = common.split_batch(args.pairs, args.micro_pairs, world, "--pairs", "--micro-pairs")
     # under FSDP2 the models are built on the meta device and each rank reads only its shard (common.wrap)
     model = common.load_model(args.model or args.init, seed=args.seed, meta=common.sharded(args.fsdp))
     common.check_context(model, train, "reasoning", args.max_new_tokens)
@@ -270,7 +267,7 @@ def main(argv=None):
         images = {}
         for q in queries:
             if q["image_path"] not in images:
-                images[q["image_path"]] = Image.open(q["image_path"]).convert("RGB")
+                images[q["image_path"]] = common.open_images([q])[0]
 
         def encode(qs, completions=None):
             return inner.encode([q["prompt"] for q in qs], [images[q["image_path"]] for q in qs],

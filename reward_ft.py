@@ -758,10 +758,7 @@ def main(args):
         if student.metadata.get("mode", "direct") != "direct":
             common.print0(f"note: {args.reward} was trained in {student.metadata.get('mode')} mode; its direct-mode score is the reward")
 
-    micro = min(args.micro_batch, args.batch_size // world)
-    if args.batch_size % (micro * world):
-        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of micro-batch x world = {micro * world}")
-    accum = args.batch_size // (micro * world)
+    micro, accum = common.split_batch(args.batch_size, args.micro_batch, world)
     for p in gen.parameters():  # fp32 master weights and AdamW state; --bf16 is compute only (autocast below)
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()

@@ -46,7 +46,6 @@ import os
 import time
 
 import torch
-from PIL import Image
 
 import common
 from kernels import score_kl
@@ -143,10 +142,6 @@ def read_cache(path, key):
 # teacher targets, tokenizers, throughput
 
 
-def open_images(records):
-    return [Image.open(r["image_path"]).convert("RGB") for r in records]
-
-
 @torch.no_grad()
 def teacher_targets(teacher, records, traces=1, temperature=1.0, max_new_tokens=64):
     """The teacher's q_T for records, averaged over `traces` sampled traces: (q (N, K), ok (N,)).
@@ -155,7 +150,7 @@ def teacher_targets(teacher, records, traces=1, temperature=1.0, max_new_tokens=
     """
     prompts = [r["prompt"] for r in records] * traces
     dims = [r["dimension"] for r in records] * traces
-    out = teacher.score_with_reasoning(prompts, open_images(records) * traces, dims, max_new_tokens, temperature)
+    out = teacher.score_with_reasoning(prompts, common.open_images(records) * traces, dims, max_new_tokens, temperature)
     N, K = len(records), out.probs.shape[-1]
     return mean_over_traces(out.probs.float().view(traces, N, K), out.valid.view(traces, N))
 
@@ -186,7 +181,7 @@ def throughput(model, records, mode, batch_size, batches=3, max_new_tokens=64):
         raise ValueError(f"--throughput needs at least {2 * batch_size} test records, got {len(records)}")
     n, tokens, seconds = 0, 0.0, 0.0
     for i, recs in enumerate(chunks):
-        images = open_images(recs)
+        images = common.open_images(recs)
         t0 = time.perf_counter()
         out = model.score([r["prompt"] for r in recs], images, [r["dimension"] for r in recs], mode=mode,
                           max_new_tokens=max_new_tokens)
@@ -370,10 +365,8 @@ def main(argv=None):
         items = list(range(len(records)))
 
     batches = common.Batches(items, args.batch_size, rank, world, seed=args.seed)
+    micro, accum = common.split_batch(args.batch_size, args.micro_batch, world)
     per_rank = args.batch_size // world
-    micro = min(args.micro_batch, per_rank)
-    if per_rank % micro:
-        raise SystemExit(f"records per rank {per_rank} must be a multiple of --micro-batch {micro}")
     if args.freeze_vision:
         student.vision_tower().requires_grad_(False)
     model = common.wrap(student, device, fsdp=args.fsdp, bf16=args.bf16, checkpointing=args.checkpointing)
@@ -384,7 +377,7 @@ def main(argv=None):
         common.print0(f"resumed {args.out} at step {step}")
     inner = common.unwrap(model)
     common.print0(f"{args.method} | teacher {args.teacher} | student {args.student} ({student_mode} mode) | "
-                  f"{len(items)} unlabeled records | world {world} x micro {micro} x accum {per_rank // micro} = "
+                  f"{len(items)} unlabeled records | world {world} x micro {micro} x accum {accum} = "
                   f"{args.batch_size} | targets {'cache ' + args.cache if args.cache else 'online'} | M={args.traces}")
 
     def risd_step(chunks):
@@ -406,7 +399,7 @@ def main(argv=None):
         kl_share = 0.0
         for j, (chunk, (q, ok)) in enumerate(zip(chunks, targets)):
             recs = [records[i] for i in chunk]
-            batch = inner.encode([r["prompt"] for r in recs], open_images(recs), [r["dimension"] for r in recs], "direct")
+            batch = inner.encode([r["prompt"] for r in recs], common.open_images(recs), [r["dimension"] for r in recs], "direct")
             idx = torch.full((len(recs),), batch["prompt_len"] - 1, device=device)
             with common.grad_sync(model, j == len(chunks) - 1):  # reduce across ranks on the last micro-batch
                 logits = model(batch, idx)["score_logits"]  # (B, K)
@@ -420,7 +413,7 @@ def main(argv=None):
     def opd_step(chunks):
         """Eqs. 18-19 over this rank's chunks: sample, teacher-score, update; -> logs."""
         recs_all = [records[i] for c in chunks for i in c]
-        images = open_images(recs_all)
+        images = common.open_images(recs_all)
         prompts, dims = [r["prompt"] for r in recs_all], [r["dimension"] for r in recs_all]
         with common.rollout_mode(model) as m:  # pi_old samples y per micro-batch, no collectives inside
             comps = [c for a in range(0, len(recs_all), micro)

@@ -42,10 +42,8 @@ Launch:
 """
 
 import argparse
-import os
 
 import torch
-from PIL import Image
 
 import common
 from data import SCORE_MARKER, parse_score, score_to_level
@@ -137,10 +135,7 @@ elif args.stage == "rewarddance":
                     f"trains on the score followed by its rationale (README, Data)")
 else:
     items = [("direct", r, None) for r in train]
-micro = min(args.micro_batch, args.batch_size // world)
-if args.batch_size % (micro * world):
-    raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of micro-batch x world = {micro * world}")
-accum = args.batch_size // (micro * world)
+micro, accum = common.split_batch(args.batch_size, args.micro_batch, world)
 common.check_batch(len(items), args.batch_size, "--batch-size", "training items", world)
 batches = common.Batches(items, args.batch_size, rank, world, seed=args.seed)
 
@@ -182,10 +177,6 @@ common.print0(f"{args.stage} | {sum(p.numel() for p in model.parameters()) / 1e6
 token_weight = {"sft": 0.0, "base": 1.0, "rewarddance": args.rationale_weight}[args.stage]
 
 
-def open_images(recs):
-    return [Image.open(r["image_path"]).convert("RGB") for r in recs]
-
-
 def micro_count(chunk):
     """What normalizes the loss, before any forward: (samples with a score CE, tokens with a
     next-token loss). rewarddance's tokens are the answer's after the score token."""
@@ -205,7 +196,7 @@ def micro_loss(chunk):
         recs = [r for _, r, _ in chunk]
         # rewarddance teacher-forces score + rationale; the score is read before the answer either way
         comps = [answer_ids(text, r) for _, r, text in chunk] if args.stage == "rewarddance" else None
-        batch = inner.encode([r["prompt"] for r in recs], open_images(recs), [r["dimension"] for r in recs], eval_mode,
+        batch = inner.encode([r["prompt"] for r in recs], common.open_images(recs), [r["dimension"] for r in recs], eval_mode,
                              completions=comps)
         idx = torch.full((len(recs),), batch["prompt_len"] - 1, device=device)
         targets = None
@@ -223,7 +214,7 @@ def micro_loss(chunk):
     nll, ce = zero, zero
     direct = [r for m, r, _ in chunk if m == "direct"]
     if direct:
-        batch = inner.encode([r["prompt"] for r in direct], open_images(direct), [r["dimension"] for r in direct], "direct")
+        batch = inner.encode([r["prompt"] for r in direct], common.open_images(direct), [r["dimension"] for r in direct], "direct")
         idx = torch.full((len(direct),), batch["prompt_len"] - 1, device=device)
         out = ddp_model(batch, idx)
         target = torch.tensor([parse_score(r["trace"]) - 1 for r in direct], device=device)
@@ -234,7 +225,7 @@ def micro_loss(chunk):
             continue
         comps = [answer_ids(text) for _, text in sub]
         recs = [r for r, _ in sub]
-        batch = inner.encode([r["prompt"] for r in recs], open_images(recs), [r["dimension"] for r in recs], mode,
+        batch = inner.encode([r["prompt"] for r in recs], common.open_images(recs), [r["dimension"] for r in recs], mode,
                              completions=comps)
         targets = inner.completion_targets(batch, comps)
         idx = torch.full((len(recs),), batch["prompt_len"] - 1, device=device)
