@@ -61,9 +61,9 @@ def exit_worker():
     destroy_process_group() does not stop the backend's threads: FSDP2's DTensor caches still hold
     the process group, so its gloo / NCCL threads live on into interpreter finalization, where a
     thread that needs the GIL is ended with pthread_exit and the process aborts if that unwinds
-    through C++ ("terminate called without an active exception", SIGABRT: one CI run, after all of
-    its output was written). Every file is closed by now, so flush and exit. One process (no
-    torchrun): a normal exit."""
+    through C++ ("terminate called without an active exception", SIGABRT, after every file and line of
+    output was written). Every file is closed by now, so flush and exit. One process (no torchrun): a
+    normal exit."""
     if under_torchrun():
         sys.stdout.flush()
         sys.stderr.flush()
@@ -471,12 +471,12 @@ def rollout_mode(model):
 
 def evaluate_sharded(model, records, mode, batch_size=32, max_new_tokens=64):
     """eval.evaluate over all ranks: each scores an interleaved shard, rank 0's table covers all."""
-    import eval as ev
+    from eval import nonfinite_note, predict, table_from_predictions
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = list(range(rank, len(records), world))
     with rollout_mode(model) as inner:
-        pred = ev.predict(inner, [records[i] for i in mine], mode, batch_size, max_new_tokens, progress=False)
+        pred = predict(inner, [records[i] for i in mine], mode, batch_size, max_new_tokens, progress=False)
     parts = [None] * world
     if dist.is_initialized():
         dist.all_gather_object(parts, (mine, pred))
@@ -486,10 +486,10 @@ def evaluate_sharded(model, records, mode, batch_size=32, max_new_tokens=64):
     for idx, p in parts:
         for k in full:
             full[k][idx] = p[k]
-    note = ev.nonfinite_note(records, full)
+    note = nonfinite_note(records, full)
     if note:
         print0(f"warning: {note}")
-    return ev.table_from_predictions(records, full), full
+    return table_from_predictions(records, full), full
 
 
 # -----------------------------------------------------------------------------
@@ -708,33 +708,44 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def all_rng_states():
+    """Every rank's RNG state, in rank order (collective): a resumed rank draws what it would have drawn."""
+    if not dist.is_initialized():
+        return [rng_state()]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def restore_rng_state(states, path):
+    """This rank's RNG state from a .train.pt's list; refused unless the run had as many ranks."""
+    if len(states) != (dist.get_world_size() if dist.is_initialized() else 1):
+        raise ValueError(f"{path} was written by a run with {len(states)} ranks; resume with the same world size")
+    set_rng_state(states[dist.get_rank() if dist.is_initialized() else 0])
+
+
 def save_checkpoint(path, model, optimizer=None, step=0, batches=None, args=None, **meta):
-    """Write NAME.safetensors (model + metadata) and, with an optimizer, NAME.train.pt (for --resume).
+    """Write NAME.safetensors (weights + metadata) and, with an optimizer, NAME.train.pt (for --resume).
 
-    Collective under FSDP2: every rank calls it. RNG states are per rank, so each rank writes its
-    own into the train state (gathered to rank 0).
+    `model` is a ScoreModel, bare or wrapped (DDP, FSDP2), or a module that gives its own weights and
+    metadata, trainable_state() and metadata(**extra) (reward_ft.py's generators). Collective: every rank
+    calls it (FSDP2 gathers the weights and the optimizer state, and each rank's RNG state goes into the
+    train state); rank 0 writes each file atomically.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    state = full_state_dict(model)
     inner = unwrap(model)
-    optim_state = None
-    if optimizer is not None:
-        if dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in inner.parameters()):
-            optim_state = get_optimizer_state_dict(inner, optimizer,
-                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            optim_state = optimizer.state_dict()
-    rngs = [None] * dist.get_world_size() if dist.is_initialized() else None
-    if dist.is_initialized():
-        dist.all_gather_object(rngs, rng_state())
-    else:
-        rngs = [rng_state()]
+    score_model = hasattr(inner, "vlm")
+    state = full_state_dict(model) if score_model else None
+    optim_state = full_optimizer_state(model, optimizer) if optimizer is not None else None
+    rngs = all_rng_states()
     if is_main():
         from model import dedupe_tied, write_checkpoint
 
         extra = {"step": step, "args": vars(args) if args is not None else {}, **meta}
-        write_checkpoint(path, dedupe_tied({k: v.contiguous() for k, v in state.items()}), inner.metadata_dict(**extra))
+        if score_model:
+            write_checkpoint(path, dedupe_tied({k: v.contiguous() for k, v in state.items()}),
+                             inner.metadata_dict(**extra))
+        else:
+            write_checkpoint(path, inner.trainable_state(), inner.metadata(**extra))
         if optimizer is not None:
             train = {"step": step, "optimizer": optim_state, "rng": rngs, "args": vars(args) if args else {},
                      "batches": batches.state() if batches is not None else None, "meta": meta}
@@ -743,6 +754,16 @@ def save_checkpoint(path, model, optimizer=None, step=0, batches=None, args=None
             os.replace(tmp, train_path(path))
     if dist.is_initialized():
         dist.barrier()
+
+
+def full_optimizer_state(model, optimizer):
+    """The optimizer's state dict, whole (collective under FSDP2, which gathers it to the CPU)."""
+    if _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(unwrap(model), optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
 
 
 def ref_path(path):
@@ -771,7 +792,7 @@ def load_weights_into(model, tensors, path):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     inner = unwrap(model)
-    if dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in inner.parameters()):
+    if _is_sharded(model):
         full = {f"vlm.{k}": v for k, v in tensors.items()}
         set_model_state_dict(inner, full, options=StateDictOptions(full_state_dict=True, strict=False))
         return
@@ -779,6 +800,23 @@ def load_weights_into(model, tensors, path):
     inner.vlm.tie_weights()
     if unexpected or [k for k in missing if "lm_head" not in k]:
         raise ValueError(f"{path}: weights do not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def load_weights(model, meta, path):
+    """A checkpoint's weights into `model`: a ScoreModel (refused unless the file holds the same
+    architecture and config; under FSDP2 each rank reads its own slices of the file) or a module that
+    checks and loads its own, load_trainable_state(meta, tensors, path) (reward_ft.py's generators)."""
+    from model import check_compatible, read_checkpoint
+
+    inner = unwrap(model)
+    if not hasattr(inner, "vlm"):
+        inner.load_trainable_state(meta, read_checkpoint(path)[1], path)
+        return
+    check_compatible(meta, path, like=inner)
+    if _is_sharded(model):  # each rank reads its own slices of the file
+        fill_from_files(model, [path], None, path)
+    else:
+        load_weights_into(model, read_checkpoint(path)[1], path)
 
 
 def _is_sharded(model):
@@ -796,17 +834,10 @@ def _checkpoint_meta(path):
 
 def load_frozen(model, path, step=None):
     """A frozen model's weights from a checkpoint; with `step`, refused unless the file is at it."""
-    from model import check_compatible, read_checkpoint
-
     meta = _checkpoint_meta(path)
     if step is not None:
         check_step(str(path), meta, step)
-    check_compatible(meta, path, like=unwrap(model))
-    if _is_sharded(model):  # each rank reads its own slices of the file
-        fill_from_files(model, [path], None, path)
-        return
-    _, tensors = read_checkpoint(path)
-    load_weights_into(model, tensors, path)
+    load_weights(model, meta, path)
 
 
 def train_path(path):
@@ -814,37 +845,28 @@ def train_path(path):
 
 
 def load_resume(path, model, optimizer, batches=None):
-    """Restore model weights, optimizer, RNG and data position from a checkpoint pair; -> (step, meta).
+    """Restore weights, optimizer, RNG and data position from a checkpoint pair; -> (step, meta).
 
-    The model weights come from the .safetensors (refused if another architecture or config); the
-    rest from the .train.pt beside it.
+    The weights come from the .safetensors (load_weights), the rest from the .train.pt beside it. Refused,
+    before any weight is read, when the two files are at different steps; and when the run had another
+    number of ranks.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    from model import check_compatible, read_checkpoint
-
     if not os.path.exists(path):
         fail(f"cannot resume: {path} not found (--resume continues the run that writes --out)")
     if not os.path.exists(train_path(path)):
         fail(f"cannot resume: {train_path(path)} (optimizer / RNG state) is missing beside {path}")
-    inner = unwrap(model)
     meta = _checkpoint_meta(path)
     train = torch.load(train_path(path), map_location="cpu", weights_only=False)
-    check_step(str(path), meta, train["step"])  # before any weight is read
-    check_compatible(meta, path, like=inner)
-    if _is_sharded(model):  # each rank reads its own slices of the file
-        fill_from_files(model, [path], None, path)
-    else:
-        _, tensors = read_checkpoint(path)
-        load_weights_into(model, tensors, path)
-    if dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in inner.parameters()):
-        set_optimizer_state_dict(inner, optimizer, train["optimizer"], options=StateDictOptions(full_state_dict=True))
+    check_step(str(path), meta, train["step"])
+    load_weights(model, meta, path)
+    if _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(unwrap(model), optimizer, train["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(train["optimizer"])
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if len(train["rng"]) != (dist.get_world_size() if dist.is_initialized() else 1):
-        raise ValueError(f"{path} was written by a run with {len(train['rng'])} ranks; resume with the same world size")
-    set_rng_state(train["rng"][rank])
+    restore_rng_state(train["rng"], path)
     if batches is not None and train["batches"] is not None:
         batches.load_state(train["batches"])
     return train["step"], train.get("meta", {})

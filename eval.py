@@ -159,11 +159,12 @@ def format_table(table, title=None):
 
 TABLE2 = ("plcc", "srcc", "hpa", "margin_hpa", "hpa_same_n")  # the paper's Table 2, + same-count HPA
 TABLE3 = ("hpa", "margin_hpa", "tokens")  # Table 3: accuracy against output tokens per scoring call
-ORDER = ("count-only", "zero-shot", "sft", "rewarddance", "grpo", "gdso", "student-zero-shot", "student-sft", "student-rewarddance", "opd", "risd")
+ORDER = ("count-only", "zero-shot", "sft", "rewarddance", "grpo", "gdso", "student-zero-shot", "student-sft",
+         "student-rewarddance", "opd", "risd")
 # the paper's claims as paired differences (a - b, per seed): reasoning over direct, GDSO over GRPO,
 # a one-token student that keeps its teacher's accuracy, and what a post-hoc rationale adds to SFT
-PAIRED = (("gdso", "grpo"), ("grpo", "sft"), ("gdso", "sft"), ("risd", "gdso"), ("risd", "opd"), ("risd", "student-sft"),
-          ("rewarddance", "sft"), ("student-rewarddance", "student-sft"))
+PAIRED = (("gdso", "grpo"), ("grpo", "sft"), ("gdso", "sft"), ("risd", "gdso"), ("risd", "opd"),
+          ("risd", "student-sft"), ("rewarddance", "sft"), ("student-rewarddance", "student-sft"))
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t quantiles by dof
 
 
@@ -222,7 +223,8 @@ def paired_differences(paths, column="hpa", pairs=PAIRED):
             continue
         half = T975.get(len(d) - 1, 1.96) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
         each = " ".join(f"{x:+.3f}" for x in d)
-        lines.append(f"{a + ' - ' + b:<38}{len(d):>6}{d.mean():>+9.3f}   [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]   {each}")
+        interval = f"[{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]"
+        lines.append(f"{a + ' - ' + b:<38}{len(d):>6}{d.mean():>+9.3f}   {interval}   {each}")
     return "\n".join(lines)
 
 
@@ -280,43 +282,54 @@ def nonfinite_note(records, pred):
     return f"{len(bad)} of {len(records)} records got a non-finite mu (first: {first}); the model outputs NaN or inf"
 
 
-def main(argv=None):
+def get_args(argv=None):
     import argparse
+
+    import torch
+
+    p = argparse.ArgumentParser(description="score a JSONL with a score model and print PLCC / SRCC / HPA")
+    p.add_argument("--ckpt", "--model", dest="ckpt", required=True,
+                   help="a score-model .safetensors, a Hugging Face model folder or hub id (zero-shot), 'tiny' "
+                        "(the untrained embedded model) or 'count-only' (the synthetic world's shortcut baseline)")
+    p.add_argument("--data", required=True, help="labeled JSONL, or a --data folder (its test.jsonl)")
+    p.add_argument("--mode", default=None, choices=["direct", "reasoning", "rewarddance"],
+                   help="prompt mode; default: the checkpoint's own (direct for an HF model)")
+    p.add_argument("--batch-size", type=int, default=32, help="queries per forward")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="reasoning mode: trace length budget")
+    p.add_argument("--limit", type=int, default=0, help="score only the first N records (0 = all)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--json", default="", help="also write the table to this JSON file (for `eval.py summarize`)")
+    p.add_argument("--method", default="", help="the method name recorded in --json")
+    return p.parse_args(argv)
+
+
+def print_summary(paths):
+    """`python eval.py summarize runs/results/*.eval.json`: Tables 2 and 3 and the paired differences."""
+    print("Table 2 (overall test split; mean ± std over seeds)")
+    print(summarize(paths))
+    print("\nTable 3 (accuracy against output tokens per scoring call)")
+    print(summarize(paths, TABLE3, methods=("opd", "student-sft", "student-rewarddance", "sft", "rewarddance", "gdso",
+                                            "risd")))
+    print("\nPaired differences of HPA (a - b on the same seed; 95% t interval over seeds)")
+    print(paired_differences(paths))
+
+
+def main(argv=None):
     import json
     import os
     import sys
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "summarize":  # python eval.py summarize runs/results/*.eval.json
-        print("Table 2 (overall test split; mean ± std over seeds)")
-        print(summarize(argv[1:]))
-        print("\nTable 3 (accuracy against output tokens per scoring call)")
-        print(summarize(argv[1:], TABLE3, methods=("opd", "student-sft", "student-rewarddance", "sft", "rewarddance", "gdso", "risd")))
-        print("\nPaired differences of HPA (a - b on the same seed; 95% t interval over seeds)")
-        print(paired_differences(argv[1:]))
+        print_summary(argv[1:])
         return
     if argv and argv[0] == "curves":  # python eval.py curves OUT.png runs/results/*.curve.jsonl
         print(plot_curves(argv[2:], argv[1]))
         return
 
-    import torch
+    import common  # scoring only: the summaries need neither torch nor a model
 
-    import common
-
-    parser = argparse.ArgumentParser(description="score a JSONL with a score model and print PLCC / SRCC / HPA")
-    parser.add_argument("--ckpt", "--model", dest="ckpt", required=True,
-                        help="a score-model .safetensors, a Hugging Face model folder or hub id (zero-shot), 'tiny' "
-                             "(the untrained embedded model) or 'count-only' (the synthetic world's shortcut baseline)")
-    parser.add_argument("--data", required=True, help="labeled JSONL, or a --data folder (its test.jsonl)")
-    parser.add_argument("--mode", default=None, choices=["direct", "reasoning", "rewarddance"], help="prompt mode; default: the checkpoint's own (direct for an HF model)")
-    parser.add_argument("--batch-size", type=int, default=32, help="queries per forward")
-    parser.add_argument("--max-new-tokens", type=int, default=96, help="reasoning mode: trace length budget")
-    parser.add_argument("--limit", type=int, default=0, help="score only the first N records (0 = all)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    parser.add_argument("--json", default="", help="also write the table to this JSON file (for `eval.py summarize`)")
-    parser.add_argument("--method", default="", help="the method name recorded in --json")
-    args = parser.parse_args(argv)
-
+    args = get_args(argv)
     path = args.data if os.path.isfile(args.data) else common.data_files(args.data, "test.jsonl")[0]
     records = common.load_records(path)
     records = records[:args.limit] if args.limit else records

@@ -40,10 +40,12 @@ import common
 # the published configs (Qwen3.5 model cards / config.json): hybrid Gated DeltaNet + gated attention,
 # every 4th layer full attention, untied embeddings, the same 27-block vision tower
 
+LAYER_PATTERN = ["linear_attention", "linear_attention", "linear_attention", "full_attention"]
+
 
 def text_config(hidden, intermediate, layers, heads, linear_value_heads):
     return dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"] * (layers // 4),
+                layer_types=LAYER_PATTERN * (layers // len(LAYER_PATTERN)),
                 num_attention_heads=heads, num_key_value_heads=4, head_dim=256,
                 linear_num_key_heads=16, linear_num_value_heads=linear_value_heads, linear_key_head_dim=128,
                 linear_value_head_dim=128, linear_conv_kernel_dim=4, vocab_size=248320, tie_word_embeddings=False,
@@ -85,7 +87,9 @@ def shard(holder, mesh, dtype, mp=True):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     holder.to(dtype)
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mp else MixedPrecisionPolicy()
+    policy = MixedPrecisionPolicy()
+    if mp:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     units = common._units(holder)
     sizes = [sum(p.numel() for p in u.parameters()) for u in units]  # before sharding: unsharded sizes
     total = sum(p.numel() for p in holder.parameters())
@@ -116,29 +120,25 @@ def rollout_cache(name, seqs, tokens):
     full = c["layer_types"].count("full_attention")
     linear = c["num_hidden_layers"] - full
     kv = full * 2 * c["num_key_value_heads"] * c["head_dim"] * 2 * tokens
-    conv_dim = 2 * c["linear_num_key_heads"] * c["linear_key_head_dim"] + c["linear_num_value_heads"] * c["linear_value_head_dim"]
+    conv_dim = (2 * c["linear_num_key_heads"] * c["linear_key_head_dim"]
+                + c["linear_num_value_heads"] * c["linear_value_head_dim"])
     state = linear * (c["linear_num_value_heads"] * c["linear_key_head_dim"] * c["linear_value_head_dim"] * 4
                       + conv_dim * c["linear_conv_kernel_dim"] * 2)
     return seqs * (kv + state)
 
 
-def main():
+def get_args(argv=None):
     p = argparse.ArgumentParser(description="per-rank memory of the README's recipes, from FSDP2 on meta tensors")
     p.add_argument("--world", type=int, default=8, help="ranks (GPUs) the models are sharded over")
-    p.add_argument("--image-tokens", type=int, default=1024, help="image tokens per query (1024x1024 pixels / 32^2)")
+    p.add_argument("--image-tokens", type=int, default=1024,
+                   help="image tokens per query (1024x1024 pixels / 32^2)")
     p.add_argument("--prompt-tokens", type=int, default=200, help="rubric prompt text tokens per query")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="trace length (gdso, the RISD teacher)")
-    args = p.parse_args()
+    return p.parse_args(argv)
 
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    # rank 0 holds the largest shard (FSDP2 pads dim 0 up to a multiple of the world size)
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.world)
-    mesh = init_device_mesh("cpu", (args.world,))
-    trained = {n: shard(build_meta(n), mesh, torch.float32) for n in CONFIGS}
-    frozen = {n: shard(build_meta(n), mesh, torch.bfloat16, mp=False) for n in CONFIGS}
-
+def recipe_bytes(args, trained, frozen):
+    """Per recipe: (label, flags, bytes per column, training peak, rollout peak or None)."""
     prompt = args.image_tokens + args.prompt_tokens
     rows = []
     for label, name, frozen_models, seqs, trace, flags in RECIPES:
@@ -158,19 +158,23 @@ def main():
             gen_tokens = prompt + args.max_new_tokens
             rollout = kept + 2 * trained[gen]["total"] + rollout_cache(gen, seqs, gen_tokens)
         rows.append((label, flags, b, train_peak, rollout))
+    return rows
 
+
+def print_plan(args, trained, rows):
     print(f"per-rank GiB, {args.world} ranks, FSDP2 --bf16 (fp32 master weights, bf16 compute), --checkpointing; "
-          f"{prompt} prompt tokens + {args.max_new_tokens}-token traces")
+          f"{args.image_tokens + args.prompt_tokens} prompt tokens + {args.max_new_tokens}-token traces")
     for n in CONFIGS:
-        print(f"{n}: {trained[n]['total'] / 1e9:.2f}B parameters ({trained[n]['trainable_total'] / 1e9:.2f}B trainable "
-              f"without the vision tower); rank 0 holds {trained[n]['local'] / 1e9:.3f}B; largest decoder unit "
-              f"{trained[n]['unit'] / 1e6:.0f}M, root {trained[n]['root'] / 1e6:.0f}M")
+        print(f"{n}: {trained[n]['total'] / 1e9:.2f}B parameters ({trained[n]['trainable_total'] / 1e9:.2f}B "
+              f"trainable without the vision tower); rank 0 holds {trained[n]['local'] / 1e9:.3f}B; largest decoder "
+              f"unit {trained[n]['unit'] / 1e6:.0f}M, root {trained[n]['root'] / 1e6:.0f}M")
     cols = ["params", "grads", "adam", "pi_ref", "teacher", "units", "activations"]
     print("\n| recipe | micro-batch | " + " | ".join(cols) + " | training peak | rollout peak | fits |")
     print("| --- | --- |" + " ---: |" * (len(cols) + 2) + " --- |")
     for label, flags, b, train_peak, rollout in rows:
         peak = max(train_peak, rollout or 0)
-        fits = ", ".join(g for g, cap in (("H100 80 GB", 79.1), ("H200 141 GB", 139.8)) if peak / GIB < cap - 4) or "neither"
+        gpus = (("H100 80 GB", 79.1), ("H200 141 GB", 139.8))
+        fits = ", ".join(g for g, cap in gpus if peak / GIB < cap - 4) or "neither"
         cells = [f"{b[c] / GIB:.1f}" if c in b else "-" for c in cols]
         cells += [f"{train_peak / GIB:.1f}", f"{rollout / GIB:.1f}" if rollout else "-", fits]
         print(f"| {label} | `{flags}` | " + " | ".join(cells) + " |")
@@ -179,6 +183,19 @@ def main():
         print(f"{n}: accumulating unsharded gradients instead of reduce-scattering per micro-batch "
               f"(FSDP2 set_requires_gradient_sync(False)) would add {4 * trained[n]['trainable_total'] / GIB:.0f} GiB "
               f"per rank (fp32, the reduce dtype)")
+
+
+def main(argv=None):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    args = get_args(argv)
+    # rank 0 holds the largest shard (FSDP2 pads dim 0 up to a multiple of the world size)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.world)
+    mesh = init_device_mesh("cpu", (args.world,))
+    trained = {n: shard(build_meta(n), mesh, torch.float32) for n in CONFIGS}
+    frozen = {n: shard(build_meta(n), mesh, torch.bfloat16, mp=False) for n in CONFIGS}
+    print_plan(args, trained, recipe_bytes(args, trained, frozen))
     dist.destroy_process_group()
 
 

@@ -38,8 +38,7 @@ Changed from the paper, and why: a tiny pixel-space DiT instead of a latent 6B m
 no classifier-free guidance (one forward per step; the tiny SFT generator is imperfect without it);
 the KL regulariser made explicit (the paper names none). In the tiny world only the transformer
 blocks are fine-tuned (--train-params; LoRA on attention plays that role for a real model) and
-beta is 20: with the output layers trainable or beta = 1, the stand-in student's reward rose while
-the oracle's score fell (faded objects, a tiled texture): reward hacking, measured.
+beta is 20, against reward hacking (README, Reward fine-tuning).
 
 Launch:
     python reward_ft.py --stage pretrain --out assets/tiny_gen.safetensors                  # one CPU, ~5 min
@@ -69,51 +68,14 @@ from torch.utils.checkpoint import checkpoint
 
 import common
 from data import DIMENSIONS
-
-parser = argparse.ArgumentParser(description="differentiable reward fine-tuning of a text-to-image generator (ReFL / DRaFT-K)")
-parser.add_argument("--stage", default="finetune", choices=["finetune", "pretrain"], help="finetune: reward fine-tuning; pretrain: the tiny world's SFT generator")
-parser.add_argument("--generator", default="tiny", help="'tiny' (the embedded DiT) or a diffusers pipeline folder / hub id (LoRA through peft)")
-parser.add_argument("--init", default="assets/tiny_gen.safetensors", help="finetune: the starting generator checkpoint (tiny) or LoRA file (diffusers; '' = fresh LoRA)")
-parser.add_argument("--reward", default="", help="finetune: the student score-model .safetensors (direct mode) that gives the reward")
-parser.add_argument("--baseline", default="", help="finetune: the generator GSB compares against (default: the starting one, --init); with --steps 0 only evaluates")
-parser.add_argument("--judge", default="", help="optional teacher score-model .safetensors: a second blind GSB judge (reasoning mode)")
-parser.add_argument("--dimensions", default="alignment,realism,aesthetics,plausibility", help="comma-separated rubric dimensions of the reward")
-parser.add_argument("--weights", default="", help="comma-separated weights of the dimensions in R (default: all 1)")
-parser.add_argument("--data", default="runs/world", help="folder with train.jsonl / test.jsonl (README, Data): train prompts for fine-tuning, test prompts held out; or world:n=200,seed=0")
-parser.add_argument("--out", default="runs/gen_rft.safetensors", help="checkpoint path (.safetensors; .train.pt and grid PNGs beside it)")
-parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: finetune 60, pretrain 2000)")
-parser.add_argument("--batch-size", type=int, default=None, help="global batch, prompts per optimizer step (default: finetune 16, pretrain 32)")
-parser.add_argument("--micro-batch", type=int, default=32, help="prompts per forward per rank (gradient accumulation fills the rest)")
-parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: finetune 2e-4, pretrain 2e-3)")
-parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-parser.add_argument("--warmup", type=int, default=None, help="linear warmup steps, then cosine to 0.1x (default: finetune 5, pretrain 20)")
-parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
-parser.add_argument("--sample-steps", type=int, default=10, help="Euler steps from noise to image")
-parser.add_argument("--grad-steps", type=int, default=2, help="K: denoising steps that keep the graph (1 = ReFL)")
-parser.add_argument("--stop-range", type=int, default=2, help="the rollout stops at a random step among the last N (1 = always the full chain)")
-parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True, help="gradient checkpointing over the kept steps")
-parser.add_argument("--reg", type=float, default=20.0, help="beta: weight of the velocity-matching (KL) regulariser to the frozen starting generator (tiny world: 1 let the reward be hacked)")
-parser.add_argument("--pretrain-data", default="clean", choices=["clean", "world"], help="pretrain on the prompt-faithful candidates (defects of the other dimensions included) or on all")
-parser.add_argument("--width", type=int, default=128, help="tiny generator: transformer width")
-parser.add_argument("--depth", type=int, default=4, help="tiny generator: transformer blocks")
-parser.add_argument("--heads", type=int, default=4, help="tiny generator: attention heads")
-parser.add_argument("--patch", type=int, default=8, help="tiny generator: patch side in pixels")
-parser.add_argument("--train-params", default="blocks", choices=["blocks", "all"], help="tiny generator, finetune: train only the transformer blocks, or every parameter")
-parser.add_argument("--lora-rank", type=int, default=16, help="diffusers generator: LoRA rank")
-parser.add_argument("--resolution", type=int, default=512, help="diffusers generator: image side in pixels")
-parser.add_argument("--eval-every", type=int, default=0, help="held-out GSB every N steps (0 = only at the end)")
-parser.add_argument("--eval-prompts", type=int, default=0, help="held-out prompts per evaluation (0 = all of the test split)")
-parser.add_argument("--eval-samples", type=int, default=4, help="noise seeds per held-out prompt")
-parser.add_argument("--same-margin", type=float, default=0.1, help="GSB: a score difference within this counts as 'same'")
-parser.add_argument("--grid-every", type=int, default=None, help="write the before/after grid every N steps and at the end (default: finetune 20, pretrain 100)")
-parser.add_argument("--grid-prompts", type=int, default=8, help="fixed held-out prompts in the grid")
-parser.add_argument("--save-every", type=int, default=50, help="write the checkpoint every N steps")
-parser.add_argument("--resume", action="store_true", help="continue from --out (+ .train.pt) exactly")
-parser.add_argument("--seed", type=int, default=0, help="seed for init, prompts, noise and data order")
-parser.add_argument("--bf16", action="store_true", help="bfloat16 compute for the generator (fp32 trainable weights and optimizer state), bf16 weights for the frozen student and judge (the ODE state stays fp32)")
+from eval import gsb
 
 GENERATOR_FORMAT = "zreward-generator-v1"
-SIGMA_SHIFT = 0.5  # pretraining noise levels: logit-normal(0.5, 1), tilted toward the noisy end where the prompt decides the layout
+DEFAULT_INIT = "assets/tiny_gen.safetensors"  # the shipped tiny generator (--stage pretrain makes it)
+STAGE_DEFAULTS = {"finetune": dict(steps=60, batch_size=16, lr=2e-4, warmup=5, grid_every=20),
+                  "pretrain": dict(steps=2000, batch_size=32, lr=2e-3, warmup=20, grid_every=100)}
+# pretraining noise levels: logit-normal(0.5, 1), tilted toward the noisy end where the prompt decides the layout
+SIGMA_SHIFT = 0.5
 SIGMA_MIN = 0.05  # x-prediction: the velocity's 1 / sigma is clamped here
 
 # -----------------------------------------------------------------------------
@@ -138,7 +100,8 @@ def sincos_2d(grid, dim):
     freqs = 1.0 / 100.0 ** (torch.arange(q, dtype=torch.float32) / q)
     pos = torch.arange(grid, dtype=torch.float32)[:, None] * freqs[None]  # (grid, q)
     row, col = torch.cat([pos.sin(), pos.cos()], -1), torch.cat([pos.sin(), pos.cos()], -1)
-    return torch.cat([row[:, None].expand(grid, grid, 2 * q), col[None].expand(grid, grid, 2 * q)], -1).reshape(grid * grid, 4 * q)
+    both = torch.cat([row[:, None].expand(grid, grid, 2 * q), col[None].expand(grid, grid, 2 * q)], -1)
+    return both.reshape(grid * grid, 4 * q)
 
 
 class Block(nn.Module):
@@ -239,7 +202,8 @@ class TinyGenerator(nn.Module):
         B, p, g = x.shape[0], self.config["patch"], self.grid
         ids, mask = cond["ids"], cond["mask"]
         # the network runs in its weights' dtype (bf16 with --bf16); x, the ODE state, keeps its own (fp32)
-        patches = x.reshape(B, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, 3 * p * p).to(self.patch_in.weight.dtype)
+        patches = x.reshape(B, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, 3 * p * p)
+        patches = patches.to(self.patch_in.weight.dtype)
         t = (self.tok(ids) + self.txt_pos[:ids.shape[1]]) * mask[..., None]  # (B, L, W), padding zeroed
         for conv in self.txt_conv:
             t = t + F.gelu(conv(F.layer_norm(t, t.shape[-1:]).transpose(1, 2)).transpose(1, 2)) * mask[..., None]
@@ -273,19 +237,31 @@ class TinyGenerator(nn.Module):
                 "tokenizer": self.tokenizer_json}
         return {**meta, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()}}
 
+    def load_trainable_state(self, meta, tensors, path):
+        """--resume (common.load_resume): the weights of a tiny-generator checkpoint of this config."""
+        check_tiny_generator(meta, path)
+        missing, unexpected = self.load_state_dict(tensors, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not fit this generator (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]})")
+
     @classmethod
     def load(cls, path):
         from model import params_on_meta, read_checkpoint
 
         meta, tensors = read_checkpoint(path)
-        if meta.get("format") != GENERATOR_FORMAT or meta.get("kind") != "tiny-dit":
-            raise ValueError(f"{path} is not a tiny generator checkpoint (format {meta.get('format')!r}, "
-                             f"kind {meta.get('kind')!r}; expected {GENERATOR_FORMAT!r}, 'tiny-dit')")
+        check_tiny_generator(meta, path)
         with params_on_meta():  # as ScoreModel.load: no init work, the caller's RNG stream left alone
             gen = cls(meta["tokenizer"], **json.loads(meta["config"]))
         gen.load_state_dict(tensors, assign=True)
         gen.metadata_read = meta
         return gen
+
+
+def check_tiny_generator(meta, path):
+    if meta.get("format") != GENERATOR_FORMAT or meta.get("kind") != "tiny-dit":
+        raise ValueError(f"{path} is not a tiny generator checkpoint (format {meta.get('format')!r}, "
+                         f"kind {meta.get('kind')!r}; expected {GENERATOR_FORMAT!r}, 'tiny-dit')")
 
 
 # -----------------------------------------------------------------------------
@@ -314,15 +290,19 @@ class DiffusersGenerator(nn.Module):
         pipe = DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype)
         self.family = FAMILIES.get(type(pipe).__name__)
         if self.family is None:
-            raise ValueError(f"{name_or_path}: {type(pipe).__name__} is not one of the wired-up pipelines {sorted(FAMILIES)}")
-        if type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler" or pipe.scheduler.config.get("stochastic_sampling"):
-            raise ValueError(f"{name_or_path}: sampling here is deterministic Euler; the pipeline's scheduler is {type(pipe.scheduler).__name__}")
+            raise ValueError(f"{name_or_path}: {type(pipe).__name__} is not one of the wired-up pipelines "
+                             f"{sorted(FAMILIES)}")
+        scheduler = type(pipe.scheduler).__name__
+        if scheduler != "FlowMatchEulerDiscreteScheduler" or pipe.scheduler.config.get("stochastic_sampling"):
+            raise ValueError(f"{name_or_path}: sampling here is deterministic Euler; the pipeline's scheduler is "
+                             f"{scheduler}")
         self.pipe, self.source, self.resolution, self.lora_rank = pipe, str(name_or_path), resolution, lora_rank
         for part in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer"):
             if getattr(pipe, part, None) is not None:
                 getattr(pipe, part).requires_grad_(False)
         self.transformer, self.vae = pipe.transformer, pipe.vae  # registered, so DDP and .to() see them
-        self.fingerprint = base_fingerprint(self.transformer)  # before the adapter: what a LoRA file must have been trained on
+        # before the adapter: what a LoRA file must have been trained on
+        self.fingerprint = base_fingerprint(self.transformer)
         # the adapter's random A is drawn from its own seed on the CPU, so every rank (and a resumed
         # run) starts from the same LoRA whatever it drew before; B = 0: the start is the base model
         with torch.random.fork_rng(devices=[]):
@@ -334,7 +314,8 @@ class DiffusersGenerator(nn.Module):
             self.transformer.enable_gradient_checkpointing()
         scale = getattr(pipe, "vae_scale_factor", 8)
         if resolution % (2 * scale):
-            raise ValueError(f"--resolution {resolution}: must be a multiple of {2 * scale} (VAE factor {scale} x 2x2 patches)")
+            raise ValueError(f"--resolution {resolution}: must be a multiple of {2 * scale} "
+                             f"(VAE factor {scale} x 2x2 patches)")
         self.latent_size = resolution // scale
         channels = self.transformer.config.in_channels
         self._latent_shape = (channels // 4 if self.family == "Flux" else channels, self.latent_size, self.latent_size)
@@ -357,7 +338,8 @@ class DiffusersGenerator(nn.Module):
         if cfg.get("use_dynamic_shifting", False):
             from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-            patch = self.transformer.config.patch_size if self.family == "StableDiffusion3" else 2  # FLUX packs 2x2, Z-Image patchifies 2x2
+            # FLUX packs 2x2, Z-Image patchifies 2x2
+            patch = self.transformer.config.patch_size if self.family == "StableDiffusion3" else 2
             kwargs["mu"] = calculate_shift((self.latent_size // patch) ** 2, cfg.get("base_image_seq_len", 256),
                                            cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
                                            cfg.get("max_shift", 1.16 if self.family == "StableDiffusion3" else 1.15))
@@ -387,9 +369,9 @@ class DiffusersGenerator(nn.Module):
             packed = self.pipe._pack_latents(x.to(dtype), B, C, H, W)  # (B, H/2 * W/2, 4C): 2x2 patches as tokens
             img_ids = self.pipe._prepare_latent_image_ids(B, H // 2, W // 2, x.device, dtype)
             guidance = torch.full((B,), 3.5, device=x.device) if self.transformer.config.guidance_embeds else None
-            v = self.transformer(hidden_states=packed, timestep=sigma, guidance=guidance, pooled_projections=cond["pooled"],
-                                 encoder_hidden_states=cond["emb"], txt_ids=cond["text_ids"], img_ids=img_ids,
-                                 return_dict=False)[0]
+            v = self.transformer(hidden_states=packed, timestep=sigma, guidance=guidance,
+                                 pooled_projections=cond["pooled"], encoder_hidden_states=cond["emb"],
+                                 txt_ids=cond["text_ids"], img_ids=img_ids, return_dict=False)[0]
             scale = self.pipe.vae_scale_factor
             return self.pipe._unpack_latents(v, H * scale, W * scale, scale).float()
         # Z-Image: time runs the other way (1 - sigma, computed as the pipeline does from t = 1000 sigma),
@@ -411,21 +393,29 @@ class DiffusersGenerator(nn.Module):
         return {k: v.detach().cpu().contiguous() for k, v in self.named_parameters() if v.requires_grad}
 
     def metadata(self, **extra):
-        meta = {"format": GENERATOR_FORMAT, "kind": "diffusers-lora", "base": self.source, "base_class": type(self.pipe).__name__,
-                "base_fingerprint": self.fingerprint, "lora_rank": str(self.lora_rank)}
+        meta = {"format": GENERATOR_FORMAT, "kind": "diffusers-lora", "base": self.source,
+                "base_class": type(self.pipe).__name__, "base_fingerprint": self.fingerprint,
+                "lora_rank": str(self.lora_rank)}
         return {**meta, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()}}
 
     def check_lora(self, meta, tensors, path):
         """Refuse a file that is not a LoRA of this script for this very base pipeline, and say why."""
         if meta.get("format") != GENERATOR_FORMAT or meta.get("kind") != "diffusers-lora":
-            raise ValueError(f"{path}: not a LoRA file of this script (format {meta.get('format')!r}, kind {meta.get('kind')!r})")
+            raise ValueError(f"{path}: not a LoRA file of this script (format {meta.get('format')!r}, "
+                             f"kind {meta.get('kind')!r})")
         if meta.get("base_fingerprint") != self.fingerprint:
-            raise ValueError(f"{path}: a LoRA of {meta.get('base')!r} ({meta.get('base_class')}, fingerprint {meta.get('base_fingerprint')}); "
-                             f"this base is {self.source!r} ({type(self.pipe).__name__}, fingerprint {self.fingerprint}): refused")
+            raise ValueError(f"{path}: a LoRA of {meta.get('base')!r} ({meta.get('base_class')}, fingerprint "
+                             f"{meta.get('base_fingerprint')}); this base is {self.source!r} "
+                             f"({type(self.pipe).__name__}, fingerprint {self.fingerprint}): refused")
         shapes = {k: tuple(p.shape) for k, p in self.named_parameters() if p.requires_grad}
         if set(tensors) != set(shapes) or any(tuple(t.shape) != shapes[k] for k, t in tensors.items()):
             raise ValueError(f"{path}: LoRA weights do not fit this adapter (rank {meta.get('lora_rank')} in the file, "
                              f"--lora-rank {self.lora_rank} here; {len(tensors)} tensors, {len(shapes)} expected)")
+
+    def load_trainable_state(self, meta, tensors, path):
+        """--resume (common.load_resume): the LoRA of a file written for this very base and rank."""
+        self.check_lora(meta, tensors, path)
+        self.load_state_dict(tensors, strict=False)
 
     def read_lora(self, path):
         """-> the LoRA tensors of a file written for this base pipeline (check_lora)."""
@@ -440,7 +430,8 @@ def base_fingerprint(transformer):
     """A short hash of the base transformer: class, config, and every tensor's name, shape and first
     values in bf16 (so an fp32 and a --bf16 load agree). Two checkpoints of one architecture differ."""
     h = hashlib.sha256(type(transformer).__name__.encode())
-    h.update(json.dumps({k: v for k, v in transformer.config.items() if not k.startswith("_")}, sort_keys=True, default=str).encode())
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, p in sorted(transformer.named_parameters()):
             h.update(f"{name}{tuple(p.shape)}".encode())
@@ -494,17 +485,17 @@ def build_generator(args, device):
             gen = TinyGenerator.load(args.init)
             if args.train_params == "blocks":
                 # only the transformer blocks move: the pixel-facing layers stay frozen, else a
-                # universal adversarial texture for the student is one output bias away (measured:
-                # with everything trainable the student's reward rose while the oracle's fell)
+                # universal adversarial texture for the student is one output bias away
                 gen.requires_grad_(False)
                 gen.blocks.requires_grad_(True)
         gen.to(device)
     else:
         if args.stage == "pretrain":
-            raise SystemExit("--stage pretrain trains the embedded tiny generator; a real one brings its own pretraining")
+            raise SystemExit("--stage pretrain trains the embedded tiny generator; "
+                             "a real one brings its own pretraining")
         gen = DiffusersGenerator(args.generator, args.lora_rank, args.resolution,
                                  torch.bfloat16 if args.bf16 else torch.float32, device, seed=args.seed)
-        if args.init and args.init != parser.get_default("init"):  # a LoRA written by an earlier run, for this base
+        if args.init and args.init != DEFAULT_INIT:  # a LoRA written by an earlier run, for this base
             gen.load_state_dict(gen.read_lora(args.init), strict=False)
     return gen, (gen.frozen_copy() if args.stage == "finetune" else None)
 
@@ -563,7 +554,8 @@ class Rollout(nn.Module):
         x = noise
         with torch.no_grad():  # the early part of the trajectory: no graph at all
             for i in range(stop - k):
-                x = x + (sigmas[i + 1] - sigmas[i]).item() * self.gen(x, sigmas[i].expand(x.shape[0]).to(x.device), cond).float()
+                sig = sigmas[i].expand(x.shape[0]).to(x.device)
+                x = x + (sigmas[i + 1] - sigmas[i]).item() * self.gen(x, sig, cond).float()
         x = x.detach()
         reg = x.new_zeros(())
         for i in range(stop - k, stop):
@@ -602,7 +594,8 @@ def reward(student, prompts, images, weights):
     All dimensions go through one batched forward of the student; gradients flow to the pixels.
     """
     dims, B = list(weights), len(prompts)
-    out = student.score(list(prompts) * len(dims), images.repeat(len(dims), 1, 1, 1), [d for d in dims for _ in range(B)])
+    out = student.score(list(prompts) * len(dims), images.repeat(len(dims), 1, 1, 1),
+                        [d for d in dims for _ in range(B)])
     mu = out.mean.view(len(dims), B)  # (D, B)
     w = torch.tensor([weights[d] for d in dims], device=mu.device, dtype=mu.dtype)
     return (w[:, None] * mu).sum(0) / w.sum(), mu
@@ -671,248 +664,360 @@ def save_grid(path, rows, scale=2):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: NAME.safetensors (generator + metadata) and NAME.train.pt (for --resume)
+# the held-out evaluation and the before / after grid
 
 
-def save_generator(path, gen, optimizer=None, step=0, batches=None, args=None, **meta):
-    rngs = [None] * dist.get_world_size() if dist.is_initialized() else None
-    if dist.is_initialized():
-        dist.all_gather_object(rngs, common.rng_state())
-    else:
-        rngs = [common.rng_state()]
-    if common.is_main():
-        from model import write_checkpoint
+class HeldOutEvaluation:
+    """Held-out scores of the generator on the test split's prompts x --eval-samples noise seeds.
 
-        write_checkpoint(path, gen.trainable_state(), gen.metadata(step=step, args=vars(args) if args else {}, **meta))
-        if optimizer is not None:
-            train = {"step": step, "optimizer": optimizer.state_dict(), "rng": rngs, "args": vars(args) if args else {},
-                     "batches": batches.state() if batches is not None else None, "meta": meta}
-            tmp = f"{common.train_path(path)}.tmp-{os.getpid()}"
-            torch.save(train, tmp)
-            os.replace(tmp, common.train_path(path))
-    if dist.is_initialized():
-        dist.barrier()
+    Item i is prompt i // S with the noise seeded by i alone, and each rank scores an interleaved shard,
+    so any number of ranks scores the same images. Pretraining: the oracle's mean scores. Fine-tuning:
+    GSB of the generator against the baseline on the same noise, judged blindly by judges that do not
+    share the student's weights (the oracle; the teacher, at the final evaluation only: it writes a
+    trace per image) and by the student itself, as supporting evidence only.
+    """
+
+    def __init__(self, args, gen, baseline, student, teacher, weights, prompts, sigmas, rank, world):
+        self.gen, self.baseline, self.student, self.teacher = gen, baseline, student, teacher
+        self.weights, self.sigmas, self.stage, self.margin = weights, sigmas, args.stage, args.same_margin
+        self.oracle = args.generator == "tiny"  # the oracle reads the tiny world's images only
+        self.n_prompts, self.n_samples = len(prompts), args.eval_samples
+        self.n_items = len(prompts) * args.eval_samples
+        mine = list(range(self.n_items))[rank::world]
+        self.prompts = [prompts[i // args.eval_samples] for i in mine]
+        shape = gen.latent_shape
+        noise = [eval_noise(1, shape, args.seed, offset=i) for i in mine]
+        self.noise = torch.cat(noise) if noise else torch.zeros(0, *shape)
+        self.before = None  # the baseline's judge scores, computed once (again when the teacher first judges)
+
+    def report(self, final):
+        """The evaluation's lines; a collective: every rank calls it."""
+        self.gen.eval()
+        after = generate(self.gen, self.prompts, self.noise, self.sigmas)
+        self.gen.train()
+        teacher = self.teacher if final else None
+        scores, per_dim = judge_scores(after, self.prompts, self.weights, teacher, self.student, oracle=self.oracle)
+        if self.stage == "pretrain":
+            return self.oracle_means(scores, per_dim)
+        if self.before is None or (teacher is not None and "teacher" not in self.before[0]):
+            before = generate(self.baseline, self.prompts, self.noise, self.sigmas)
+            self.before = judge_scores(before, self.prompts, self.weights, teacher, self.student, oracle=self.oracle)
+        return self.gsb_table(*self.before, scores, per_dim)
+
+    def oracle_means(self, scores, per_dim):
+        means = {f"oracle_{d}": float(v.mean()) for d, v in per_dim.items()}
+        means["oracle"] = float(scores["oracle"].mean())
+        means = common.all_mean(means)
+        return (f"held-out oracle ({self.n_items} images): "
+                + " | ".join(f"{k.removeprefix('oracle_')} {v:.3f}" for k, v in sorted(means.items())))
+
+    def gsb_table(self, before, before_per_dim, after, after_per_dim):
+        lines = [f"{'judge':<9}{'good':>7}{'same':>7}{'bad':>7}{'GSB':>8}{'before':>9}{'after':>9}   "
+                 f"(held-out, {self.n_prompts} prompts x {self.n_samples} seeds, blind, same noise)"]
+        for name in ("oracle", "teacher", "student"):
+            if name in after and name in before:
+                lines.append(self.gsb_line(name, before[name], after[name]))
+        if self.oracle:
+            lines.append("oracle by dimension (before->after): " + " | ".join(
+                f"{d} {self.mean(before_per_dim[d]):.2f}->{self.mean(after_per_dim[d]):.2f}" for d in self.weights))
+        return "\n".join(lines)
+
+    def mean(self, scores):
+        """The mean over all ranks' items of per-item scores (a collective)."""
+        return common.all_sum(scores.sum()) / self.n_items
+
+    def gsb_line(self, name, before, after):
+        """One judge's good / same / bad counts over all ranks, GSB (Eq. 21) and its mean scores."""
+        diff = after - before
+        good = common.all_sum((diff > self.margin).sum())
+        same = common.all_sum((np.abs(diff) <= self.margin).sum())
+        bad = common.all_sum((diff < -self.margin).sum())
+        mean_before, mean_after = self.mean(before), self.mean(after)
+        note = "   (the optimized reward: supporting evidence only)" if name == "student" else ""
+        return (f"{name:<9}{int(good):>7d}{int(same):>7d}{int(bad):>7d}{gsb(good, same, bad):>8.3f}"
+                f"{mean_before:>9.3f}{mean_after:>9.3f}{note}")
 
 
-def load_generator_resume(path, gen, optimizer, batches=None):
-    """Weights from NAME.safetensors, optimizer / RNG / data position from NAME.train.pt; -> step."""
-    from model import read_checkpoint
+class BeforeAfterGrid:
+    """A PNG beside the checkpoint of fixed held-out prompts with fixed noise: the baseline's images (top
+    row, drawn once), the generator's (middle) and |after - before| x 16 (bottom: the changes are a few
+    uint8 levels); pretraining, the generator's row alone. Rank 0 draws it."""
 
-    if not os.path.exists(common.train_path(path)):
-        raise FileNotFoundError(f"cannot resume: {common.train_path(path)} (optimizer / RNG state) is missing beside {path}")
-    meta, tensors = read_checkpoint(path)
-    if meta.get("format") != GENERATOR_FORMAT:
-        raise ValueError(f"{path} is not a generator checkpoint (format {meta.get('format')!r})")
-    if isinstance(gen, DiffusersGenerator):
-        gen.check_lora(meta, tensors, path)  # the same base pipeline, the same adapter
-    missing, unexpected = gen.load_state_dict(tensors, strict=False)
-    if unexpected or (isinstance(gen, TinyGenerator) and missing):
-        raise ValueError(f"{path}: weights do not fit this generator (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    train = torch.load(common.train_path(path), map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(train["optimizer"])
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if len(train["rng"]) != world:
-        raise ValueError(f"{path} was written by a run with {len(train['rng'])} ranks; resume with the same world size")
-    common.set_rng_state(train["rng"][dist.get_rank() if dist.is_initialized() else 0])
-    if batches is not None and train["batches"] is not None:
-        batches.load_state(train["batches"])
-    return train["step"]
+    def __init__(self, args, gen, baseline, prompts, sigmas):
+        self.gen, self.prompts, self.sigmas, self.stage = gen, prompts, sigmas, args.stage
+        self.stem = str(args.out).removesuffix(".safetensors")
+        self.noise = eval_noise(len(prompts), gen.latent_shape, args.seed, offset=10_000_000)
+        self.before = None
+        if common.is_main() and prompts:
+            self.before = generate(baseline if baseline is not None else gen, prompts, self.noise, sigmas)
+
+    def write(self, step):
+        if not (common.is_main() and self.prompts):
+            return
+        self.gen.eval()
+        after = generate(self.gen, self.prompts, self.noise, self.sigmas)
+        self.gen.train()
+        rows = [after]
+        if self.stage == "finetune":
+            rows = [self.before, after, ((after - self.before).abs() * 16).clamp(0, 1)]
+        save_grid(f"{self.stem}.grid-step{step:05d}.png", rows)
+
+
+# -----------------------------------------------------------------------------
+# training steps
+
+
+def bf16_compute(device, enabled):
+    """--bf16: the generator computes in bf16 on its fp32 parameters (the reward model is frozen bf16)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def pretrain_losses(ddp, gen, args, step, rank, micro, accum, exclude, device):
+    """Pretraining: the flow-matching loss on images rendered on the fly for prompts outside `exclude`,
+    backward per micro-batch; -> the step's mean loss."""
+    from world import generator_batch
+
+    logs = {"loss": 0.0}
+    for m in range(accum):
+        rng = np.random.default_rng([args.seed, rank, step, m])  # a pure function of the step: exact resume
+        prompts, images = generator_batch(rng, micro, exclude, clean=args.pretrain_data == "clean")
+        x = gen.to_latent(images.to(device))
+        # gradients are reduced across ranks on the last micro-batch only
+        with common.grad_sync(ddp, m == accum - 1), bf16_compute(device, args.bf16):
+            loss = flow_loss(ddp, x, gen.encode(prompts), torch.Generator().manual_seed(int(rng.integers(2**31))))
+            (loss / accum).backward()
+        logs["loss"] += float(loss.detach()) / accum
+    return logs
+
+
+def finetune_losses(ddp, gen, student, prompts, sigmas, weights, args, micro, device):
+    """Fine-tuning: rollouts of this rank's prompts, loss -R + beta reg, backward per micro-batch; -> the
+    step's means of each dimension's mu, the reward R and the regulariser."""
+    chunks = [prompts[a:a + micro] for a in range(0, len(prompts), micro)]
+    logs = {}
+    for m, chunk in enumerate(chunks):
+        noise = torch.randn(len(chunk), *gen.latent_shape).to(device)
+        # the random late stop is drawn on rank 0 and shared, so DDP ranks run the same graph
+        stop = torch.randint(args.sample_steps - args.stop_range + 1, args.sample_steps + 1, (1,))
+        if dist.is_initialized():
+            dist.broadcast(stop, 0)
+        k = min(args.grad_steps, int(stop))
+        with common.grad_sync(ddp, m == len(chunks) - 1):  # reduce across ranks on the last micro-batch
+            with bf16_compute(device, args.bf16):
+                images, reg = ddp(noise, gen.encode(chunk), sigmas, int(stop), k, args.reg > 0)
+            r, mu = reward(student, chunk, images.float(), weights)
+            loss = -r.mean() + args.reg * reg.float()
+            (loss / len(chunks)).backward()
+        for j, d in enumerate(weights):
+            logs[d[:5]] = logs.get(d[:5], 0.0) + float(mu[j].detach().mean()) / len(chunks)
+        logs["reward"] = logs.get("reward", 0.0) + float(r.detach().mean()) / len(chunks)
+        logs["reg"] = logs.get("reg", 0.0) + float(reg.detach()) / len(chunks)
+    return logs
+
+
+def log_step(step, logs, lr, timer, args, device):
+    """Every step: its logged terms averaged over ranks (in the order they were logged), lr and speed."""
+    averaged = common.all_mean(logs)
+    ms = timer.lap()
+    common.print0(f"step {step:5d} | " + " | ".join(f"{k} {averaged[k]:.4f}" for k in logs) +
+                  f" | lr {lr:.2e} | {ms:.0f} ms/step | {args.batch_size / ms * 1000:.1f} images/s"
+                  f"{common.peak_memory(device)}")
 
 
 # -----------------------------------------------------------------------------
 # the script
 
 
-def main(args):
-    stage_defaults = {"finetune": dict(steps=60, batch_size=16, lr=2e-4, warmup=5, grid_every=20),
-                      "pretrain": dict(steps=2000, batch_size=32, lr=2e-3, warmup=20, grid_every=100)}
-    for k, v in stage_defaults[args.stage].items():
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="differentiable reward fine-tuning of a text-to-image generator "
+                                            "(ReFL / DRaFT-K)")
+    p.add_argument("--stage", default="finetune", choices=["finetune", "pretrain"],
+                   help="finetune: reward fine-tuning; pretrain: the tiny world's SFT generator")
+    p.add_argument("--generator", default="tiny",
+                   help="'tiny' (the embedded DiT) or a diffusers pipeline folder / hub id (LoRA through peft)")
+    p.add_argument("--init", default=DEFAULT_INIT,
+                   help="finetune: the starting generator checkpoint (tiny) or LoRA file (diffusers; '' = fresh LoRA)")
+    p.add_argument("--reward", default="",
+                   help="finetune: the student score-model .safetensors (direct mode) that gives the reward")
+    p.add_argument("--baseline", default="", help="finetune: the generator GSB compares against (default: the "
+                                                  "starting one, --init); with --steps 0 only evaluates")
+    p.add_argument("--judge", default="",
+                   help="optional teacher score-model .safetensors: a second blind GSB judge (reasoning mode)")
+    p.add_argument("--dimensions", default="alignment,realism,aesthetics,plausibility",
+                   help="comma-separated rubric dimensions of the reward")
+    p.add_argument("--weights", default="", help="comma-separated weights of the dimensions in R (default: all 1)")
+    p.add_argument("--data", default="runs/world", help="folder with train.jsonl / test.jsonl (README, Data): train "
+                                                        "prompts for fine-tuning, test prompts held out; or "
+                                                        "world:n=200,seed=0")
+    p.add_argument("--out", default="runs/gen_rft.safetensors",
+                   help="checkpoint path (.safetensors; .train.pt and grid PNGs beside it)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: finetune 60, pretrain 2000)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch, prompts per optimizer step (default: finetune 16, pretrain 32)")
+    p.add_argument("--micro-batch", type=int, default=32,
+                   help="prompts per forward per rank (gradient accumulation fills the rest)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: finetune 2e-4, pretrain 2e-3)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="linear warmup steps, then cosine to 0.1x (default: finetune 5, pretrain 20)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--sample-steps", type=int, default=10, help="Euler steps from noise to image")
+    p.add_argument("--grad-steps", type=int, default=2, help="K: denoising steps that keep the graph (1 = ReFL)")
+    p.add_argument("--stop-range", type=int, default=2,
+                   help="the rollout stops at a random step among the last N (1 = always the full chain)")
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="gradient checkpointing over the kept steps")
+    p.add_argument("--reg", type=float, default=20.0, help="beta: weight of the velocity-matching (KL) regulariser "
+                                                           "to the frozen starting generator")
+    p.add_argument("--pretrain-data", default="clean", choices=["clean", "world"],
+                   help="pretrain on the prompt-faithful candidates (defects of the other dimensions included) "
+                        "or on all")
+    p.add_argument("--width", type=int, default=128, help="tiny generator: transformer width")
+    p.add_argument("--depth", type=int, default=4, help="tiny generator: transformer blocks")
+    p.add_argument("--heads", type=int, default=4, help="tiny generator: attention heads")
+    p.add_argument("--patch", type=int, default=8, help="tiny generator: patch side in pixels")
+    p.add_argument("--train-params", default="blocks", choices=["blocks", "all"],
+                   help="tiny generator, finetune: train only the transformer blocks, or every parameter")
+    p.add_argument("--lora-rank", type=int, default=16, help="diffusers generator: LoRA rank")
+    p.add_argument("--resolution", type=int, default=512, help="diffusers generator: image side in pixels")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out GSB every N steps (0 = only at the end)")
+    p.add_argument("--eval-prompts", type=int, default=0,
+                   help="held-out prompts per evaluation (0 = all of the test split)")
+    p.add_argument("--eval-samples", type=int, default=4, help="noise seeds per held-out prompt")
+    p.add_argument("--same-margin", type=float, default=0.1,
+                   help="GSB: a score difference within this counts as 'same'")
+    p.add_argument("--grid-every", type=int, default=None, help="write the before/after grid every N steps and at "
+                                                                "the end (default: finetune 20, pretrain 100)")
+    p.add_argument("--grid-prompts", type=int, default=8, help="fixed held-out prompts in the grid")
+    p.add_argument("--save-every", type=int, default=50, help="write the checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from --out (+ .train.pt) exactly")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="stop (after saving) at this step, keeping the --steps schedule; --resume continues")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, prompts, noise and data order")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 compute for the generator (fp32 trainable weights and optimizer state), bf16 "
+                        "weights for the frozen student and judge (the ODE state stays fp32)")
+    args = p.parse_args(argv)
+    for k, v in STAGE_DEFAULTS[args.stage].items():  # what was not given takes its stage's default
         if getattr(args, k) is None:
             setattr(args, k, v)
-    rank, world, device = common.dist_init()
-    common.seed_all(args.seed + rank)
-    weights = parse_weights(args.dimensions, args.weights)
-    train_file, test_file = common.data_files(args.data, "train.jsonl", "test.jsonl")  # README, Data
-    train_prompts = list(dict.fromkeys(r["prompt"] for r in common.load_records(train_file)))
-    test_prompts = list(dict.fromkeys(r["prompt"] for r in common.load_records(test_file)))
-    held_out = test_prompts[:args.eval_prompts] if args.eval_prompts else test_prompts
-    grid_prompts = test_prompts[:args.grid_prompts]
+    return args
 
-    gen, ref = build_generator(args, device)
-    baseline = ref
-    if args.stage == "finetune" and args.baseline:
-        # a LoRA baseline runs on the trained generator's own pipeline, with its adapter swapped in
-        baseline = TinyGenerator.load(args.baseline) if args.generator == "tiny" else gen.frozen_copy(gen.read_lora(args.baseline))
-        baseline.to(device).eval().requires_grad_(False)
-    n_params = sum(p.numel() for p in gen.parameters() if p.requires_grad)
-    student = judge = None
-    if args.stage == "finetune":
-        from model import ScoreModel
 
-        if not args.reward:
-            raise SystemExit("--reward: the student score-model .safetensors that gives the reward is required")
-        dtype = torch.bfloat16 if args.bf16 else None
-        student = ScoreModel.load(args.reward, dtype=dtype).to(device).eval().requires_grad_(False)
-        if args.judge:
-            judge = ScoreModel.load(args.judge, dtype=dtype).to(device).eval().requires_grad_(False)
-        if student.metadata.get("mode", "direct") != "direct":
-            common.print0(f"note: {args.reward} was trained in {student.metadata.get('mode')} mode; its direct-mode score is the reward")
+def load_prompts(data):
+    """-> (training prompts, held-out test prompts), each once, in file order (README, Data)."""
+    train_file, test_file = common.data_files(data, "train.jsonl", "test.jsonl")
+    train = list(dict.fromkeys(r["prompt"] for r in common.load_records(train_file)))
+    test = list(dict.fromkeys(r["prompt"] for r in common.load_records(test_file)))
+    return train, test
 
-    micro, accum = common.split_batch(args.batch_size, args.micro_batch, world)
-    for p in gen.parameters():  # fp32 master weights and AdamW state; --bf16 is compute only (autocast below)
+
+def load_baseline(args, gen, ref, device):
+    """The generator GSB compares against: --baseline, else the frozen starting one (None when pretraining)."""
+    if args.stage != "finetune" or not args.baseline:
+        return ref
+    if args.generator == "tiny":
+        baseline = TinyGenerator.load(args.baseline)
+    else:  # a LoRA baseline runs on the trained generator's own pipeline, with its adapter swapped in
+        baseline = gen.frozen_copy(gen.read_lora(args.baseline))
+    return baseline.to(device).eval().requires_grad_(False)
+
+
+def load_score_models(args, device):
+    """Fine-tuning: (the student that gives the reward, the teacher that judges or None), frozen; else None, None."""
+    if args.stage != "finetune":
+        return None, None
+    from model import ScoreModel
+
+    if not args.reward:
+        raise SystemExit("--reward: the student score-model .safetensors that gives the reward is required")
+    dtype = torch.bfloat16 if args.bf16 else None
+    student = ScoreModel.load(args.reward, dtype=dtype).to(device).eval().requires_grad_(False)
+    teacher = ScoreModel.load(args.judge, dtype=dtype).to(device).eval().requires_grad_(False) if args.judge else None
+    if student.metadata.get("mode", "direct") != "direct":
+        common.print0(f"note: {args.reward} was trained in {student.metadata.get('mode')} mode; "
+                      f"its direct-mode score is the reward")
+    return student, teacher
+
+
+def prepare_training(args, gen, ref, device):
+    """-> (the module a step calls, DDP-wrapped under torchrun; the trainable parameters; AdamW over them)."""
+    for p in gen.parameters():  # fp32 master weights and AdamW state; --bf16 is compute only (bf16_compute)
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     module = gen if args.stage == "pretrain" else Rollout(gen, ref, args.checkpointing)
-    ddp = module
     if dist.is_initialized():
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+        module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in gen.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.99))
-    batches = common.Batches(train_prompts, args.batch_size, rank, world, seed=args.seed) if args.stage == "finetune" else None
+    return module, params, optimizer
+
+
+def print_header(args, gen, weights, world, micro, accum):
+    n_params = sum(p.numel() for p in gen.parameters() if p.requires_grad)
+    finetune = (f" | reward {args.reward} {weights} | K={args.grad_steps}, stop in last {args.stop_range} of "
+                f"{args.sample_steps}, reg {args.reg}") if args.stage == "finetune" else ""
+    common.print0(f"{args.stage} | {args.generator} generator, {n_params / 1e6:.2f}M trainable | world {world} x "
+                  f"micro {micro} x accum {accum} = {args.batch_size} | {args.steps} steps{finetune}")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, device = common.dist_init()
+    common.seed_all(args.seed + rank)
+    weights = parse_weights(args.dimensions, args.weights)
+    train_prompts, test_prompts = load_prompts(args.data)
+    gen, ref = build_generator(args, device)
+    baseline = load_baseline(args, gen, ref, device)
+    student, teacher = load_score_models(args, device)
+    micro, accum = common.split_batch(args.batch_size, args.micro_batch, world)
+    ddp, params, optimizer = prepare_training(args, gen, ref, device)
+    batches = None
+    if args.stage == "finetune":
+        batches = common.Batches(train_prompts, args.batch_size, rank, world, seed=args.seed)
     step = 0
     if args.resume:
-        step = load_generator_resume(args.out, gen, optimizer, batches)
+        step, _ = common.load_resume(args.out, gen, optimizer, batches)
         common.print0(f"resumed {args.out} at step {step}")
     sigmas = gen.sigmas(args.sample_steps)
-    common.print0(f"{args.stage} | {args.generator} generator, {n_params / 1e6:.2f}M trainable | world {world} x micro {micro} x "
-                  f"accum {accum} = {args.batch_size} | {args.steps} steps" +
-                  (f" | reward {args.reward} {weights} | K={args.grad_steps}, stop in last {args.stop_range} of "
-                   f"{args.sample_steps}, reg {args.reg}" if args.stage == "finetune" else ""))
-    stem = str(args.out).removesuffix(".safetensors")
-    shape = gen.latent_shape
-
-    # the fixed grid noise and the starting generator's images are computed once, on rank 0
-    grid_noise = eval_noise(len(grid_prompts), shape, args.seed, offset=10_000_000)
-    grid_before = generate(baseline if baseline is not None else gen, grid_prompts, grid_noise, sigmas) if common.is_main() and grid_prompts else None
-    # held-out evaluation: item i = (prompt i // S, seed i % S); each rank takes an interleaved shard
-    S = args.eval_samples
-    items = [(held_out[i // S], i) for i in range(len(held_out) * S)]
-    mine = items[rank::world]
-    before_scores, tiny = None, args.generator == "tiny"
-
-    def evaluate(final):
-        """Held-out judge scores; finetune: GSB of the current generator against the starting one."""
-        nonlocal before_scores
-        prompts = [p for p, _ in mine]
-        noise = torch.cat([eval_noise(1, shape, args.seed, offset=i) for _, i in mine]) if mine else torch.zeros(0, *shape)
-        gen.eval()
-        after = generate(gen, prompts, noise, sigmas)
-        gen.train()
-        teacher = judge if final else None  # the reasoning judge is slow: only at the end
-        scores_after, dims_after = judge_scores(after, prompts, weights, teacher, student, oracle=tiny)
-        lines = []
-        if args.stage == "pretrain":
-            means = {f"oracle_{d}": float(v.mean()) for d, v in dims_after.items()}
-            means["oracle"] = float(scores_after["oracle"].mean())
-            means = common.all_mean(means)
-            lines.append(f"held-out oracle ({len(items)} images): " +
-                         " | ".join(f"{k.removeprefix('oracle_')} {v:.3f}" for k, v in sorted(means.items())))
-            return "\n".join(lines)
-        if before_scores is None or (teacher is not None and "teacher" not in before_scores[0]):
-            before_scores = judge_scores(generate(baseline, prompts, noise, sigmas), prompts, weights, teacher, student, oracle=tiny)
-        sb, db = before_scores
-        lines.append(f"{'judge':<9}{'good':>7}{'same':>7}{'bad':>7}{'GSB':>8}{'before':>9}{'after':>9}   "
-                     f"(held-out, {len(held_out)} prompts x {S} seeds, blind, same noise)")
-        for name in ("oracle", "teacher", "student"):
-            if name not in scores_after or name not in sb:
-                continue
-            diff = scores_after[name] - sb[name]
-            c = [common.all_sum((diff > args.same_margin).sum()), common.all_sum((np.abs(diff) <= args.same_margin).sum()),
-                 common.all_sum((diff < -args.same_margin).sum())]
-            mb, ma = common.all_sum(sb[name].sum()) / len(items), common.all_sum(scores_after[name].sum()) / len(items)
-            note = "   (the optimized reward: supporting evidence only)" if name == "student" else ""
-            lines.append(f"{name:<9}{int(c[0]):>7d}{int(c[1]):>7d}{int(c[2]):>7d}{data_gsb(*c):>8.3f}{mb:>9.3f}{ma:>9.3f}{note}")
-        if tiny:
-            per_dim = " | ".join(f"{d} {common.all_sum(db[d].sum()) / len(items):.2f}->"
-                                 f"{common.all_sum(dims_after[d].sum()) / len(items):.2f}" for d in weights)
-            lines.append(f"oracle by dimension (before->after): {per_dim}")
-        return "\n".join(lines)
-
-    def write_grid(step):
-        if common.is_main() and grid_prompts:
-            gen.eval()
-            after = generate(gen, grid_prompts, grid_noise, sigmas)
-            gen.train()
-            # finetune: before, after, and |after - before| x 16 (the changes are a few uint8 levels)
-            rows = [after] if args.stage == "pretrain" else [grid_before, after, ((after - grid_before).abs() * 16).clamp(0, 1)]
-            save_grid(f"{stem}.grid-step{step:05d}.png", rows)
-
-    # -------------------------------------------------------------------------
-    # the loop
-
+    print_header(args, gen, weights, world, micro, accum)
+    grid = BeforeAfterGrid(args, gen, baseline, test_prompts[:args.grid_prompts], sigmas)
+    held_out = test_prompts[:args.eval_prompts] if args.eval_prompts else test_prompts
+    evaluation = HeldOutEvaluation(args, gen, baseline, student, teacher, weights, held_out, sigmas, rank, world)
     exclude = set(test_prompts)  # pretraining never draws a held-out prompt
-    if args.stage == "pretrain":
-        from world import generator_batch  # the tiny world's images, rendered on the fly
     timer = common.Timer()
-    # --bf16: the generator computes in bf16 on its fp32 parameters; the reward model is frozen bf16
-    compute = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     while step < args.steps:
         lr = common.lr_at(step, args.steps, args.lr, args.warmup)
         common.set_lr(optimizer, lr)
         gen.train()
-        logs = {}
         if args.stage == "pretrain":
-            for m in range(accum):
-                rng = np.random.default_rng([args.seed, rank, step, m])  # a pure function of the step: exact resume
-                prompts, images = generator_batch(rng, micro, exclude, clean=args.pretrain_data == "clean")
-                x = gen.to_latent(images.to(device))
-                # gradients are reduced across ranks on the last micro-batch only
-                with common.grad_sync(ddp, m == accum - 1), compute():
-                    loss = flow_loss(ddp, x, gen.encode(prompts), torch.Generator().manual_seed(int(rng.integers(2**31))))
-                    (loss / accum).backward()
-                logs["loss"] = logs.get("loss", 0.0) + float(loss.detach()) / accum
+            logs = pretrain_losses(ddp, gen, args, step, rank, micro, accum, exclude, device)
         else:
-            mine_prompts = batches.next()
-            for m in range(accum):
-                prompts = mine_prompts[m * micro:(m + 1) * micro]
-                noise = torch.randn(len(prompts), *shape).to(device)
-                # the random late stop is drawn on rank 0 and shared, so DDP ranks run the same graph
-                stop = torch.randint(args.sample_steps - args.stop_range + 1, args.sample_steps + 1, (1,))
-                if dist.is_initialized():
-                    dist.broadcast(stop, 0)
-                with common.grad_sync(ddp, m == accum - 1):  # reduce across ranks on the last micro-batch
-                    with compute():
-                        images, reg = ddp(noise, gen.encode(prompts), sigmas, int(stop), min(args.grad_steps, int(stop)), args.reg > 0)
-                    r, mu = reward(student, prompts, images.float(), weights)
-                    loss = -r.mean() + args.reg * reg.float()
-                    (loss / accum).backward()
-                for j, d in enumerate(weights):
-                    logs[d[:5]] = logs.get(d[:5], 0.0) + float(mu[j].detach().mean()) / accum
-                logs["reward"] = logs.get("reward", 0.0) + float(r.detach().mean()) / accum
-                logs["reg"] = logs.get("reg", 0.0) + float(reg.detach()) / accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+            logs = finetune_losses(ddp, gen, student, batches.next(), sigmas, weights, args, micro, device)
+        logs["grad"] = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        order = [*logs, "grad"]
-        logs = common.all_mean({**logs, "grad": float(grad_norm)})  # sorted by key: put back in order
-        logs = {k: logs[k] for k in order}
-        ms = timer.lap()
-        common.print0(f"step {step:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in logs.items()) +
-                      f" | lr {lr:.2e} | {ms:.0f} ms/step | {args.batch_size / ms * 1000:.1f} images/s" +
-                      (f" | peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""))
-        if step % args.save_every == 0 or step == args.steps:
-            save_generator(args.out, gen, optimizer, step, batches, args, stage=args.stage)
+        log_step(step, logs, lr, timer, args, device)
+        stopping = step == args.stop_after
+        if step % args.save_every == 0 or step == args.steps or stopping:
+            common.save_checkpoint(args.out, gen, optimizer, step, batches, args, stage=args.stage)
+        if stopping:
+            break
         if step % args.grid_every == 0 or step == args.steps:
-            write_grid(step)
+            grid.write(step)
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            common.print0(f"step {step} | evaluation\n" + evaluate(final=step == args.steps))
+            common.print0(f"step {step} | evaluation\n" + evaluation.report(final=step == args.steps))
     if args.steps == 0:  # evaluation only: --init against --baseline
-        common.print0("evaluation\n" + evaluate(final=True))
+        common.print0("evaluation\n" + evaluation.report(final=True))
     common.dist_cleanup()
 
 
-def data_gsb(good, same, bad):
-    from eval import gsb
-
-    return gsb(good, same, bad)
-
-
 if __name__ == "__main__":
-    main(parser.parse_args())
+    main()
     common.exit_worker()

@@ -303,15 +303,15 @@ def argv_for(folder, files, out, **kw):
 
 
 def args_for(folder, files, out, **kw):
-    return reward_ft.parser.parse_args(argv_for(folder, files, out, **kw))
+    return reward_ft.get_args(argv_for(folder, files, out, **kw))
 
 
-def test_script_end_to_end_resume_and_files(folders, family, files, tmp_path, monkeypatch, capsys):
+def test_script_end_to_end_resume_and_files(folders, family, files, tmp_path, capsys):
     from model import read_checkpoint
 
     folder = folders[family]
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    reward_ft.main(args_for(folder, files, a, steps=2, save_every=1))
+    reward_ft.main(argv_for(folder, files, a, steps=2, save_every=1))
     log = capsys.readouterr().out
     assert "step     2" in log and "GSB" in log and "student" in log, log[-2000:]
     from PIL import Image
@@ -324,19 +324,9 @@ def test_script_end_to_end_resume_and_files(folders, family, files, tmp_path, mo
     assert meta["kind"] == "diffusers-lora" and meta["base"] == folder and meta["lora_rank"] == "4"
     assert meta["base_class"] == {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "zimage": "ZImagePipeline"}[family]
     assert json.loads(meta["step"]) == 2 and len(meta["base_fingerprint"]) == 16
-    # the same run, killed after its step-1 checkpoint, then resumed: the same LoRA and optimizer, bit for bit
-    real_save = reward_ft.save_generator
-
-    def save_then_crash(path, gen, optimizer=None, step=0, *args, **kw):
-        real_save(path, gen, optimizer, step, *args, **kw)
-        if step == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(reward_ft, "save_generator", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        reward_ft.main(args_for(folder, files, b, steps=2, save_every=1))
-    monkeypatch.setattr(reward_ft, "save_generator", real_save)
-    reward_ft.main(args_for(folder, files, b, steps=2, save_every=1, resume=True))
+    # the same run, stopped after its step-1 checkpoint, then resumed: the same LoRA and optimizer, bit for bit
+    reward_ft.main(argv_for(folder, files, b, steps=2, save_every=1, stop_after=1))
+    reward_ft.main(argv_for(folder, files, b, steps=2, save_every=1, resume=True))
     assert "resumed" in capsys.readouterr().out
     ta, tb = read_checkpoint(str(a))[1], read_checkpoint(str(b))[1]
     assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
@@ -353,23 +343,23 @@ def test_script_end_to_end_resume_and_files(folders, family, files, tmp_path, mo
     noise = noise_for(gen)
     torch.testing.assert_close(reward_ft.generate(gen.frozen_copy(gen.read_lora(str(a))), PROMPTS, noise, gen.sigmas(3)),
                                reward_ft.generate(trained, PROMPTS, noise, gen.sigmas(3)), atol=0, rtol=0)
-    reward_ft.main(args_for(folder, files, tmp_path / "c.safetensors", init="", baseline=a, steps=0))
+    reward_ft.main(argv_for(folder, files, tmp_path / "c.safetensors", init="", baseline=a, steps=0))
     assert "GSB" in capsys.readouterr().out
     # another base of the same family and shapes (other random weights) refuses the file, as --init and as --resume
     other = save_tiny_pipeline(family, tmp_path / "other", seed=1)
     with pytest.raises(ValueError, match="refused"):
         build(other).read_lora(str(a))
     with pytest.raises(ValueError, match="refused"):
-        reward_ft.main(args_for(other, files, tmp_path / "d.safetensors", init=a, steps=1))
+        reward_ft.main(argv_for(other, files, tmp_path / "d.safetensors", init=a, steps=1))
     with pytest.raises(ValueError, match="refused"):
-        reward_ft.main(args_for(other, files, b, steps=3, resume=True))
+        reward_ft.main(argv_for(other, files, b, steps=3, resume=True))
     with pytest.raises(ValueError, match="do not fit"):  # the same base with another rank
         build(folder, rank=2).read_lora(str(a))
 
 
 def test_bf16_runs(folders, family, files, tmp_path, capsys):
     out = tmp_path / "bf16.safetensors"
-    reward_ft.main(args_for(folders[family], files, out, steps=1, bf16=True))
+    reward_ft.main(argv_for(folders[family], files, out, steps=1, bf16=True))
     log = capsys.readouterr().out
     assert "step     1" in log and "GSB" in log and "nan" not in log.lower(), log[-2000:]
     from model import read_checkpoint

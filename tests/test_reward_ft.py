@@ -7,8 +7,8 @@ What is checked: the reward's gradient reaches every generator parameter through
 differentiable preprocessing (nonzero, finite); the K-step truncation keeps the graph for the last K
 denoising steps only, and checkpointing does not change the gradient; the velocity-matching
 regulariser is exactly zero at initialization and positive after a step; the oracle reads the
-synthetic world's scores back from rendered pixels; a run resumed from its checkpoint ends with the
-same weights as an uninterrupted one.
+synthetic world's scores back from rendered pixels; a run stopped by --stop-after and resumed ends with
+the same weights and AdamW state as an uninterrupted one.
 """
 
 import os
@@ -218,9 +218,11 @@ def test_oracle_reads_a_clean_scene_exactly():
 
 
 def test_generator_checkpoint_round_trip(tmp_path):
+    import common
+
     gen = small_generator()
     path = str(tmp_path / "gen.safetensors")
-    reward_ft.save_generator(path, gen)
+    common.save_checkpoint(path, gen)
     rng = torch.get_rng_state()
     back = TinyGenerator.load(path)
     assert torch.equal(rng, torch.get_rng_state()), "loading moved the global RNG: training noise would depend on --judge"
@@ -246,40 +248,38 @@ def test_bf16_generator_keeps_an_fp32_state():
     assert images.dtype == torch.float32 and torch.isfinite(images).all()
 
 
-def _args(**kw):
-    base = ["--width", "32", "--depth", "1", "--heads", "2", "--patch", "16", "--sample-steps", "3",
+def _argv(**kw):
+    argv = ["--width", "32", "--depth", "1", "--heads", "2", "--patch", "16", "--sample-steps", "3",
             "--eval-prompts", "2", "--eval-samples", "1", "--grid-prompts", "2", "--seed", "0"]
     for k, v in kw.items():
-        base += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
-    return reward_ft.parser.parse_args(base)
+        argv += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    return argv
 
 
-def test_finetune_resume_is_exact(tmp_path, student, monkeypatch):
+def test_finetune_resume_is_exact(tmp_path, student, capsys):
     world = str(tmp_path / "world")
     make_world(world, n=10, seed=0)
     student_path = str(tmp_path / "student.safetensors")
     student.save(student_path, mode="direct")
-    reward_ft.main(_args(stage="pretrain", steps=2, batch_size=4, micro_batch=4, data=world, out=tmp_path / "gen.safetensors"))
+    reward_ft.main(_argv(stage="pretrain", steps=2, batch_size=4, micro_batch=4, data=world,
+                         out=tmp_path / "gen.safetensors"))
     common = dict(init=tmp_path / "gen.safetensors", reward=student_path, data=world, batch_size=4, micro_batch=2,
                   grad_steps=2, stop_range=2, lr=1e-3, warmup=1, steps=4, save_every=2)
-    reward_ft.main(_args(out=tmp_path / "a.safetensors", **common))
-    # the same run, killed right after its step-2 checkpoint, then resumed
-    real_save = reward_ft.save_generator
-
-    def save_then_crash(path, gen, optimizer=None, step=0, *a, **kw):
-        real_save(path, gen, optimizer, step, *a, **kw)
-        if step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(reward_ft, "save_generator", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        reward_ft.main(_args(out=tmp_path / "b.safetensors", **common))
-    monkeypatch.setattr(reward_ft, "save_generator", real_save)
-    reward_ft.main(_args(out=tmp_path / "b.safetensors", resume=True, **common))
+    reward_ft.main(_argv(out=tmp_path / "a.safetensors", **common))
+    # the same run, stopped after its step-3 checkpoint, then resumed
+    reward_ft.main(_argv(out=tmp_path / "b.safetensors", stop_after=3, **common))
+    assert not (tmp_path / "b.grid-step00004.png").exists()
+    capsys.readouterr()
+    reward_ft.main(_argv(out=tmp_path / "b.safetensors", resume=True, **common))
+    log = capsys.readouterr().out
+    assert "resumed" in log and "step     4" in log and "step     3" not in log
     a = TinyGenerator.load(str(tmp_path / "a.safetensors")).state_dict()
     b = TinyGenerator.load(str(tmp_path / "b.safetensors")).state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    oa = torch.load(str(tmp_path / "a.train.pt"), weights_only=False)["optimizer"]["state"]
+    ob = torch.load(str(tmp_path / "b.train.pt"), weights_only=False)["optimizer"]["state"]
+    assert oa.keys() == ob.keys() and all(torch.equal(v, ob[i][k]) for i in oa for k, v in oa[i].items())
     from PIL import Image
 
     grid = Image.open(tmp_path / "a.grid-step00004.png")  # rows before / after / difference, 2 prompts, 2x scale

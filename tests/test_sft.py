@@ -1,7 +1,8 @@
 """
 Tests of sft.py: the SFT baseline learns (its loss falls on a fixed batch stream), writes a
-checkpoint that eval.py reads in direct mode, the base stage refuses a non-tiny model, and 2
-torchrun ranks (DDP, FSDP2) accumulating micro-batches match one process.
+checkpoint that eval.py reads in direct mode, a run stopped by --stop-after and resumed ends where
+an uninterrupted one does, the base stage refuses a non-tiny model, and 2 torchrun ranks (DDP,
+FSDP2) accumulating micro-batches match one process.
 
     python -m pytest tests/test_sft.py -q            # add -m slow for the torchrun runs
 """
@@ -52,6 +53,33 @@ def test_sft_loss_falls_and_checkpoint_scores(world, tmp_path):
     assert json.loads(model.metadata["args"])["steps"] == 40
     with open(out.removesuffix(".safetensors") + ".eval.json") as f:
         assert json.load(f)["table"]["overall"]["n"] == 32
+
+
+@pytest.mark.skipif(not os.path.exists(BASE), reason="assets/tiny_base.safetensors not built")
+def test_stop_after_then_resume_equals_an_uninterrupted_run(world, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    import sft
+
+    args = ["--init", BASE, "--data", world, "--steps", "4", "--batch-size", "8", "--micro-batch", "4", "--lr", "3e-3",
+            "--warmup", "1", "--eval-every", "0", "--eval-limit", "4", "--save-every", "2"]
+    full, part = str(tmp_path / "full.safetensors"), str(tmp_path / "part.safetensors")
+    sft.main([*args, "--out", full])
+    # stopped after its step-3 checkpoint (off the --save-every schedule), before any evaluation
+    sft.main([*args, "--out", part, "--stop-after", "3"])
+    assert json.loads(ScoreModel.load(part).metadata["step"]) == 3 and not os.path.exists(part[:-12] + ".eval.json")
+    capsys.readouterr()
+    sft.main([*args, "--out", part, "--resume"])
+    log = capsys.readouterr().out
+    assert "resumed" in log and "at step 3" in log and "step 4 | test" in log, log
+    a, b, base = load_file(full), load_file(part), load_file(BASE)
+    assert any((a[k] != base[k]).any() for k in a), "the run did not train"
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    oa = torch.load(full[:-12] + ".train.pt", weights_only=False)["optimizer"]["state"]
+    ob = torch.load(part[:-12] + ".train.pt", weights_only=False)["optimizer"]["state"]
+    assert oa.keys() == ob.keys() and all(torch.equal(v, ob[i][k]) for i in oa for k, v in oa[i].items())
 
 
 def test_base_stage_refuses_a_real_model(world, tmp_path):

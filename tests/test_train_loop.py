@@ -138,11 +138,9 @@ def test_reward_ft_checkpoints_and_syncs_once(world, tmp_path, monkeypatch):
     import reward_ft
 
     probe = Probe(monkeypatch, layer_cls=reward_ft.Block)
-    args = reward_ft.parser.parse_args(["--reward", BASE, "--init", GEN, "--data", world, "--out",
-                                        str(tmp_path / "gen.safetensors"), "--steps", "1", "--batch-size", "4",
-                                        "--micro-batch", "2", "--eval-prompts", "1", "--eval-samples", "1",
-                                        "--grid-prompts", "1", "--bf16"])
-    reward_ft.main(args)
+    reward_ft.main(["--reward", BASE, "--init", GEN, "--data", world, "--out", str(tmp_path / "gen.safetensors"),
+                    "--steps", "1", "--batch-size", "4", "--micro-batch", "2", "--eval-prompts", "1",
+                    "--eval-samples", "1", "--grid-prompts", "1", "--bf16"])
     probe.check_checkpointing()
     assert probe.syncs == [False, True]
 
