@@ -6,6 +6,7 @@ One process or many, the scripts run the same code: under torchrun (RANK / WORLD
 initializes a process group (NCCL on GPUs, gloo on CPU); otherwise it runs single-process on
 cuda or cpu. Two files per checkpoint:
   NAME.safetensors   the score model alone, weights + metadata (model.py), for eval / the next stage
+                     (reward_ft.py: the generator, or its LoRA)
   NAME.train.pt      optimizer, step, RNG states, data position and flags, for --resume
 (gdso.py adds NAME.ref.safetensors, pi_ref). Each is written atomically (temp file, then rename)
 by rank 0, so a crash never leaves a truncated file; the set is written file by file, so every file
@@ -230,7 +231,9 @@ def seeded(device, *key):
     """Run a block with the torch RNG seeded from `key` (ints), then put the stream back: a rollout
     seeded by (seed, step, global micro-batch index) samples the same traces on any number of ranks."""
     state = np.random.SeedSequence([int(k) for k in key]).generate_state(2)
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    devices = []  # the CUDA generators fork_rng saves and restores: this device's, on a GPU
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(state[0]) << 32 | int(state[1]))
         yield

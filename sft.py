@@ -180,7 +180,7 @@ def answer_ids(tokenizer, stage, text, r=None):
 # the model
 
 
-def load_model(args, items, train, test):
+def load_checked_model(args, items, train, test):
     """The score model to train, checked against the data: every training answer and test query fits its context."""
     # fp32 master weights (--bf16 is compute only); under FSDP2 built on meta, each rank reads only its shard
     model = common.load_model(args.init or args.model, seed=args.seed, meta=common.sharded(args.fsdp))
@@ -345,7 +345,7 @@ def main(argv=None):
     micro, accum = common.split_batch(args.batch_size, args.micro_batch, world)
     common.check_batch(len(items), args.batch_size, "--batch-size", "training items", world)
     batches = common.Batches(items, args.batch_size, rank, world, seed=args.seed)
-    model = load_model(args, items, train, test)
+    model = load_checked_model(args, items, train, test)
     ddp_model = common.wrap(model, device, fsdp=args.fsdp, bf16=args.bf16, checkpointing=args.checkpointing)
     optimizer = common.build_optimizer(ddp_model, args.lr, args.weight_decay, vision_lr_mult=args.vision_lr_mult)
     step = 0

@@ -125,7 +125,7 @@ def test_a_batch_larger_than_the_data_names_the_flag_before_any_model(tmp_path, 
 
 
 def test_zero_steps_and_an_empty_test_file_are_errors(tmp_path, world, monkeypatch, capsys, no_model):
-    import eval as ev
+    import eval as evaluation
     import gdso
 
     err = _user_error(capsys, gdso.main, ["--data", world, "--steps", "0"])
@@ -136,7 +136,7 @@ def test_zero_steps_and_an_empty_test_file_are_errors(tmp_path, world, monkeypat
     open(os.path.join(folder, "test.jsonl"), "w").close()
     err = _user_error(capsys, _sft, monkeypatch, ["--data", folder])
     assert f"{os.path.join(folder, 'test.jsonl')} holds no records" in err
-    err = _user_error(capsys, ev.main, ["--ckpt", "count-only", "--data", os.path.join(folder, "test.jsonl")])
+    err = _user_error(capsys, evaluation.main, ["--ckpt", "count-only", "--data", os.path.join(folder, "test.jsonl")])
     assert "holds no records" in err
 
 
@@ -179,10 +179,10 @@ def test_an_unreadable_image_is_named_at_load_time(tmp_path, world):
 
 @needs_base
 def test_a_prompt_longer_than_the_context_is_named(tmp_path, world, capsys):
-    import eval as ev
+    import eval as evaluation
 
     path = _write(tmp_path, world, lambda r: r.update(id="long one", prompt="a red circle top left " * 230))
-    err = _user_error(capsys, ev.main, ["--ckpt", BASE, "--data", path])
+    err = _user_error(capsys, evaluation.main, ["--ckpt", BASE, "--data", path])
     assert "record 'long one' needs" in err and "more than the model's 1024" in err, err
 
 
@@ -204,52 +204,54 @@ def hf_folder(tmp_path_factory):
 
 
 def test_eval_scores_a_hugging_face_folder_zero_shot(hf_folder, world, tmp_path, capsys):
-    import eval as ev
+    import eval as evaluation
     from model import ScoreModel
 
     test = os.path.join(world, "test.jsonl")
     out = str(tmp_path / "zs.eval.json")
-    ev.main(["--ckpt", hf_folder, "--data", test, "--limit", "8", "--json", out])
+    evaluation.main(["--ckpt", hf_folder, "--data", test, "--limit", "8", "--json", out])
     assert "(direct mode)" in capsys.readouterr().out
     records = data.load_jsonl(test)[:8]
-    want = ev.table_from_predictions(records, ev.predict(ScoreModel.tiny(seed=3), records, progress=False))
+    want = evaluation.table_from_predictions(records,
+                                             evaluation.predict(ScoreModel.tiny(seed=3), records, progress=False))
     with open(out) as f:
         got = json.load(f)["table"]
     assert got["overall"]["plcc"] == pytest.approx(want["overall"]["plcc"], abs=1e-6)
-    ev.main(["--model", hf_folder, "--data", world, "--limit", "4", "--mode", "reasoning", "--max-new-tokens", "4"])
+    evaluation.main(["--model", hf_folder, "--data", world, "--limit", "4", "--mode", "reasoning",
+                     "--max-new-tokens", "4"])
     assert "(reasoning mode)" in capsys.readouterr().out
 
 
 def test_bad_model_folders_and_files_are_named(hf_folder, tmp_path, world, capsys):
-    import eval as ev
+    import eval as evaluation
 
     test = os.path.join(world, "test.jsonl")
     no_tok = tmp_path / "no_tok"
     no_tok.mkdir()
     for f in ("config.json", "model.safetensors", "preprocessor_config.json"):
         shutil.copy(os.path.join(hf_folder, f), no_tok / f)
-    err = _user_error(capsys, ev.main, ["--ckpt", str(no_tok), "--data", test])
+    err = _user_error(capsys, evaluation.main, ["--ckpt", str(no_tok), "--data", test])
     assert f"{no_tok}: no tokenizer files" in err, err
-    err = _user_error(capsys, ev.main, ["--ckpt", str(tmp_path / "nowhere" / "model"), "--data", test])
+    err = _user_error(capsys, evaluation.main, ["--ckpt", str(tmp_path / "nowhere" / "model"), "--data", test])
     assert "no such folder or file" in err
     # a truncated weights file: in a folder, and as a score-model checkpoint
     cut = tmp_path / "cut"
     shutil.copytree(hf_folder, cut)
     with open(cut / "model.safetensors", "rb+") as f:
         f.truncate(os.path.getsize(cut / "model.safetensors") // 2)
-    err = _user_error(capsys, ev.main, ["--ckpt", str(cut), "--data", test])
+    err = _user_error(capsys, evaluation.main, ["--ckpt", str(cut), "--data", test])
     assert f"{cut / 'model.safetensors'}: not a readable .safetensors file" in err, err
     if os.path.exists(BASE):
         short = str(tmp_path / "short.safetensors")
         with open(BASE, "rb") as f, open(short, "wb") as g:
             g.write(f.read()[:100_000])
-        err = _user_error(capsys, ev.main, ["--ckpt", short, "--data", test])
+        err = _user_error(capsys, evaluation.main, ["--ckpt", short, "--data", test])
         assert f"{short}: not a readable .safetensors file" in err, err
 
 
 @needs_base
 def test_overwritten_bytes_in_a_checkpoint_are_detected(tmp_path, world, capsys):
-    import eval as ev
+    import eval as evaluation
     from model import ScoreModel
 
     bad = str(tmp_path / "bad.safetensors")
@@ -259,12 +261,12 @@ def test_overwritten_bytes_in_a_checkpoint_are_detected(tmp_path, world, capsys)
         f.write(b"\xff" * 4096)
     with pytest.raises(ValueError, match="non-finite values"):
         ScoreModel.load(bad)
-    err = _user_error(capsys, ev.main, ["--ckpt", bad, "--data", os.path.join(world, "test.jsonl")])
+    err = _user_error(capsys, evaluation.main, ["--ckpt", bad, "--data", os.path.join(world, "test.jsonl")])
     assert bad in err and "non-finite" in err
 
 
 def test_non_finite_predictions_are_counted_and_fail_the_eval(world, tmp_path, monkeypatch, capsys):
-    import eval as ev
+    import eval as evaluation
 
     def nan_predict(model, records, *args, **kwargs):
         mu = np.linspace(1, 5, len(records))
@@ -272,10 +274,10 @@ def test_non_finite_predictions_are_counted_and_fail_the_eval(world, tmp_path, m
         n = len(records)
         return {"mu": mu, "sigma": np.zeros(n), "n_tokens": np.ones(n), "valid": np.ones(n, dtype=bool)}
 
-    monkeypatch.setattr(ev, "predict", nan_predict)
+    monkeypatch.setattr(evaluation, "predict", nan_predict)
     out = str(tmp_path / "t.json")
     with pytest.raises(SystemExit) as e:
-        ev.main(["--ckpt", "tiny", "--data", os.path.join(world, "test.jsonl"), "--json", out])
+        evaluation.main(["--ckpt", "tiny", "--data", os.path.join(world, "test.jsonl"), "--json", out])
     assert e.value.code == 1
     assert "2 of 16 records got a non-finite mu" in capsys.readouterr().err
     assert not os.path.exists(out)  # a table of NaN predictions is not written for a summary

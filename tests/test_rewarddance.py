@@ -142,11 +142,11 @@ def test_rationale_tokens_get_gradient_prompt_does_not(world, tmp_path, monkeypa
     assert float(terms[3]) == pytest.approx(-sum(float(c["out"]["token_logprobs"].detach().sum()) for c in cap.calls) / n_tokens,
                                             rel=1e-4)
     # the checkpoint scores in its own mode: eval.py --ckpt reproduces the run's own evaluation
-    import eval as ev
+    import eval as evaluation
 
     assert ScoreModel.load(out).metadata["mode"] == "rewarddance"
     j = str(tmp_path / "ev.json")
-    ev.main(["--ckpt", out, "--data", world, "--limit", "4", "--json", j, "--device", "cpu"])
+    evaluation.main(["--ckpt", out, "--data", world, "--limit", "4", "--json", j, "--device", "cpu"])
     assert "(rewarddance mode)" in capsys.readouterr().out
     with open(j) as f, open(out.removesuffix(".safetensors") + ".eval.json") as g:
         got, ran = json.load(f)["table"]["overall"], json.load(g)["table"]["overall"]
@@ -156,7 +156,7 @@ def test_rationale_tokens_get_gradient_prompt_does_not(world, tmp_path, monkeypa
 
 
 def test_scoring_reads_the_first_answer_token(world, monkeypatch):
-    import eval as ev
+    import eval as evaluation
     from PIL import Image
 
     model = ScoreModel.load(BASE)
@@ -183,7 +183,7 @@ def test_scoring_reads_the_first_answer_token(world, monkeypatch):
         assert not torch.allclose(direct.probs, out.probs)
     for r in recs:
         r["image_path"] = os.path.join(world, r["image"])
-    pred = ev.predict(model, recs, "rewarddance", progress=False)
+    pred = evaluation.predict(model, recs, "rewarddance", progress=False)
     assert (pred["n_tokens"] == 1).all()
 
 
