@@ -3,7 +3,7 @@ GDSO: Group-wise Direct Score Optimization of the reasoning teacher (Z-Reward, S
 
 One training item is a same-prompt, same-dimension pair (p, I_w, I_l, s_w, s_l, d) with s_w > s_l.
 For each side j the policy samples G outputs o_{j,i} = (reasoning trace, "Score: N"); the score
-distribution q_{j,i} at the score token gives mu_{j,i}. Then, with R = S_max - S_min:
+distribution q_{j,i} at the score token gives mu_{j,i}. Then, with R = S_max - S_min (SCORE_RANGE):
 
 1. Rewards from the distribution's expectation (not the parsed text): the pointwise reward
    r_pt = 1 - |mu - s_j| / R (Eq. 7) and the pairwise reward r_pw (Eq. 10) over the G x G cross
@@ -17,17 +17,22 @@ distribution q_{j,i} at the score token gives mu_{j,i}. Then, with R = S_max - S
    --ref-reset-every steps); with beta = 0 no reference model is kept or run. The traces are
    sampled from exactly softmax(logits / T) (no top-k / top-p / repetition penalty, whatever the
    checkpoint's generation config says), and every log-prob of the ratio and the KL is read at
-   that T. The log shows, per inner step, the clipped fraction, the k3 KL to pi_old and the lr.
+   that T.
 4. Direct losses, differentiable through the score-token logits given the sampled trace:
    alpha_pt * L_pt, the CE of the label's bin (Eq. 8), and alpha_pw * L_pw, the L1 loss on the
    score gap over all G x G cross pairs (Eq. 11). Total (Eq. 14): L_GRPO + alpha_pt L_pt + alpha_pw L_pw.
    Changed: L_pt is -log p(label's bin token) against the whole vocabulary at the score position,
    i.e. -log q(s) - log P(the score token is a bin). The second term is ~0 while the format holds;
    without it (--no-full-vocab-ce, Eq. 8 over the K bins only) the CE is blind to the mass the
-   score position gives to non-bin tokens, Adam lets that mass drift, and in the tiny world the
-   traces stopped reaching a score token within ~20 steps (valid fraction 1.0 -> 0.3).
+   score position gives to non-bin tokens, so nothing stops Adam from moving that mass off the
+   bins, and the traces stop reaching a score token (README, Results in the tiny world).
 5. Baselines from the same script: --method grpo (expectation reward, alphas = 0), and
    --reward-from parsed, the ablation that rewards the score written in the trace instead of mu.
+
+One iteration of main's loop is one step of Algorithm 1: sample, score, reward, then K_gdso
+updates. Its log line gives the rollouts' reward, valid fraction and length, then each update's
+quantities once per inner step k = 0 .. K_gdso - 1, joined by "/" (at k = 0 pi_theta = pi_old:
+the ratio is 1, nothing is clipped and the KL to pi_old is 0).
 
 Hyperparameters are not published; the defaults are what worked in the tiny world (see README).
 Labels off the half-point grid (aggregates of annotations) use their nearest bin for L_pt and
@@ -42,6 +47,7 @@ Launch:
 """
 
 import argparse
+from dataclasses import dataclass
 
 import torch
 
@@ -49,7 +55,7 @@ import common
 from data import S_MAX, S_MIN, score_to_level
 from kernels import gap_l1, score_ce
 
-R = S_MAX - S_MIN
+SCORE_RANGE = S_MAX - S_MIN  # R of Eqs. 7, 10 and 11
 
 
 # -----------------------------------------------------------------------------
@@ -58,7 +64,7 @@ R = S_MAX - S_MIN
 
 def pointwise_reward(mu, s):
     """Eq. 7: r_pt[p, i] = 1 - |mu[p, i] - s[p]| / R for mu (P, G), s (P,)."""
-    return 1 - (mu - s[:, None]).abs() / R
+    return 1 - (mu - s[:, None]).abs() / SCORE_RANGE
 
 
 def valid_gaps(mu_w, mu_l, s_w, s_l, valid_w, valid_l):
@@ -70,15 +76,15 @@ def valid_gaps(mu_w, mu_l, s_w, s_l, valid_w, valid_l):
     the mean over valid cross pairs (0 for a pair with none). All valid: exactly gap_l1.
     """
     if bool(valid_w.all()) and bool(valid_l.all()):
-        return gap_l1(mu_w, mu_l, s_w, s_l, R)  # the fused kernel (Triton on GPU)
+        return gap_l1(mu_w, mu_l, s_w, s_l, SCORE_RANGE)  # the fused kernel (Triton on GPU)
     mw, ml = mu_w.float(), mu_l.float()
     m = (valid_w[:, :, None] & valid_l[:, None, :]).float()  # (P, G, G) pairs of valid traces
     delta = (s_w.float() - s_l.float())[:, None, None]
     a = (mw[:, :, None] - ml[:, None, :] - delta).abs() * m  # A[p, i, k], zero where either is malformed
     n_l, n_w = valid_l.float().sum(-1)[:, None], valid_w.float().sum(-1)[:, None]  # (P, 1) valid partners
-    r_w = 1 - a.sum(2).detach() / (n_l.clamp_min(1) * R)  # Eq. 10, winners: mean over valid losers
-    r_l = 1 - a.sum(1).detach() / (n_w.clamp_min(1) * R)  # Eq. 10, losers: mean over valid winners
-    loss = (a.sum((1, 2)) / (m.sum((1, 2)).clamp_min(1) * R)).mean()  # Eq. 11 per pair, then over pairs
+    r_w = 1 - a.sum(2).detach() / (n_l.clamp_min(1) * SCORE_RANGE)  # Eq. 10, winners: mean over valid losers
+    r_l = 1 - a.sum(1).detach() / (n_w.clamp_min(1) * SCORE_RANGE)  # Eq. 10, losers: mean over valid winners
+    loss = (a.sum((1, 2)) / (m.sum((1, 2)).clamp_min(1) * SCORE_RANGE)).mean()  # Eq. 11 per pair, then over pairs
     return loss, r_w, r_l
 
 
@@ -130,13 +136,15 @@ def policy_loss(logp, logp_old, adv, mask, clip_eps=0.2, logp_ref=None, beta=0.0
     return loss, stats
 
 
-def direct_losses(score_logits, mu, labels, valid, P, G, n_valid=None, label_logprob=None):
+def direct_losses(score_logits, mu, labels, valid, P, G, valid_per_micro=None, label_logprob=None):
     """L_pt (Eq. 8) and L_pw (Eq. 11) for 2 P G samples laid out as (side, pair, sample).
 
     score_logits (2PG, K), mu (2PG,), labels (2,P) = (s_w, s_l), valid (2PG,) bool. Invalid traces
     are left out of L_pt and of L_pw (their mu is read at the trace's end: no score). L_pt is the
-    CE summed over valid samples divided by n_valid (default: the valid samples here; training
-    passes the count over all ranks and micro-batches so any split gives the same loss).
+    CE summed over valid samples divided by valid_per_micro (default: the valid samples here).
+    Training passes the step's valid traces over all ranks divided by (ranks x micro-batches):
+    it averages the micro-batches' losses and DDP / FSDP average the ranks' gradients, so the
+    update is that of the CE summed over the step's valid traces / their count, however split.
     label_logprob: (2PG,) log p(label's bin token) against the whole vocabulary at the score
     position; when given, L_pt is its negative mean (see the module docstring, point 4).
     """
@@ -144,7 +152,7 @@ def direct_losses(score_logits, mu, labels, valid, P, G, n_valid=None, label_log
     target = target.view(2, P, 1).expand(2, P, G).flatten()
     target = torch.where(valid, target, torch.full_like(target, -100))
     ce = score_ce(score_logits, target) if label_logprob is None else -torch.where(valid, label_logprob, 0.0)
-    l_pt = ce.sum() / (n_valid if n_valid is not None else valid.sum().clamp_min(1))
+    l_pt = ce.sum() / (valid_per_micro if valid_per_micro is not None else valid.sum().clamp_min(1))
     v = valid.view(2, P, G)
     mu = torch.where(valid, mu, mu.detach()).view(2, P, G)
     l_pw, _, _ = valid_gaps(mu[0], mu[1], labels[0], labels[1], v[0], v[1])
@@ -152,24 +160,206 @@ def direct_losses(score_logits, mu, labels, valid, P, G, n_valid=None, label_log
 
 
 # -----------------------------------------------------------------------------
+# one step of Algorithm 1: sample rollouts from pi_old, score them, reward them, update K_gdso times
+
+
+@dataclass
+class Rollouts:
+    """The rollouts of one forward: G sampled traces for each side of a few pairs, and what training reads of them.
+
+    Every per-trace tensor has N = 2 x pairs x G rows in (side, pair, sample) order, side 0 the
+    winner: by_side(x) is its (2, pairs, G) view, the layout of Eqs. 3, 10, 11 and 13. A step's
+    rollouts are a list of these, one per micro-batch of whole pairs (each forward pads its own
+    traces, so the token tensors of two micro-batches differ in length). sample() fills the
+    fields up to label_tokens, score() the pi_old and pi_ref ones, reward() the last two.
+    """
+
+    pairs: list  # (winner record, loser record) each
+    G: int
+    traces: list  # the N sampled completions, token ids
+    batch: dict  # prompt + trace, encoded for teacher forcing
+    targets: torch.Tensor  # (N, L) each trace token at the position that predicts it, -100 elsewhere
+    mask: torch.Tensor  # (N, L) targets != -100: the tokens the policy loss averages over
+    score_index: torch.Tensor  # (N,) the position whose hidden state predicts the score token
+    valid: torch.Tensor  # (N,) bool: the trace wrote "Score: N" within the length budget
+    labels: torch.Tensor  # (2, pairs): s_w, s_l
+    label_tokens: torch.Tensor  # (N,) the token of the label's bin (the full-vocabulary L_pt)
+    old_logp: torch.Tensor = None  # (N, L) log pi_old(o_t | o_<t), at the sampling temperature
+    old_score_logits: torch.Tensor = None  # (N, K) pi_old's score logits: the mu of the rewards
+    ref_logp: torch.Tensor = None  # (N, L) log pi_ref(o_t | o_<t); None when beta = 0
+    rewards: torch.Tensor = None  # (2, pairs, G): Eq. 13
+    advantages: torch.Tensor = None  # (N,): Eq. 3
+
+    def by_side(self, x):
+        """(N,) in (side, pair, sample) order -> (2, pairs, G)."""
+        return x.view(2, len(self.pairs), self.G)
+
+
+def encode(model, queries, images, traces=None):
+    """The reasoning-mode prompts of `queries` (records), with their traces appended when given."""
+    return model.encode([q["prompt"] for q in queries], [images[q["image_path"]] for q in queries],
+                        [q["dimension"] for q in queries], "reasoning", completions=traces)
+
+
+def sample(policy, pairs, micro_pairs, args, step, rank, device):
+    """Algorithm 1's sampling: G traces per side of each of this rank's pairs from pi_old (the
+    current policy) -> [Rollouts], one per micro-batch of `micro_pairs` whole pairs.
+
+    Generation runs in eval mode with the KV cache and no collectives (common.rollout_mode). Each
+    micro-batch samples under the seed (--seed, step, its index in the global batch), so the
+    traces do not depend on how the batch is split over ranks.
+    """
+    G = args.group
+    chunks = [pairs[a:a + micro_pairs] for a in range(0, len(pairs), micro_pairs)]
+    queries = [[pair[side] for side in (0, 1) for pair in chunk for _ in range(G)] for chunk in chunks]
+    records = {q["image_path"]: q for qs in queries for q in qs}  # each image once, for its G rollouts
+    images = dict(zip(records, common.open_images(list(records.values()))))
+    traces = []
+    with common.rollout_mode(policy) as m:
+        for i, qs in enumerate(queries):
+            with common.seeded(device, args.seed, step, rank * len(chunks) + i):
+                traces.append(m.generate(encode(m, qs, images), args.max_new_tokens, args.temperature))
+    return [teacher_forcing(common.unwrap(policy), chunk, qs, tr, images, G, device)
+            for chunk, qs, tr in zip(chunks, queries, traces)]
+
+
+def teacher_forcing(model, pairs, queries, traces, images, G, device):
+    """The Rollouts of one micro-batch's sampled traces: prompt + trace encoded, the positions that
+    predict the trace's tokens and its score token, which traces are valid, the labels."""
+    batch = encode(model, queries, images, traces)
+    targets = model.completion_targets(batch, traces)
+    score_at = [model.find_score_index(t) for t in traces]  # the score token's index in each trace, -1: none
+    # the hidden state one position before the score token predicts it; a malformed trace is read
+    # at its end (its reward is the minimum and it gets no direct loss either way)
+    score_index = [batch["prompt_len"] + (s if s >= 0 else len(t)) - 1 for s, t in zip(score_at, traces)]
+    labels = torch.tensor([[w["score"] for w, _ in pairs], [l["score"] for _, l in pairs]], device=device)
+    levels = torch.tensor([score_to_level(float(s)) - 1 for s in labels.flatten()], device=device)
+    return Rollouts(pairs, G, traces, batch, targets, mask=targets != -100,
+                    score_index=torch.tensor(score_index, device=device),
+                    valid=torch.tensor([s >= 0 for s in score_at], device=device), labels=labels,
+                    label_tokens=model.bin_ids[levels].view(2, -1, 1).expand(-1, -1, G).flatten())
+
+
+@torch.no_grad()
+def score(policy, ref, rollouts, T):
+    """pi_old's token log-probs and score logits, and pi_ref's token log-probs, before any update.
+
+    In train mode, as the updates run, so that inner step 0's ratio pi_theta / pi_old is exactly 1;
+    at the sampling temperature T, the policy the traces come from.
+    """
+    policy.train()
+    for r in rollouts:
+        out = policy(r.batch, r.score_index, targets=r.targets, temperature=T)
+        r.old_logp, r.old_score_logits = out["token_logprobs"], out["score_logits"]
+    if ref is not None:
+        for r in rollouts:
+            r.ref_logp = ref(r.batch, r.score_index, targets=r.targets, temperature=T)["token_logprobs"]
+
+
+def reward(rollouts, model, args):
+    """Eq. 13's rewards of every trace from pi_old's mu (--reward-from parsed: the score its text
+    states), then Eq. 3's advantages over the G samples of each side of each pair. Both are per
+    pair, so computing them micro-batch by micro-batch gives the batch's."""
+    for r in rollouts:
+        if args.reward_from == "parsed":
+            mu = torch.tensor([model.parsed_score(t) or S_MIN for t in r.traces], device=r.valid.device)
+        else:
+            mu = model.distribution(r.old_score_logits).mean
+        mu, valid = r.by_side(mu), r.by_side(r.valid)
+        r_w, r_l = gdso_rewards(mu[0], mu[1], r.labels[0], r.labels[1], valid[0], valid[1],
+                                args.lambda_pt, args.lambda_pw)
+        r.rewards = torch.stack([r_w, r_l])
+        r.advantages = group_advantages(r.rewards, args.adv_eps).flatten()
+
+
+def gdso_loss(policy, r, args, T, valid_per_micro):
+    """Eq. 14 on one micro-batch -> (loss, its terms): the clipped surrogate plus beta KL to pi_ref
+    (Eq. 4), plus alpha_pt L_pt (Eq. 8) and alpha_pw L_pw (Eq. 11) through pi_theta's score
+    distribution at the sampled traces' score tokens."""
+    full_vocab_ce = args.alpha_pt and args.full_vocab_ce
+    out = policy(r.batch, r.score_index, targets=r.targets, temperature=T,
+                 score_targets=r.label_tokens if full_vocab_ce else None)
+    pg, stats = policy_loss(out["token_logprobs"], r.old_logp, r.advantages, r.mask, args.clip_eps, r.ref_logp,
+                            args.beta)
+    loss = pg
+    l_pt = l_pw = torch.zeros((), device=r.valid.device)
+    if args.alpha_pt or args.alpha_pw:
+        mu = common.unwrap(policy).distribution(out["score_logits"]).mean
+        l_pt, l_pw = direct_losses(out["score_logits"], mu, r.labels, r.valid, len(r.pairs), r.G, valid_per_micro,
+                                   out.get("score_target_logprob"))
+        loss = loss + args.alpha_pt * l_pt + args.alpha_pw * l_pw
+    return loss, {"pg": pg, "l_pt": l_pt, "l_pw": l_pw, **stats}
+
+
+def update(policy, optimizer, rollouts, args, step, k, valid_per_micro, T):
+    """Inner step k of K_gdso on the step's rollouts: Eq. 14 over its micro-batches, one optimizer
+    step -> this update's logs (each loss term's mean over the micro-batches, grad norm, lr)."""
+    lr = common.lr_at(step * args.inner_steps + k, args.steps * args.inner_steps, args.lr, args.warmup)
+    common.set_lr(optimizer, lr)
+    M = len(rollouts)
+    sums = dict.fromkeys(("pg", "kl", "kl_old", "clip", "l_pt", "l_pw"), 0.0)
+    for i, r in enumerate(rollouts):
+        with common.grad_sync(policy, i == M - 1):  # reduced across ranks once, on the last micro-batch
+            loss, terms = gdso_loss(policy, r, args, T, valid_per_micro)
+            # every micro-batch holds as many pairs: the mean of their losses is the batch's loss
+            (loss / M).backward()
+        for name, val in terms.items():
+            sums[name] += float(val.detach()) / M
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.clip)
+    common.check_finite_step(step, grad_norm, sums["pg"])  # stop, before a NaN update
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return dict(sums, grad_norm=float(grad_norm), lr=lr)
+
+
+def print_step(step, rollouts, inner_logs, timer, world, device):
+    """The step's line, averaged over ranks: the rollouts' reward (and its std within a group),
+    valid fraction and length, then each update's terms, one value per inner step joined by "/"."""
+    rewards = torch.cat([r.rewards for r in rollouts], 1)  # (2, P, G)
+    G = rewards.shape[-1]
+    lengths = torch.tensor([float(len(t)) for r in rollouts for t in r.traces])
+    logs = {f"{name}.{k}": v for k, d in enumerate(inner_logs) for name, v in d.items()}
+    logs.update(reward=float(rewards.mean()), reward_std=float(rewards.view(-1, G).std(-1).mean()) if G > 1 else 0.0,
+                valid=float(torch.cat([r.valid for r in rollouts]).float().mean()), length=float(lengths.mean()))
+    logs = common.all_mean(logs)
+    ms = timer.lap()
+    per_k = lambda name, fmt: "/".join(format(logs[f"{name}.{k}"], fmt) for k in range(len(inner_logs)))
+    common.print0(f"step {step:4d} | reward {logs['reward']:.3f} (std {logs['reward_std']:.3f}) | "
+                  f"valid {logs['valid']:.2f} | len {logs['length']:.1f} | pg {per_k('pg', '+.4f')} | "
+                  f"kl {per_k('kl', '.4f')} | l_pt {per_k('l_pt', '.3f')} | l_pw {per_k('l_pw', '.4f')} | "
+                  f"grad {per_k('grad_norm', '.2f')} | clip {per_k('clip', '.3f')} | kl_old {per_k('kl_old', '.2e')} | "
+                  f"lr {per_k('lr', '.1e')} | {ms:.0f} ms | {len(lengths) * world / ms * 1000:.1f} samples/s"
+                  f"{common.peak_memory(device)}")
+
+
+# -----------------------------------------------------------------------------
 # the script
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="GDSO teacher training (and the GRPO / parsed-reward baselines)")
-    p.add_argument("--init", default="assets/tiny_base.safetensors", help="start from this score-model .safetensors (the tiny base by default)")
-    p.add_argument("--model", default="", help="instead of --init: an HF folder / hub id (e.g. Qwen/Qwen3.5-27B), or 'tiny'")
-    p.add_argument("--data", default="runs/world", help="folder with train.jsonl and test.jsonl (README, Data), or world:n=200,seed=0 to render the synthetic world")
+    p.add_argument("--init", default="assets/tiny_base.safetensors",
+                   help="start from this score-model .safetensors (the tiny base by default)")
+    p.add_argument("--model", default="",
+                   help="instead of --init: an HF folder / hub id (e.g. Qwen/Qwen3.5-27B), or 'tiny'")
+    p.add_argument("--data", default="runs/world",
+                   help="folder with train.jsonl and test.jsonl (README, Data), or world:n=200,seed=0 to render the "
+                        "synthetic world")
     p.add_argument("--out", default="runs/gdso.safetensors", help="checkpoint path (.safetensors; .train.pt beside it)")
-    p.add_argument("--method", default="gdso", choices=["gdso", "grpo"], help="grpo = expectation reward only, alphas forced to 0")
-    p.add_argument("--reward-from", default="expectation", choices=["expectation", "parsed"], help="reward from mu, or from the score written in the trace (ablation)")
+    p.add_argument("--method", default="gdso", choices=["gdso", "grpo"],
+                   help="grpo = expectation reward only, alphas forced to 0")
+    p.add_argument("--reward-from", default="expectation", choices=["expectation", "parsed"],
+                   help="reward from mu, or from the score written in the trace (ablation)")
     p.add_argument("--steps", type=int, default=60, help="total optimizer batches (N outer iterations x M steps)")
-    p.add_argument("--ref-reset-every", type=int, default=20, help="M: steps per outer iteration; pi_ref <- pi_theta at each start")
+    p.add_argument("--ref-reset-every", type=int, default=20,
+                   help="M: steps per outer iteration; pi_ref <- pi_theta at each start")
     p.add_argument("--pairs", type=int, default=8, help="pairs per step (global)")
     p.add_argument("--group", type=int, default=4, help="G: samples per side")
     p.add_argument("--inner-steps", type=int, default=2, help="K_gdso: gradient steps per sampled batch")
-    p.add_argument("--micro-pairs", type=int, default=8, help="pairs per forward per rank (gradient accumulation over the rest)")
+    p.add_argument("--micro-pairs", type=int, default=8,
+                   help="pairs per forward per rank (gradient accumulation over the rest)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=10, help="linear warmup steps (in optimizer updates), then cosine to 0.1x")
+    p.add_argument("--warmup", type=int, default=10,
+                   help="linear warmup steps (in optimizer updates), then cosine to 0.1x")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     p.add_argument("--clip-eps", type=float, default=0.2, help="PPO ratio clip")
@@ -179,19 +369,27 @@ def get_args(argv=None):
     p.add_argument("--lambda-pw", type=float, default=1.0, help="weight of the pairwise reward (Eq. 13)")
     p.add_argument("--alpha-pt", type=float, default=0.5, help="weight of the direct CE loss L_pt (Eq. 14)")
     p.add_argument("--alpha-pw", type=float, default=1.0, help="weight of the direct gap loss L_pw (Eq. 14)")
-    p.add_argument("--full-vocab-ce", action=argparse.BooleanOptionalAction, default=True, help="L_pt as -log p(label bin token) over the whole vocabulary (default) instead of over the K bins only")
+    p.add_argument("--full-vocab-ce", action=argparse.BooleanOptionalAction, default=True,
+                   help="L_pt as -log p(label bin token) over the whole vocabulary (default) instead of over the K "
+                        "bins only")
     p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="trace length budget; no score token by then = malformed")
-    p.add_argument("--eval-every", type=int, default=20, help="evaluate on the test split every N steps (0 = only at the end)")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="trace length budget; no score token by then = malformed")
+    p.add_argument("--eval-every", type=int, default=20,
+                   help="evaluate on the test split every N steps (0 = only at the end)")
     p.add_argument("--eval-limit", type=int, default=512, help="test records per evaluation (0 = all)")
     p.add_argument("--save-every", type=int, default=20, help="write the checkpoint every N steps")
-    p.add_argument("--resume", action="store_true", help="continue from --out exactly (optimizer, step, RNG, data position, pi_ref)")
-    p.add_argument("--stop-after", type=int, default=0, help="stop (after saving) at this step, keeping the --steps schedule; --resume continues")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --out exactly (optimizer, step, RNG, data position, pi_ref)")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="stop (after saving) at this step, keeping the --steps schedule; --resume continues")
     p.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 compute (policy: fp32 master weights and optimizer state; pi_ref: bf16 weights)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 compute (policy: fp32 master weights and optimizer state; pi_ref: bf16 weights)")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP replication")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
-    p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True, help="keep the vision tower frozen (default)")
+    p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the vision tower frozen (default)")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be at least 1 (got {args.steps}): a run of no steps would write nothing")
@@ -200,187 +398,100 @@ def get_args(argv=None):
     return args
 
 
-def main(argv=None):
+def load_data(args, rank, world):
+    """The data, before any model: a missing file, a bad record or too few pairs stops the run here.
+    -> (train records, test records, this rank's stream of pair batches)."""
     from data import make_pairs
-    from eval import format_table
 
-    args = get_args(argv)
-    rank, world, device = common.dist_init()
-    common.seed_all(args.seed + rank)
-    dtype = torch.bfloat16 if args.bf16 else None  # frozen pi_ref only: the policy trains on fp32 master weights
-    # the data first: a missing file, a bad record or too few pairs stops the run before any model loads
     train_file, test_file = common.data_files(args.data, "train.jsonl", "test.jsonl")
     train, test = common.load_records(train_file), common.load_records(test_file)
     test = test[:args.eval_limit] if args.eval_limit else test
     pairs = make_pairs(train)
-    common.check_batch(len(pairs), args.pairs, "--pairs", f"same-prompt pairs with different labels in {train_file}", world)
-    batches = common.Batches(pairs, args.pairs, rank, world, seed=args.seed)
-    P, G = args.pairs // world, args.group
-    micro, _ = common.split_batch(args.pairs, args.micro_pairs, world, "--pairs", "--micro-pairs")
-    # under FSDP2 the models are built on the meta device and each rank reads only its shard (common.wrap)
+    common.check_batch(len(pairs), args.pairs, "--pairs", f"same-prompt pairs with different labels in {train_file}",
+                       world)
+    return train, test, common.Batches(pairs, args.pairs, rank, world, seed=args.seed)
+
+
+def load_models(args, device, train, test):
+    """-> (the policy: fp32 master weights under DDP / FSDP2, pi_ref: frozen, None when beta = 0, AdamW).
+
+    Under FSDP2 both are built on the meta device and each rank reads only its shard (common.wrap).
+    pi_ref is loaded once the policy is placed, so that a rank never holds two unsharded copies in
+    host memory; its weights become pi_theta's at the first step (main copies them, --resume reads them).
+    """
     model = common.load_model(args.model or args.init, seed=args.seed, meta=common.sharded(args.fsdp))
     common.check_context(model, train, "reasoning", args.max_new_tokens)
     common.check_context(model, test, "reasoning", args.max_new_tokens)
-
     if args.freeze_vision:
         model.vision_tower().requires_grad_(False)
     policy = common.wrap(model, device, fsdp=args.fsdp, bf16=args.bf16, checkpointing=args.checkpointing)
-    # pi_ref: a second model, sharded / placed like the policy; none at all when beta = 0. Loaded only
-    # once the policy is placed, so that a rank never holds two unsharded copies in host memory; its
-    # weights are pi_theta's from the first step on (Algorithm 1 copies them in below, --resume reads them)
     ref = None
     if args.beta > 0:
-        ref = common.wrap_frozen(common.load_model(args.model or args.init, seed=args.seed, dtype=dtype,
-                                                   meta=common.sharded(args.fsdp)), device, fsdp=args.fsdp, bf16=args.bf16)
-    optimizer = common.build_optimizer(policy, args.lr, args.weight_decay)
+        dtype = torch.bfloat16 if args.bf16 else None  # frozen, pi_ref may keep bf16 weights
+        ref = common.load_model(args.model or args.init, seed=args.seed, dtype=dtype, meta=common.sharded(args.fsdp))
+        ref = common.wrap_frozen(ref, device, fsdp=args.fsdp, bf16=args.bf16)
+    return policy, ref, common.build_optimizer(policy, args.lr, args.weight_decay)
+
+
+def save(args, policy, ref, optimizer, step, batches):
+    common.save_checkpoint(args.out, policy, optimizer, step, batches, args, mode="reasoning", stage=args.method)
+    if ref is not None:
+        common.save_frozen(ref, common.ref_path(args.out), step)
+
+
+def evaluate(args, policy, test, step):
+    """Greedy traces on the test records, read as the deployed teacher reads them; NAME.eval.json."""
+    from eval import format_table
+
+    table, _ = common.evaluate_sharded(policy, test, "reasoning", max_new_tokens=args.max_new_tokens)
+    common.print0(format_table(table, f"step {step} | test (reasoning mode, greedy)"))
+    method = args.method + ("-parsed" if args.reward_from == "parsed" else "")
+    common.write_json(args.out, "eval", {"step": step, "method": method, "table": table})
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, device = common.dist_init()
+    common.seed_all(args.seed + rank)
+    train, test, batches = load_data(args, rank, world)
+    micro_pairs, _ = common.split_batch(args.pairs, args.micro_pairs, world, "--pairs", "--micro-pairs")
+    policy, ref, optimizer = load_models(args, device, train, test)
     step = 0
     if args.resume:
         step, _ = common.load_resume(args.out, policy, optimizer, batches)
         if ref is not None:
             common.load_frozen(ref, common.ref_path(args.out), step)  # refused unless at the set's step
         common.print0(f"resumed {args.out} at step {step}")
-    inner = common.unwrap(policy)
-    total_updates = args.steps * args.inner_steps
-    common.print0(f"{args.method} (reward from {args.reward_from}) | {len(pairs)} train pairs | {P} pairs x 2 sides x "
-                  f"G={G} per rank x {world} ranks | K={args.inner_steps} | beta={args.beta} | "
-                  f"alpha_pt={args.alpha_pt} alpha_pw={args.alpha_pw}")
-
-    n_micro = 2 * micro * G  # rollouts per forward: whole pairs, both sides
-    # every recomputed log-prob (pi_old, pi_theta, pi_ref) is at the sampling temperature: the
-    # traces come from softmax(logits / T), so that is the policy of the PPO ratio and the KL
+    K = args.inner_steps
+    common.print0(f"{args.method} (reward from {args.reward_from}) | {len(batches.items)} train pairs | "
+                  f"{args.pairs // world} pairs x 2 sides x G={args.group} per rank x {world} ranks | K={K} | "
+                  f"beta={args.beta} | alpha_pt={args.alpha_pt} alpha_pw={args.alpha_pw}")
+    common.print0(f"each step: the rollouts' reward, valid fraction and length, then pg kl l_pt l_pw grad clip kl_old "
+                  f"lr of each update, inner steps k = 0..{K - 1} joined by '/'")
+    # every log-prob recomputed for the ratio and the KL (pi_old, pi_theta, pi_ref) is at the
+    # sampling temperature: the traces come from softmax(logits / T)
     T = args.temperature if args.temperature > 0 else 1.0
-
-    def teacher_forced(module, encs, targets, score_pos):
-        """pi_T(o_t | o_<t) of every sampled token and the score logits, one forward per micro-batch."""
-        outs = [module(enc, score_pos[i * n_micro:(i + 1) * n_micro], targets=t, temperature=T)
-                for i, (enc, t) in enumerate(zip(encs, targets))]
-        return [o["token_logprobs"] for o in outs], [o["score_logits"] for o in outs]
-
     timer = common.Timer()
     while step < args.steps:
         if ref is not None and step % args.ref_reset_every == 0:
-            common.copy_params(ref, policy)  # Algorithm 1: pi_ref <- pi_theta at each outer iteration
-        mine = batches.next()  # this rank's P pairs of (winner, loser) records
-        chunks = [mine[a:a + micro] for a in range(0, P, micro)]
-        # rollout layout within a micro-batch: (side, pair, sample), side 0 = winner
-        queries = [pair[side] for chunk in chunks for side in (0, 1) for pair in chunk for _ in range(G)]
-        images = {}
-        for q in queries:
-            if q["image_path"] not in images:
-                images[q["image_path"]] = common.open_images([q])[0]
-
-        def encode(qs, completions=None):
-            return inner.encode([q["prompt"] for q in qs], [images[q["image_path"]] for q in qs],
-                                [q["dimension"] for q in qs], "reasoning", completions=completions)
-
-        # 1. sample G traces per side from pi_old (the current policy), KV cache, no collectives, in
-        # eval mode; each micro-batch's sampling is seeded by (seed, step, its index in the global
-        # batch), so the traces do not depend on how the batch is split over ranks
-        completions = []
-        with common.rollout_mode(policy) as m:
-            for i, a in enumerate(range(0, len(queries), n_micro)):
-                with common.seeded(device, args.seed, step, rank * len(chunks) + i):
-                    completions += m.generate(encode(queries[a:a + n_micro]), args.max_new_tokens, args.temperature)
-        encs = [encode(queries[a:a + n_micro], completions[a:a + n_micro]) for a in range(0, len(queries), n_micro)]
-        targets = [inner.completion_targets(e, completions[i * n_micro:(i + 1) * n_micro]) for i, e in enumerate(encs)]
-        masks = [t != -100 for t in targets]
-        pos = [inner.find_score_index(c) for c in completions]
-        valid = torch.tensor([p >= 0 for p in pos], device=device)
-        # the hidden state one position before the score token predicts it; a malformed trace is
-        # read at its end (its reward is the minimum and it gets no direct loss either way)
-        score_pos = torch.tensor([encs[i // n_micro]["prompt_len"] + (p if p >= 0 else len(c)) - 1
-                                  for i, (p, c) in enumerate(zip(pos, completions))], device=device)
-
-        # 2. pi_old's token log-probs and score distributions, and pi_ref's log-probs, before any update
-        # (train mode, as the updates below, so that the ratio of inner step 0 is exactly 1)
-        policy.train()
-        with torch.no_grad():
-            old_lp, old_logits = teacher_forced(policy, encs, targets, score_pos)
-            ref_lp = teacher_forced(ref, encs, targets, score_pos)[0] if ref is not None else None
-
-        # 3. rewards (Eqs. 7, 10, 13) and advantages per side (Eq. 3), per micro-batch of pairs
-        advs, labels, r_all = [], [], []
-        for i, chunk in enumerate(chunks):
-            c = len(chunk)
-            lab = torch.tensor([[p[0]["score"] for p in chunk], [p[1]["score"] for p in chunk]], device=device)
-            v = valid[i * n_micro:(i + 1) * n_micro].view(2, c, G)
-            if args.reward_from == "parsed":
-                cs = completions[i * n_micro:(i + 1) * n_micro]
-                mu = torch.tensor([inner.parsed_score(x) or S_MIN for x in cs], device=device).view(2, c, G)
-            else:
-                mu = inner.distribution(old_logits[i]).mean.view(2, c, G)
-            r_w, r_l = gdso_rewards(mu[0], mu[1], lab[0], lab[1], v[0], v[1], args.lambda_pt, args.lambda_pw)
-            r = torch.stack([r_w, r_l])  # (2, c, G)
-            advs.append(group_advantages(r, args.adv_eps).flatten())
-            labels.append(lab)
-            r_all.append(r)
-        r_all = torch.cat([r.flatten(1) for r in r_all], 1)
-        # the label's bin token per rollout, (side, pair, sample) order, for the full-vocabulary L_pt
-        label_tokens = [inner.bin_ids[torch.tensor([score_to_level(float(s)) - 1 for s in lab.flatten()], device=device)]
-                        .view(2, -1, 1).expand(-1, -1, G).flatten() for lab in labels]
-
-        # 4. K_gdso updates on the same rollouts: clipped surrogate + beta KL + direct losses (Eq. 14)
-        # L_pt is normalized by the valid traces of the whole step (all ranks); DDP / FSDP average
-        # gradients over ranks, so the local share is scaled by world / n_valid
-        n_valid = max(common.all_sum(float(valid.sum())), 1.0) / (world * len(chunks))
-        inner_logs = []  # one dict per inner step: the ratio is 1 at k = 0 and moves after
-        for k in range(args.inner_steps):
-            update = step * args.inner_steps + k
-            lr = common.lr_at(update, total_updates, args.lr, args.warmup)
-            common.set_lr(optimizer, lr)
-            sums = {"pg": 0.0, "kl": 0.0, "kl_old": 0.0, "clip": 0.0, "l_pt": 0.0, "l_pw": 0.0}
-            for i, chunk in enumerate(chunks):
-                sl = slice(i * n_micro, (i + 1) * n_micro)
-                # gradients are reduced across ranks once, on the last micro-batch
-                with common.grad_sync(policy, i == len(chunks) - 1):
-                    out = policy(encs[i], score_pos[sl], targets=targets[i], temperature=T,
-                                 score_targets=label_tokens[i] if args.alpha_pt and args.full_vocab_ce else None)
-                    pg, stats = policy_loss(out["token_logprobs"], old_lp[i], advs[i], masks[i], args.clip_eps,
-                                            ref_lp[i] if ref_lp is not None else None, args.beta)
-                    loss = pg
-                    l_pt = l_pw = torch.zeros((), device=device)
-                    if args.alpha_pt or args.alpha_pw:
-                        mu_new = inner.distribution(out["score_logits"]).mean
-                        l_pt, l_pw = direct_losses(out["score_logits"], mu_new, labels[i], valid[sl], len(chunk), G,
-                                                   n_valid, out.get("score_target_logprob"))
-                        loss = loss + args.alpha_pt * l_pt + args.alpha_pw * l_pw
-                    # each micro-batch holds the same number of pairs: its mean over micro-batches is the batch mean
-                    (loss / len(chunks)).backward()
-                for name, val in (("pg", pg), ("l_pt", l_pt), ("l_pw", l_pw), *stats.items()):
-                    sums[name] += float(val.detach()) / len(chunks)
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.clip)
-            common.check_finite_step(step, grad_norm, sums["pg"])  # stop, before a NaN update
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            inner_logs.append(dict(sums, grad_norm=float(grad_norm), lr=lr))
+            common.copy_params(ref, policy)  # pi_ref <- pi_theta at the start of each outer iteration
+        rollouts = sample(policy, batches.next(), micro_pairs, args, step, rank, device)  # G o_{j,i} ~ pi_old
+        score(policy, ref, rollouts, T)  # log pi_old and q_old of every trace, log pi_ref
+        reward(rollouts, common.unwrap(policy), args)  # r: Eqs. 7, 10, 13; A: Eq. 3
+        # L_pt's divisor (direct_losses): the step's valid traces on all ranks, per (rank, micro-batch)
+        n_valid = max(common.all_sum(sum(float(r.valid.sum()) for r in rollouts)), 1.0)
+        valid_per_micro = n_valid / (world * len(rollouts))
+        # K_gdso gradient steps of Eq. 14 on the same rollouts
+        inner_logs = [update(policy, optimizer, rollouts, args, step, k, valid_per_micro, T) for k in range(K)]
         step += 1
-
-        lengths = torch.tensor([float(len(c)) for c in completions])
-        logs = {f"{name}.{k}": v for k, d in enumerate(inner_logs) for name, v in d.items()}
-        logs.update(reward=float(r_all.mean()), reward_std=float(r_all.view(-1, G).std(-1).mean()) if G > 1 else 0.0,
-                    valid=float(valid.float().mean()), length=float(lengths.mean()))
-        logs = common.all_mean(logs)
-        ms = timer.lap()
-        # inner step 0's losses (ratio 1), then per inner step k: the clipped fraction, the k3 KL to
-        # pi_old (how far the policy moved from the sampling one) and the lr, joined by "/"
-        per_k = lambda name, fmt: "/".join(format(logs[f"{name}.{k}"], fmt) for k in range(args.inner_steps))
-        common.print0(f"step {step:4d} | pg {logs['pg.0']:+.4f} | kl {logs['kl.0']:.4f} | l_pt {logs['l_pt.0']:.3f} | "
-                      f"l_pw {logs['l_pw.0']:.4f} | reward {logs['reward']:.3f} (std {logs['reward_std']:.3f}) | "
-                      f"valid {logs['valid']:.2f} | len {logs['length']:.1f} | clip {per_k('clip', '.3f')} | "
-                      f"kl_old {per_k('kl_old', '.2e')} | lr {per_k('lr', '.1e')} | {ms:.0f} ms | "
-                      f"{len(queries) * world / ms * 1000:.1f} samples/s{common.peak_memory(device)}")
+        print_step(step, rollouts, inner_logs, timer, world, device)
         stopping = step == args.stop_after
         if step % args.save_every == 0 or step == args.steps or stopping:
-            common.save_checkpoint(args.out, policy, optimizer, step, batches, args, mode="reasoning", stage=args.method)
-            if ref is not None:
-                common.save_frozen(ref, common.ref_path(args.out), step)
+            save(args, policy, ref, optimizer, step, batches)
         if stopping:
             break
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            table, _ = common.evaluate_sharded(policy, test, "reasoning", max_new_tokens=args.max_new_tokens)
-            common.print0(format_table(table, f"step {step} | test (reasoning mode, greedy)"))
-            method = args.method + ("-parsed" if args.reward_from == "parsed" else "")
-            common.write_json(args.out, "eval", {"step": step, "method": method, "table": table})
+            evaluate(args, policy, test, step)
     common.dist_cleanup()
 
 

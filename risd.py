@@ -26,11 +26,15 @@ on-policy distillation (OPD) baseline behind --opd.
    sampling policy and log pi_old is log pi_phi from the same forward, detached. The teacher must
    read the student's tokens as its own: a different tokenizer is refused.
 
+One iteration of main's loop is one optimizer step: risd_step (teacher targets, then the student's
+KL, accumulated over micro-batches) or opd_step (sample, teacher-score, the OPD loss), then the
+update, the step's log line, the checkpoint and the evaluation when due.
+
 Checkpoints: the student as --out (.safetensors with metadata mode "direct", or "reasoning" for
 --opd; usable by eval.py and reward_ft.py) plus .train.pt for --resume, as in gdso.py.
 
 Launch:
-    python risd.py --teacher runs/gdso.safetensors                     # tiny world (runs/world), student from the tiny student base
+    python risd.py --teacher runs/gdso.safetensors                     # tiny world (runs/world), tiny student base
     python risd.py --teacher runs/gdso.safetensors --cache runs/qt.safetensors --traces 4
     python risd.py --teacher runs/gdso.safetensors --opd --out runs/opd.safetensors
     python risd.py --teacher runs/gdso.safetensors --throughput       # images/s: student vs teacher
@@ -46,6 +50,7 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 
 import common
 from kernels import score_kl
@@ -195,43 +200,212 @@ def throughput(model, records, mode, batch_size, batches=3, max_new_tokens=64):
 
 
 # -----------------------------------------------------------------------------
+# the teacher's targets: once into --cache, or online inside risd_step
+
+
+def teacher_cache(args, teacher, records, rank, world, device):
+    """q_T of every record from --cache -> (q (N, K), ok (N,), the teacher file's sha256).
+
+    A cache made with exactly this key (teacher file, records, sampling settings) is reused, any
+    other is refused (--rebuild-cache overwrites it); else it is built: each rank scores an
+    interleaved shard under --teacher-seed, rank 0 writes the file, every rank keeps all of it.
+    """
+    teacher_sha = file_sha256(args.teacher)
+    key = cache_key(teacher_sha, [r["id"] for r in records], args.traces, args.teacher_temperature,
+                    args.max_new_tokens, args.teacher_seed)
+    if os.path.exists(args.cache) and not args.rebuild_cache:
+        try:
+            q, ok = read_cache(args.cache, key)
+        except ValueError as e:
+            raise SystemExit(str(e))
+        common.print0(f"reusing teacher cache {args.cache} ({int(ok.sum())} / {len(records)} records valid)")
+        return q, ok, teacher_sha
+    timer = common.Timer()
+    mine = list(range(rank, len(records), world))
+    parts = []
+    # the cache depends on --teacher-seed, not on --seed, and leaves the run's RNG as it was
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
+        torch.manual_seed(args.teacher_seed + rank)
+        with common.rollout_mode(teacher) as t:
+            for a in range(0, len(mine), args.micro_batch):
+                parts.append(teacher_targets(t, [records[i] for i in mine[a:a + args.micro_batch]], args.traces,
+                                             args.teacher_temperature, args.max_new_tokens))
+    q_mine = torch.cat([q for q, _ in parts]).cpu() if parts else torch.zeros(0, len(BINS))
+    ok_mine = torch.cat([ok for _, ok in parts]).cpu() if parts else torch.zeros(0, dtype=torch.bool)
+    gathered = [(mine, q_mine, ok_mine)]
+    if dist.is_initialized():
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (mine, q_mine, ok_mine))
+    q, ok = torch.zeros(len(records), len(BINS)), torch.zeros(len(records), dtype=torch.bool)
+    for idx, q_part, ok_part in gathered:
+        q[idx], ok[idx] = q_part, ok_part
+    if common.is_main():
+        write_cache(args.cache, q, ok, key)
+    if dist.is_initialized():
+        dist.barrier()
+    common.print0(f"wrote teacher cache {args.cache}: {int(ok.sum())} / {len(records)} records valid, "
+                  f"M={args.traces} traces, {timer.lap() / 1000:.1f} s")
+    return q, ok, teacher_sha
+
+
+# -----------------------------------------------------------------------------
+# one optimizer step: RISD (Eq. 15) or OPD (Eqs. 18-19), gradients accumulated over micro-batches
+
+
+def risd_step(model, teacher, records, chunks, q_cache, args, world, device):
+    """Eq. 15 on this rank's micro-batches (`chunks` of record indices); leaves the gradients in
+    place -> logs: this rank's share of the step's mean KL, valid fraction, skipped records."""
+    # 1. q_T of every micro-batch first (online: the teacher samples its traces now), so that the
+    # global count of valid records, the loss's divisor, is known before any backward
+    if q_cache is not None:
+        targets = [(q_cache[c].to(device), torch.ones(len(c), dtype=torch.bool, device=device)) for c in chunks]
+    else:
+        with common.rollout_mode(teacher) as t:
+            targets = [teacher_targets(t, [records[i] for i in c], args.traces, args.teacher_temperature,
+                                       args.max_new_tokens) for c in chunks]
+    n_valid = sum(int(ok.sum()) for _, ok in targets)
+    n_global = max(common.all_sum(n_valid), 1.0)
+    # 2. the student in direct mode: one forward, q_phi read at the first answer position
+    model.train()
+    student = common.unwrap(model)
+    kl_share = 0.0
+    for j, (chunk, (q, ok)) in enumerate(zip(chunks, targets)):
+        recs = [records[i] for i in chunk]
+        batch = student.encode([r["prompt"] for r in recs], common.open_images(recs), [r["dimension"] for r in recs],
+                               "direct")
+        idx = torch.full((len(recs),), batch["prompt_len"] - 1, device=device)
+        with common.grad_sync(model, j == len(chunks) - 1):  # reduced across ranks once, on the last micro-batch
+            logits = model(batch, idx)["score_logits"]  # (B, K)
+            # the sum over this rank's valid records / (n_global / world): DDP / FSDP average the
+            # ranks' gradients, so the update is that of the mean over the step's valid records
+            loss = kl_loss(logits, q, ok.to(device), n=n_global / world)
+            loss.backward()
+        kl_share += float(loss.detach()) / world  # summed over ranks: the step's mean KL
+    n = sum(len(c) for c in chunks)
+    return {"kl": kl_share, "valid": n_valid / n, "skipped": n - n_valid}
+
+
+def trace_logprobs(module, model, prompts, images, dims, traces, temperature, device):
+    """(B, T) log pi(y_t | x, y_<t) of the traces' tokens under `module` (a wrapped model; `model`,
+    its ScoreModel, encodes) at `temperature`, and the (B, T) mask of real tokens, T the longest
+    trace: position Lp - 1 + t of the teacher-forced batch predicts y_t (Lp the padded prompt)."""
+    batch = model.encode(prompts, images, dims, "reasoning", completions=traces)
+    targets = model.completion_targets(batch, traces)
+    Lp, T = batch["prompt_len"], max(len(t) for t in traces)
+    idx = torch.full((len(traces),), Lp - 1, device=device)
+    logp = module(batch, idx, targets=targets, temperature=temperature)["token_logprobs"]
+    return logp[:, Lp - 1:Lp - 1 + T], targets[:, Lp - 1:Lp - 1 + T] != -100
+
+
+def opd_step(model, teacher, records, chunks, args, device):
+    """Eqs. 18-19 on this rank's micro-batches: the student samples a trace per record, the teacher
+    scores each of its tokens; leaves the gradients in place -> logs."""
+    recs = [records[i] for c in chunks for i in c]
+    images = common.open_images(recs)
+    prompts, dims = [r["prompt"] for r in recs], [r["dimension"] for r in recs]
+    micro = len(chunks[0])  # every micro-batch has this many records (common.split_batch)
+    parts = [slice(a, a + micro) for a in range(0, len(recs), micro)]
+    with common.rollout_mode(model) as m:  # pi_old samples, no collectives inside
+        traces = [t for s in parts for t in m.generate(m.encode(prompts[s], images[s], dims[s], "reasoning"),
+                                                       args.max_new_tokens, args.temperature)]
+    # the student sampled from softmax(logits / T): its log-probs, and the teacher's it moves
+    # toward, are read at that T (A_t of Eq. 18)
+    temperature = args.temperature if args.temperature > 0 else 1.0
+    model.train()
+    logs = {"loss": 0.0, "adv": 0.0}
+    for j, s in enumerate(parts):
+        inputs = (prompts[s], images[s], dims[s], traces[s], temperature, device)
+        with torch.no_grad():
+            logp_teacher, _ = trace_logprobs(teacher, common.unwrap(teacher), *inputs)
+        with common.grad_sync(model, j == len(parts) - 1):  # reduced across ranks once, on the last micro-batch
+            logp, mask = trace_logprobs(model, common.unwrap(model), *inputs)
+            # one update per sample: pi_old is the sampling policy, its log-probs this forward's, detached
+            loss, adv = opd_loss(logp, logp_teacher, logp.detach(), mask, n=len(recs))
+            loss.backward()  # a sum over this rank's sequences / their count; DDP averages the ranks
+        logs["loss"] += float(loss.detach())
+        logs["adv"] += float(adv) / len(parts)
+    logs["length"] = sum(len(t) for t in traces) / len(traces)
+    logs["valid"] = sum(common.unwrap(model).find_score_index(t) >= 0 for t in traces) / len(traces)
+    return logs
+
+
+def print_step(args, step, logs, grad_norm, lr, timer, world, device):
+    """The step's line, averaged over ranks (RISD's KL: summed, each rank holding its share)."""
+    if args.opd:
+        logs = common.all_mean(dict(logs, grad_norm=float(grad_norm)))
+        ms = timer.lap()
+        what = (f"loss {logs['loss']:+.4f} | adv {logs['adv']:+.4f} | len {logs['length']:.1f} | "
+                f"valid {logs['valid']:.2f}")
+    else:
+        skipped = common.all_sum(logs["skipped"])
+        logs = common.all_mean({"kl": logs["kl"], "valid": logs["valid"], "grad_norm": float(grad_norm)})
+        ms = timer.lap()
+        what = f"kl {logs['kl'] * world:.4f} | teacher valid {logs['valid']:.2f} (skipped {int(skipped)})"
+    common.print0(f"step {step:4d} | {what} | grad {logs['grad_norm']:.2f} | lr {lr:.1e} | {ms:.0f} ms | "
+                  f"{args.batch_size / ms * 1000:.1f} samples/s{common.peak_memory(device)}")
+
+
+# -----------------------------------------------------------------------------
 # the script
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="RISD student distillation from a reasoning teacher (and the OPD baseline)")
-    p.add_argument("--teacher", required=True, help="the frozen teacher: a reasoning-mode score-model .safetensors (e.g. from gdso.py)")
-    p.add_argument("--student", default="assets/tiny_student_base.safetensors", help="student init: a score-model .safetensors (default: the tiny student base, a third of the teacher's size), 'tiny', or an HF folder / hub id")
-    p.add_argument("--data", default="runs/world", help="folder with test.jsonl and unlabeled.jsonl (or train.jsonl, labels ignored) (README, Data), or world:n=200,seed=0 to render the synthetic world")
-    p.add_argument("--unlabeled", default="", help="JSONL of (id, prompt, image, dimension) to distill on (default: --data's unlabeled.jsonl, else its train.jsonl, labels ignored)")
+    p.add_argument("--teacher", required=True,
+                   help="the frozen teacher: a reasoning-mode score-model .safetensors (e.g. from gdso.py)")
+    p.add_argument("--student", default="assets/tiny_student_base.safetensors",
+                   help="student init: a score-model .safetensors (default: the tiny student base, a third of the "
+                        "teacher's size), 'tiny', or an HF folder / hub id")
+    p.add_argument("--data", default="runs/world",
+                   help="folder with test.jsonl and unlabeled.jsonl (or train.jsonl, labels ignored) (README, Data), "
+                        "or world:n=200,seed=0 to render the synthetic world")
+    p.add_argument("--unlabeled", default="",
+                   help="JSONL of (id, prompt, image, dimension) to distill on (default: --data's unlabeled.jsonl, "
+                        "else its train.jsonl, labels ignored)")
     p.add_argument("--limit", type=int, default=0, help="use only the first N unlabeled records (0 = all)")
-    p.add_argument("--out", default="", help="student checkpoint (.safetensors; .train.pt beside it); default runs/risd.safetensors or runs/opd.safetensors")
-    p.add_argument("--opd", action="store_true", help="the on-policy distillation baseline (Eqs. 18-19) instead of RISD")
-    p.add_argument("--cache", default="", help="RISD: compute q_T once into this safetensors file and reuse it (default: online, in the loop)")
-    p.add_argument("--rebuild-cache", action="store_true", help="overwrite a --cache built with another teacher or other settings")
-    p.add_argument("--traces", type=int, default=1, help="M: q_T is the mean over M sampled teacher traces (the paper: 1)")
-    p.add_argument("--teacher-temperature", type=float, default=1.0, help="teacher trace sampling temperature (0 = greedy)")
-    p.add_argument("--teacher-seed", type=int, default=0, help="seed of the teacher's sampling when building --cache (part of its key)")
+    p.add_argument("--out", default="",
+                   help="student checkpoint (.safetensors; .train.pt beside it); default runs/risd.safetensors or "
+                        "runs/opd.safetensors")
+    p.add_argument("--opd", action="store_true",
+                   help="the on-policy distillation baseline (Eqs. 18-19) instead of RISD")
+    p.add_argument("--cache", default="",
+                   help="RISD: compute q_T once into this safetensors file and reuse it (default: online, in the loop)")
+    p.add_argument("--rebuild-cache", action="store_true",
+                   help="overwrite a --cache built with another teacher or other settings")
+    p.add_argument("--traces", type=int, default=1,
+                   help="M: q_T is the mean over M sampled teacher traces (the paper: 1)")
+    p.add_argument("--teacher-temperature", type=float, default=1.0,
+                   help="teacher trace sampling temperature (0 = greedy)")
+    p.add_argument("--teacher-seed", type=int, default=0,
+                   help="seed of the teacher's sampling when building --cache (part of its key)")
     p.add_argument("--temperature", type=float, default=1.0, help="OPD: student rollout sampling temperature")
     p.add_argument("--max-new-tokens", type=int, default=64, help="trace length budget (teacher traces; OPD rollouts)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (records per optimizer step)")
-    p.add_argument("--micro-batch", type=int, default=32, help="records per forward per rank (gradient accumulation fills the rest)")
+    p.add_argument("--micro-batch", type=int, default=32,
+                   help="records per forward per rank (gradient accumulation fills the rest)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 for RISD, 2e-4 for OPD)")
     p.add_argument("--warmup", type=int, default=30, help="linear warmup steps, then cosine to 0.1x")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
-    p.add_argument("--eval-every", type=int, default=100, help="evaluate on the test split every N steps (0 = only at the end)")
+    p.add_argument("--eval-every", type=int, default=100,
+                   help="evaluate on the test split every N steps (0 = only at the end)")
     p.add_argument("--eval-limit", type=int, default=512, help="test records per evaluation (0 = all)")
-    p.add_argument("--eval-teacher", action="store_true", help="also evaluate the teacher (reasoning, greedy) once at the start")
-    p.add_argument("--throughput", action="store_true", help="only measure images/s of the student (direct) vs the teacher (reasoning) and exit")
+    p.add_argument("--eval-teacher", action="store_true",
+                   help="also evaluate the teacher (reasoning, greedy) once at the start")
+    p.add_argument("--throughput", action="store_true",
+                   help="only measure images/s of the student (direct) vs the teacher (reasoning) and exit")
     p.add_argument("--save-every", type=int, default=100, help="write the checkpoint every N steps")
-    p.add_argument("--resume", action="store_true", help="continue from --out exactly (optimizer, step, RNG, data position)")
-    p.add_argument("--stop-after", type=int, default=0, help="stop (after saving) at this step, keeping the --steps schedule; --resume continues")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --out exactly (optimizer, step, RNG, data position)")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="stop (after saving) at this step, keeping the --steps schedule; --resume continues")
     p.add_argument("--seed", type=int, default=0, help="seed for data order and online sampling")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 compute (student: fp32 master weights and optimizer state; teacher: bf16 weights)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 compute (student: fp32 master weights and optimizer state; teacher: bf16 weights)")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP replication")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
-    p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True, help="keep the student's vision tower frozen (default)")
+    p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the student's vision tower frozen (default)")
     args = p.parse_args(argv)
     if args.steps < 1 and not args.throughput:
         p.error(f"--steps must be at least 1 (got {args.steps}): a run of no steps would write nothing")
@@ -243,6 +417,30 @@ def get_args(argv=None):
     if args.traces < 1:
         p.error("--traces must be at least 1")
     return args
+
+
+def load_data(args, world):
+    """The data, before any model (README, Data) -> (unlabeled records, test records). The unlabeled
+    records come from --unlabeled, else the folder's unlabeled.jsonl, else its train.jsonl with
+    the labels ignored; the labeled test.jsonl is for evaluation only."""
+    (test_file,) = common.data_files(args.data, "test.jsonl")
+    folder = os.path.dirname(test_file)
+    if args.unlabeled:
+        unlabeled_file = args.unlabeled
+    elif os.path.isfile(os.path.join(folder, "unlabeled.jsonl")):
+        unlabeled_file = os.path.join(folder, "unlabeled.jsonl")
+    else:
+        (unlabeled_file,) = common.data_files(args.data, "train.jsonl")
+    # only what the teacher and the student read, so no label can leak in
+    records = [{k: r[k] for k in ("id", "prompt", "image_path", "dimension")}
+               for r in common.load_records(unlabeled_file, labeled=False)]
+    records = records[:args.limit] if args.limit else records
+    test = common.load_records(test_file)
+    test = test[:args.eval_limit] if args.eval_limit else test
+    if not args.throughput:
+        common.check_batch(len(records), args.batch_size, "--batch-size", f"unlabeled records in {unlabeled_file}",
+                           world)
+    return records, test
 
 
 def load_teacher(path, dtype=None, meta=False):
@@ -258,38 +456,11 @@ def load_teacher(path, dtype=None, meta=False):
     return teacher
 
 
-def main(argv=None):
-    import torch.distributed as dist
-
-    from eval import format_table
-
-    args = get_args(argv)
-    rank, world, device = common.dist_init()
-    common.seed_all(args.seed + rank)
-    dtype = torch.bfloat16 if args.bf16 else None
-    # the data first (README, Data): unlabeled records from --unlabeled, else the folder's
-    # unlabeled.jsonl, else its train.jsonl with the labels ignored; test.jsonl (labeled) for evaluation
-    (test_file,) = common.data_files(args.data, "test.jsonl")
-    folder = os.path.dirname(test_file)
-    if args.unlabeled:
-        unlabeled_file = args.unlabeled
-    elif os.path.isfile(os.path.join(folder, "unlabeled.jsonl")):
-        unlabeled_file = os.path.join(folder, "unlabeled.jsonl")
-    else:
-        (unlabeled_file,) = common.data_files(args.data, "train.jsonl")
-    # only what the teacher and the student read, so no label can leak in
-    records = [{k: r[k] for k in ("id", "prompt", "image_path", "dimension")}
-               for r in common.load_records(unlabeled_file, labeled=False)]
-    records = records[:args.limit] if args.limit else records
-    test = common.load_records(test_file)
-    test = test[:args.eval_limit] if args.eval_limit else test
-    student_mode = "reasoning" if args.opd else "direct"
-    if not args.throughput:
-        common.check_batch(len(records), args.batch_size, "--batch-size", f"unlabeled records in {unlabeled_file}", world)
-    # under FSDP2 both are built on the meta device and each rank reads only its shards (common.wrap);
-    # --throughput scores with whole models on one rank
-    meta = common.sharded(args.fsdp) and not args.throughput
-    teacher = load_teacher(args.teacher, dtype, meta)  # frozen: bf16 weights are fine
+def load_models(args, records, test, student_mode, meta):
+    """-> (teacher, student), not yet placed; refused before any work: a teacher not in reasoning
+    mode, an OPD student with another tokenizer, a record that does not fit either model."""
+    dtype = torch.bfloat16 if args.bf16 else None  # the frozen teacher may keep bf16 weights
+    teacher = load_teacher(args.teacher, dtype, meta)
     student = common.load_model(args.student, seed=args.seed, meta=meta)  # fp32 master weights; --bf16 is compute only
     if args.opd:
         try:
@@ -300,73 +471,53 @@ def main(argv=None):
     common.check_context(teacher, records, "reasoning", args.max_new_tokens)
     common.check_context(student, records, student_mode, student_answer)
     common.check_context(student, test, student_mode, student_answer)
+    return teacher, student
 
-    if args.throughput:  # deployment cost: one direct token vs a trace then the score, same batch size
+
+def print_throughput(student, teacher, test, args, device):
+    """The deployment cost: images/s of one direct token against a trace then the score, same batch."""
+    speed = {}
+    for name, m, mode in (("student", student, "direct"), ("teacher", teacher, "reasoning")):
+        m.to(device).eval()
+        speed[name], tokens = throughput(m, test, mode, args.micro_batch, max_new_tokens=args.max_new_tokens)
+        common.print0(f"{name:8s} | {mode:9s} | batch {args.micro_batch} | {tokens:6.1f} output tokens/query | "
+                      f"{speed[name]:8.1f} images/s | {device}")
+    common.print0(f"student / teacher: {speed['student'] / speed['teacher']:.1f}x images/s")
+
+
+def evaluate(model, test, mode, args, kind, title, **entry):
+    """eval.py's table of `model` on the test records, printed and written to NAME.KIND.json."""
+    from eval import format_table
+
+    table, _ = common.evaluate_sharded(model, test, mode, max_new_tokens=args.max_new_tokens)
+    common.print0(format_table(table, title))
+    common.write_json(args.out, kind, {**entry, "table": table})
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, device = common.dist_init()
+    common.seed_all(args.seed + rank)
+    records, test = load_data(args, world)
+    student_mode = "reasoning" if args.opd else "direct"
+    # under FSDP2 both models are built on the meta device and each rank reads only its shards
+    # (common.wrap); --throughput scores with whole models on one rank
+    teacher, student = load_models(args, records, test, student_mode, common.sharded(args.fsdp) and not args.throughput)
+    if args.throughput:
         if rank == 0:
-            speed = {}
-            for name, m, mode in (("student", student, "direct"), ("teacher", teacher, "reasoning")):
-                m.to(device).eval()
-                speed[name], tok = throughput(m, test, mode, args.micro_batch, max_new_tokens=args.max_new_tokens)
-                common.print0(f"{name:8s} | {mode:9s} | batch {args.micro_batch} | {tok:6.1f} output tokens/query | "
-                              f"{speed[name]:8.1f} images/s | {device}")
-            common.print0(f"student / teacher: {speed['student'] / speed['teacher']:.1f}x images/s")
+            print_throughput(student, teacher, test, args, device)
         common.dist_cleanup()
         return
-
     teacher = common.wrap_frozen(teacher, device, fsdp=args.fsdp, bf16=args.bf16)
     if args.eval_teacher:
-        table, _ = common.evaluate_sharded(teacher, test, "reasoning", max_new_tokens=args.max_new_tokens)
-        common.print0(format_table(table, f"teacher {args.teacher} | test (reasoning mode, greedy)"))
-        common.write_json(args.out, "teacher", {"method": "teacher", "teacher": args.teacher, "table": table})
-
-    # q_T once into --cache: each rank scores an interleaved shard, rank 0 writes, every rank keeps all
-    q_cache = None
-    teacher_sha = None
+        evaluate(teacher, test, "reasoning", args, "teacher", f"teacher {args.teacher} | test (reasoning mode, greedy)",
+                 method="teacher", teacher=args.teacher)
+    q_cache, teacher_sha, items = None, None, list(range(len(records)))
     if args.cache:
-        teacher_sha = file_sha256(args.teacher)
-        key = cache_key(teacher_sha, [r["id"] for r in records], args.traces, args.teacher_temperature,
-                        args.max_new_tokens, args.teacher_seed)
-        if os.path.exists(args.cache) and not args.rebuild_cache:
-            try:
-                q_cache, ok_cache = read_cache(args.cache, key)
-            except ValueError as e:
-                raise SystemExit(str(e))
-            common.print0(f"reusing teacher cache {args.cache} ({int(ok_cache.sum())} / {len(records)} records valid)")
-        else:
-            timer = common.Timer()
-            # the cache depends on --teacher-seed, not on --seed, and leaves the run's RNG as it was
-            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
-                torch.manual_seed(args.teacher_seed + rank)
-                mine = list(range(rank, len(records), world))
-                parts = []
-                with common.rollout_mode(teacher) as t:
-                    for a in range(0, len(mine), args.micro_batch):
-                        idx = mine[a:a + args.micro_batch]
-                        parts.append(teacher_targets(t, [records[i] for i in idx], args.traces,
-                                                     args.teacher_temperature, args.max_new_tokens))
-            q_mine = torch.cat([q for q, _ in parts]).cpu() if parts else torch.zeros(0, len(BINS))
-            ok_mine = torch.cat([ok for _, ok in parts]).cpu() if parts else torch.zeros(0, dtype=torch.bool)
-            gathered = [None] * world
-            if dist.is_initialized():
-                dist.all_gather_object(gathered, (mine, q_mine, ok_mine))
-            else:
-                gathered = [(mine, q_mine, ok_mine)]
-            q_cache, ok_cache = torch.zeros(len(records), len(BINS)), torch.zeros(len(records), dtype=torch.bool)
-            for idx, q, ok in gathered:
-                q_cache[idx], ok_cache[idx] = q, ok
-            if common.is_main():
-                write_cache(args.cache, q_cache, ok_cache, key)
-            if dist.is_initialized():
-                dist.barrier()
-            common.print0(f"wrote teacher cache {args.cache}: {int(ok_cache.sum())} / {len(records)} records valid, "
-                          f"M={args.traces} traces, {timer.lap() / 1000:.1f} s")
-        items = [i for i in range(len(records)) if ok_cache[i]]  # records whose M traces all failed: skipped
-    else:
-        items = list(range(len(records)))
-
+        q_cache, ok, teacher_sha = teacher_cache(args, teacher, records, rank, world, device)
+        items = [i for i in items if ok[i]]  # records whose M traces all failed: skipped
     batches = common.Batches(items, args.batch_size, rank, world, seed=args.seed)
     micro, accum = common.split_batch(args.batch_size, args.micro_batch, world)
-    per_rank = args.batch_size // world
     if args.freeze_vision:
         student.vision_tower().requires_grad_(False)
     model = common.wrap(student, device, fsdp=args.fsdp, bf16=args.bf16, checkpointing=args.checkpointing)
@@ -375,85 +526,9 @@ def main(argv=None):
     if args.resume:
         step, _ = common.load_resume(args.out, model, optimizer, batches)
         common.print0(f"resumed {args.out} at step {step}")
-    inner = common.unwrap(model)
     common.print0(f"{args.method} | teacher {args.teacher} | student {args.student} ({student_mode} mode) | "
                   f"{len(items)} unlabeled records | world {world} x micro {micro} x accum {accum} = "
                   f"{args.batch_size} | targets {'cache ' + args.cache if args.cache else 'online'} | M={args.traces}")
-
-    def risd_step(chunks):
-        """Eq. 15 over this rank's chunks; -> (this rank's share of the step's mean KL, valid records, records)."""
-        # 1. q_T for every chunk first (online: the teacher samples now), so the global count of
-        # valid records that normalizes the loss is known before any backward
-        targets = []
-        for chunk in chunks:
-            if q_cache is not None:
-                targets.append((q_cache[chunk].to(device), torch.ones(len(chunk), dtype=torch.bool, device=device)))
-            else:
-                with common.rollout_mode(teacher) as t:
-                    targets.append(teacher_targets(t, [records[i] for i in chunk], args.traces,
-                                                   args.teacher_temperature, args.max_new_tokens))
-        n_valid = sum(int(ok.sum()) for _, ok in targets)
-        n_global = max(common.all_sum(n_valid), 1.0)
-        # 2. the student in direct mode: one forward, q_phi read at the first answer position
-        model.train()
-        kl_share = 0.0
-        for j, (chunk, (q, ok)) in enumerate(zip(chunks, targets)):
-            recs = [records[i] for i in chunk]
-            batch = inner.encode([r["prompt"] for r in recs], common.open_images(recs), [r["dimension"] for r in recs], "direct")
-            idx = torch.full((len(recs),), batch["prompt_len"] - 1, device=device)
-            with common.grad_sync(model, j == len(chunks) - 1):  # reduce across ranks on the last micro-batch
-                logits = model(batch, idx)["score_logits"]  # (B, K)
-                # sum over this rank's valid records / (n_global / world): DDP / FSDP average the ranks'
-                # gradients, so the update is that of the global mean over the step's valid records
-                loss = kl_loss(logits, q, ok.to(device), n=n_global / world)
-                loss.backward()
-            kl_share += float(loss.detach()) / world  # summed over ranks: the step's mean KL
-        return kl_share, n_valid, sum(len(c) for c in chunks)
-
-    def opd_step(chunks):
-        """Eqs. 18-19 over this rank's chunks: sample, teacher-score, update; -> logs."""
-        recs_all = [records[i] for c in chunks for i in c]
-        images = common.open_images(recs_all)
-        prompts, dims = [r["prompt"] for r in recs_all], [r["dimension"] for r in recs_all]
-        with common.rollout_mode(model) as m:  # pi_old samples y per micro-batch, no collectives inside
-            comps = [c for a in range(0, len(recs_all), micro)
-                     for c in m.generate(m.encode(prompts[a:a + micro], images[a:a + micro], dims[a:a + micro],
-                                                  "reasoning"), args.max_new_tokens, args.temperature)]
-        t_inner = common.unwrap(teacher)
-        # the student sampled from softmax(logits / T): its log-probs, and the teacher's that it is
-        # moved toward, are read at that temperature (A_t of Eq. 18)
-        temp = args.temperature if args.temperature > 0 else 1.0
-        model.train()
-        logs = {"loss": 0.0, "adv": 0.0, "length": 0.0, "valid": 0.0}
-        a = 0
-        for j, chunk in enumerate(chunks):
-            sl = slice(a, a + len(chunk))
-            a += len(chunk)
-            cs = comps[sl]
-            T = max(len(c) for c in cs)
-
-            def completion_logprobs(module, owner):
-                # (B, T) log pi(y_t | x, y_<t) of the sampled tokens: position Lp - 1 + t predicts y_t
-                enc = owner.encode(prompts[sl], images[sl], dims[sl], "reasoning", completions=cs)
-                tgt = owner.completion_targets(enc, cs)
-                idx = torch.full((len(cs),), enc["prompt_len"] - 1, device=device)
-                lp = module(enc, idx, targets=tgt, temperature=temp)["token_logprobs"]
-                Lp = enc["prompt_len"]
-                return lp[:, Lp - 1:Lp - 1 + T], tgt[:, Lp - 1:Lp - 1 + T] != -100
-
-            with torch.no_grad():
-                lp_teacher, _ = completion_logprobs(teacher, t_inner)
-            with common.grad_sync(model, j == len(chunks) - 1):  # reduce across ranks on the last micro-batch
-                lp, mask = completion_logprobs(model, inner)
-                # one update per sample: pi_old is the sampling policy, its log-probs this forward's, detached
-                loss, adv = opd_loss(lp, lp_teacher, lp.detach(), mask, n=per_rank)
-                loss.backward()  # per rank: a sum over its sequences / per_rank; DDP averages the ranks
-            logs["loss"] += float(loss.detach())
-            logs["adv"] += float(adv) / len(chunks)
-        logs["length"] = sum(len(c) for c in comps) / len(comps)
-        logs["valid"] = sum(inner.find_score_index(c) >= 0 for c in comps) / len(comps)
-        return logs
-
     timer = common.Timer()
     while step < args.steps:
         lr = common.lr_at(step, args.steps, args.lr, args.warmup)
@@ -461,40 +536,25 @@ def main(argv=None):
         mine = batches.next()
         chunks = [mine[a:a + micro] for a in range(0, len(mine), micro)]
         if args.opd:
-            logs = opd_step(chunks)
+            logs = opd_step(model, teacher, records, chunks, args, device)
         else:
-            kl_share, n_valid, n = risd_step(chunks)
-            logs = {"kl": kl_share, "valid": n_valid / n, "skipped": n - n_valid}
+            logs = risd_step(model, teacher, records, chunks, q_cache, args, world, device)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         common.check_finite_step(step, grad_norm, logs.get("kl", logs.get("loss")))  # stop, before a NaN update
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        if args.opd:
-            logs = common.all_mean(dict(logs, grad_norm=float(grad_norm)))
-            ms = timer.lap()
-            common.print0(f"step {step:4d} | loss {logs['loss']:+.4f} | adv {logs['adv']:+.4f} | len {logs['length']:.1f} | "
-                          f"valid {logs['valid']:.2f} | grad {logs['grad_norm']:.2f} | lr {lr:.1e} | {ms:.0f} ms | "
-                          f"{args.batch_size / ms * 1000:.1f} samples/s{common.peak_memory(device)}")
-        else:
-            skipped = common.all_sum(logs.pop("skipped"))
-            logs = common.all_mean(dict(logs, grad_norm=float(grad_norm)))
-            kl = logs["kl"] * world  # the sum of the ranks' shares
-            ms = timer.lap()
-            common.print0(f"step {step:4d} | kl {kl:.4f} | teacher valid {logs['valid']:.2f} (skipped {int(skipped)}) | "
-                          f"grad {logs['grad_norm']:.2f} | lr {lr:.1e} | {ms:.0f} ms | "
-                          f"{args.batch_size / ms * 1000:.1f} samples/s{common.peak_memory(device)}")
+        print_step(args, step, logs, grad_norm, lr, timer, world, device)
         stopping = step == args.stop_after
         if step % args.save_every == 0 or step == args.steps or stopping:
-            meta = {"teacher": args.teacher, **({"teacher_sha256": teacher_sha} if teacher_sha else {})}
             common.save_checkpoint(args.out, model, optimizer, step, batches, args, mode=student_mode,
-                                   stage=args.method, **meta)
+                                   stage=args.method, teacher=args.teacher,
+                                   **({"teacher_sha256": teacher_sha} if teacher_sha else {}))
         if stopping:
             break
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            table, _ = common.evaluate_sharded(model, test, student_mode, max_new_tokens=args.max_new_tokens)
-            common.print0(format_table(table, f"step {step} | test ({student_mode} mode)"))
-            common.write_json(args.out, "eval", {"step": step, "method": args.method, "table": table})
+            evaluate(model, test, student_mode, args, "eval", f"step {step} | test ({student_mode} mode)",
+                     step=step, method=args.method)
     common.dist_cleanup()
 
 

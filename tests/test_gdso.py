@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import assert_same_update
-from gdso import R, direct_losses, gdso_rewards, group_advantages, pointwise_reward, policy_loss, valid_gaps
+from gdso import SCORE_RANGE, direct_losses, gdso_rewards, group_advantages, pointwise_reward, policy_loss, valid_gaps
 from kernels.gap import gap_l1_ref
 from model import BINS
 
@@ -92,7 +92,7 @@ def test_direct_losses_by_hand():
     # losers' label bin is 2 (2.0): right for sample 0, off for 1 -> mean = (0 + 60 + 0 + 60) / 4
     assert abs(l_pt.item() - 30.0) < 1e-3
     # L_pw = 1/(G^2 R) sum_{i,k} |mu_w,i - mu_l,k - 2|: (4-2-2)=0, (4-2.5-2)=-.5, (3-2-2)=-1, (3-2.5-2)=-1.5
-    assert abs(l_pw.item() - (0 + 0.5 + 1 + 1.5) / (4 * R)) < 1e-5
+    assert abs(l_pw.item() - (0 + 0.5 + 1 + 1.5) / (4 * SCORE_RANGE)) < 1e-5
     (l_pt + l_pw).backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
     # an invalid trace contributes to neither L_pt nor the gradient of L_pw
@@ -161,7 +161,7 @@ def test_a_malformed_trace_stays_out_of_its_partners_rewards_and_gap_loss():
     s_w, s_l = torch.tensor([4.0, 3.5, 5.0]), torch.tensor([2.0, 3.0, 1.5])
     ok = torch.ones(3, 4, dtype=torch.bool)
     # all valid: exactly Eqs. 10-11 (the kernel's reference)
-    for a, b in zip(valid_gaps(mu_w, mu_l, s_w, s_l, ok, ok), gap_l1_ref(mu_w, mu_l, s_w, s_l, R)):
+    for a, b in zip(valid_gaps(mu_w, mu_l, s_w, s_l, ok, ok), gap_l1_ref(mu_w, mu_l, s_w, s_l, SCORE_RANGE)):
         torch.testing.assert_close(a, b)
     # winner 1 of pair 0 and loser 3 of pair 2 are malformed: whatever their mu, the rest is Eq. 10 / 11
     # over the valid traces alone
@@ -180,7 +180,7 @@ def test_a_malformed_trace_stays_out_of_its_partners_rewards_and_gap_loss():
         torch.testing.assert_close(a, b)
     # by hand for pair 0: its losers' r_pw averages over the 3 valid winners only
     keep = [0, 2, 3]
-    _, _, r_l_ref = gap_l1_ref(mu_w[0:1, keep], mu_l[0:1], s_w[0:1], s_l[0:1], R)
+    _, _, r_l_ref = gap_l1_ref(mu_w[0:1, keep], mu_l[0:1], s_w[0:1], s_l[0:1], SCORE_RANGE)
     torch.testing.assert_close(valid_gaps(mu_w, mu_l, s_w, s_l, vw, vl)[2][0], r_l_ref[0])
     # and in the GDSO reward (Eq. 13) and the direct loss L_pw
     r_w, r_l = gdso_rewards(mu_w, mu_l, s_w, s_l, vw, vl, 1.0, 1.0)
