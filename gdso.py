@@ -318,7 +318,7 @@ def print_step(step, rollouts, inner_logs, timer, world, device):
     rewards = torch.cat([r.rewards for r in rollouts], 1)  # (2, P, G)
     G = rewards.shape[-1]
     lengths = torch.tensor([float(len(t)) for r in rollouts for t in r.traces])
-    logs = {f"{name}.{k}": v for k, d in enumerate(inner_logs) for name, v in d.items()}
+    logs = {f"{name}.{k}": value for k, d in enumerate(inner_logs) for name, value in d.items()}
     logs.update(reward=float(rewards.mean()), reward_std=float(rewards.view(-1, G).std(-1).mean()) if G > 1 else 0.0,
                 valid=float(torch.cat([r.valid for r in rollouts]).float().mean()), length=float(lengths.mean()))
     logs = common.all_mean(logs)

@@ -221,21 +221,21 @@ def teacher_cache(args, teacher, records, rank, world, device):
         common.print0(f"reusing teacher cache {args.cache} ({int(ok.sum())} / {len(records)} records valid)")
         return q, ok, teacher_sha
     timer = common.Timer()
-    mine = list(range(rank, len(records), world))
+    shard = list(range(rank, len(records), world))  # this rank's records, interleaved
     parts = []
     # the cache depends on --teacher-seed, not on --seed, and leaves the run's RNG as it was
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
         torch.manual_seed(args.teacher_seed + rank)
         with common.rollout_mode(teacher) as t:
-            for a in range(0, len(mine), args.micro_batch):
-                parts.append(teacher_targets(t, [records[i] for i in mine[a:a + args.micro_batch]], args.traces,
+            for a in range(0, len(shard), args.micro_batch):
+                parts.append(teacher_targets(t, [records[i] for i in shard[a:a + args.micro_batch]], args.traces,
                                              args.teacher_temperature, args.max_new_tokens))
-    q_mine = torch.cat([q for q, _ in parts]).cpu() if parts else torch.zeros(0, len(BINS))
-    ok_mine = torch.cat([ok for _, ok in parts]).cpu() if parts else torch.zeros(0, dtype=torch.bool)
-    gathered = [(mine, q_mine, ok_mine)]
+    q_shard = torch.cat([q for q, _ in parts]).cpu() if parts else torch.zeros(0, len(BINS))
+    ok_shard = torch.cat([ok for _, ok in parts]).cpu() if parts else torch.zeros(0, dtype=torch.bool)
+    gathered = [(shard, q_shard, ok_shard)]
     if dist.is_initialized():
         gathered = [None] * world
-        dist.all_gather_object(gathered, (mine, q_mine, ok_mine))
+        dist.all_gather_object(gathered, (shard, q_shard, ok_shard))
     q, ok = torch.zeros(len(records), len(BINS)), torch.zeros(len(records), dtype=torch.bool)
     for idx, q_part, ok_part in gathered:
         q[idx], ok[idx] = q_part, ok_part
@@ -258,11 +258,12 @@ def risd_step(model, teacher, records, chunks, q_cache, args, world, device):
     # 1. q_T of every micro-batch first (online: the teacher samples its traces now), so that the
     # global count of valid records, the loss's divisor, is known before any backward
     if q_cache is not None:
-        targets = [(q_cache[c].to(device), torch.ones(len(c), dtype=torch.bool, device=device)) for c in chunks]
+        targets = [(q_cache[chunk].to(device), torch.ones(len(chunk), dtype=torch.bool, device=device))
+                   for chunk in chunks]
     else:
         with common.rollout_mode(teacher) as t:
-            targets = [teacher_targets(t, [records[i] for i in c], args.traces, args.teacher_temperature,
-                                       args.max_new_tokens) for c in chunks]
+            targets = [teacher_targets(t, [records[i] for i in chunk], args.traces, args.teacher_temperature,
+                                       args.max_new_tokens) for chunk in chunks]
     n_valid = sum(int(ok.sum()) for _, ok in targets)
     n_global = max(common.all_sum(n_valid), 1.0)
     # 2. the student in direct mode: one forward, q_phi read at the first answer position
@@ -281,7 +282,7 @@ def risd_step(model, teacher, records, chunks, q_cache, args, world, device):
             loss = kl_loss(logits, q, ok.to(device), n=n_global / world)
             loss.backward()
         kl_share += float(loss.detach()) / world  # summed over ranks: the step's mean KL
-    n = sum(len(c) for c in chunks)
+    n = sum(len(chunk) for chunk in chunks)
     return {"kl": kl_share, "valid": n_valid / n, "skipped": n - n_valid}
 
 
@@ -300,7 +301,7 @@ def trace_logprobs(module, model, prompts, images, dims, traces, temperature, de
 def opd_step(model, teacher, records, chunks, args, device):
     """Eqs. 18-19 on this rank's micro-batches: the student samples a trace per record, the teacher
     scores each of its tokens; leaves the gradients in place -> logs."""
-    recs = [records[i] for c in chunks for i in c]
+    recs = [records[i] for chunk in chunks for i in chunk]
     images = common.open_images(recs)
     prompts, dims = [r["prompt"] for r in recs], [r["dimension"] for r in recs]
     micro = len(chunks[0])  # every micro-batch has this many records (common.split_batch)
@@ -533,8 +534,8 @@ def main(argv=None):
     while step < args.steps:
         lr = common.lr_at(step, args.steps, args.lr, args.warmup)
         common.set_lr(optimizer, lr)
-        mine = batches.next()
-        chunks = [mine[a:a + micro] for a in range(0, len(mine), micro)]
+        indices = batches.next()  # this rank's records of the step
+        chunks = [indices[a:a + micro] for a in range(0, len(indices), micro)]
         if args.opd:
             logs = opd_step(model, teacher, records, chunks, args, device)
         else:
