@@ -41,7 +41,8 @@ demo:
 # every method from the shipped bases for each seed; `make -j2 results` runs two seeds at once
 # (then set OMP_NUM_THREADS=1). SFT and RISD take 400 steps at lr 3e-3 (measured: lr 1e-3 had
 # reached only .63 HPA at 300 steps); RISD reads the teacher's greedy trace (sampled at T = 1 the
-# GDSO teacher left a third of its traces without a score); GRPO, GDSO and OPD take 60 steps.
+# GDSO teacher left a third of its traces without a score); GRPO, GDSO and OPD take 60 steps, GRPO
+# and GDSO at gdso.py's default lr 5e-5 (at 2e-4 GDSO's sampled traces lost the format).
 results: $(addprefix results-seed-,$(SEEDS)) $(RESULTS)/zero-shot.eval.json
 	$(PY) eval.py summarize $(RESULTS)/*.eval.json
 	$(PY) eval.py curves docs/curves.png $(RESULTS)/*.curve.jsonl || echo "(no learning-curve picture: pip install matplotlib)"

@@ -357,7 +357,7 @@ def get_args(argv=None):
     p.add_argument("--inner-steps", type=int, default=2, help="K_gdso: gradient steps per sampled batch")
     p.add_argument("--micro-pairs", type=int, default=8,
                    help="pairs per forward per rank (gradient accumulation over the rest)")
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (the tiny world's; README, Results)")
     p.add_argument("--warmup", type=int, default=10,
                    help="linear warmup steps (in optimizer updates), then cosine to 0.1x")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
