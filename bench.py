@@ -37,19 +37,6 @@ from torch.utils._pytree import tree_flatten
 
 import kernels
 
-parser = argparse.ArgumentParser(description="kernel benchmarks (ratios against eager / torch.compile / peers)")
-parser.add_argument("--only", type=str, default="", help="comma-separated groups to run (default: all)")
-parser.add_argument("--quick", action="store_true", help="smaller shapes (GPU); the CPU shapes are always small")
-parser.add_argument("--iters", type=int, default=0, help="timed iterations per variant (0: 10 on GPU, 3 on CPU)")
-parser.add_argument("--warmup", type=int, default=0, help="untimed iterations first (0: 3 on GPU, 1 on CPU)")
-parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
-parser.add_argument("--dtype", type=str, default="",
-                    help="input dtype: bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
-parser.add_argument("--logprob-chunks", type=str, default="",
-                    help="comma-separated backward chunk sizes for ours, 'auto' = the default (GPU default: auto,1024)")
-parser.add_argument("--seed", type=int, default=0, help="random seed for the inputs")
-parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-
 GROUPS = {}
 
 
@@ -340,8 +327,25 @@ def print_table(rows, dev):
         print(f"| {r['group']} | {r['shape']} | {r['variant']} | {ms} | {mem} | {speed} | {memr} | {r['note']} |")
 
 
-def main():
-    args = parser.parse_args()
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="kernel benchmarks (ratios against eager / torch.compile / peers)")
+    p.add_argument("--only", type=str, default="", help="comma-separated groups to run (default: all)")
+    p.add_argument("--quick", action="store_true", help="smaller shapes (GPU); the CPU shapes are always small")
+    p.add_argument("--iters", type=int, default=0, help="timed iterations per variant (0: 10 on GPU, 3 on CPU)")
+    p.add_argument("--warmup", type=int, default=0, help="untimed iterations first (0: 3 on GPU, 1 on CPU)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    p.add_argument("--dtype", type=str, default="",
+                   help="input dtype: bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--logprob-chunks", type=str, default="",
+                   help="comma-separated backward chunk sizes for ours, 'auto' = the default "
+                        "(GPU default: auto,1024)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for the inputs")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.iters = args.iters or (10 if dev.type == "cuda" else 3)
     args.warmup = args.warmup or (3 if dev.type == "cuda" else 1)

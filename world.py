@@ -551,7 +551,8 @@ def estimate_scene(image):
         shape, offset, support = max(dice, key=dice.get)
         if dice[(shape, offset, support)] < ORACLE["min_dice"]:  # a smear of color, not an object
             continue
-        objects.append({"quadrant": name, "color": list(COLORS)[k], "shape": shape, "offset": offset, "support": support})
+        objects.append({"quadrant": name, "color": list(COLORS)[k], "shape": shape, "offset": offset,
+                        "support": support})
         taken[y0:y0 + 32, x0:x0 + 32] |= (_templates()[(shape, offset, support)] > 0) | (c == _N_PLAIN + k)
     scene["objects"] = objects
     # clutter: dark specks on the background, away from objects and ground lines; the darkness
@@ -620,7 +621,8 @@ def build_tiny_tokenizer():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator([" ".join(sorted(words)), "\n".join(sorted(words))], trainer=trainer)
     model = json.loads(bpe.to_str())["model"]
-    vocab, merges = dict(model["vocab"]), [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    vocab = dict(model["vocab"])
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     for tok in SPECIAL_TOKENS:
         vocab[tok] = len(vocab)
     tok = Qwen3_5Tokenizer(vocab=vocab, merges=merges, unk_token="<|endoftext|>", eos_token="<|im_end|>",
@@ -658,9 +660,9 @@ def tiny_config(tokenizer, hidden=64, layers=2, vision_depth=2, vision_hidden=No
                                  mrope_section=[2, 1, 1], mrope_interleaved=True),
             max_position_embeddings=1024, tie_word_embeddings=True,
             eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2,
-                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden,
-                           num_position_embeddings=64),
+        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                           num_heads=2, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                           out_hidden_size=hidden, num_position_embeddings=64),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True)
@@ -810,13 +812,19 @@ def format_check(table, kinds):
     for d in DIMENSIONS:
         if d in table:
             t = table[d]
-            lines.append(f"{d:<13} {t['lines']:6.3f} {t['trace']:6.3f} {t['score_true']:19.3f} {t['score_generic']:16.3f}")
+            lines.append(f"{d:<13} {t['lines']:6.3f} {t['trace']:6.3f} {t['score_true']:19.3f} "
+                         f"{t['score_generic']:16.3f}")
     lines.append("per kind of line: " + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items()))
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="the tiny world: render it, train a tiny vision tower, check a checkpoint's traces")
+# -----------------------------------------------------------------------------
+# the command line: render, tower, check
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description="the tiny world: render it, train a tiny vision tower, "
+                                                 "check a checkpoint's traces")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("render", help="render the labeled world: train.jsonl, test.jsonl and images/ in --out")
     p.add_argument("--out", required=True, help="output directory (train.jsonl, test.jsonl, images/)")
@@ -838,18 +846,30 @@ if __name__ == "__main__":
     p.add_argument("--ckpt", required=True, help="score-model .safetensors")
     p.add_argument("--data", default="runs/world/test.jsonl", help="a world JSONL (records carry their scene)")
     p.add_argument("--limit", type=int, default=256, help="records to check (0 = all)")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
-    if args.cmd == "render":
-        render(args)
-    elif args.cmd == "tower":
-        model = ScoreModel.tiny(seed=args.seed, **TINY_SIZES[args.size])
-        torch.manual_seed(args.seed)
-        acc = train_tower(model, steps=args.steps, lr=args.lr, seed=args.seed)
-        print("held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
-        model.save(args.out, stage="tower", size=args.size, tower_accuracy=acc)
-    else:
-        records = load_jsonl(args.data)
-        records = records[:args.limit] if args.limit else records
-        model = ScoreModel.load(args.ckpt)
-        print(format_check(*check_traces(model, records)))
+
+def tower_stage(args):
+    """python world.py tower: a tiny score model whose vision tower is trained on scene labels, saved."""
+    model = ScoreModel.tiny(seed=args.seed, **TINY_SIZES[args.size])
+    torch.manual_seed(args.seed)
+    acc = train_tower(model, steps=args.steps, lr=args.lr, seed=args.seed)
+    print("held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    model.save(args.out, stage="tower", size=args.size, tower_accuracy=acc)
+
+
+def check_checkpoint(args):
+    """python world.py check: a checkpoint's greedy traces against the world's, printed as a table."""
+    records = load_jsonl(args.data)
+    records = records[:args.limit] if args.limit else records
+    model = ScoreModel.load(args.ckpt)
+    print(format_check(*check_traces(model, records)))
+
+
+def main(argv=None):
+    args = get_args(argv)
+    {"render": render, "tower": tower_stage, "check": check_checkpoint}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
