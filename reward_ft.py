@@ -999,7 +999,10 @@ def main(argv=None):
             logs = pretrain_losses(ddp, gen, args, step, rank, micro, accum, exclude, device)
         else:
             logs = finetune_losses(ddp, gen, student, batches.next(), sigmas, weights, args, micro, device)
-        logs["grad"] = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+        loss = logs["loss"] if args.stage == "pretrain" else -logs["reward"] + args.reg * logs["reg"]
+        common.check_finite_step(step, grad_norm, loss)  # stop, before a NaN update
+        logs["grad"] = float(grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

@@ -8,7 +8,7 @@ differentiable preprocessing (nonzero, finite); the K-step truncation keeps the 
 denoising steps only, and checkpointing does not change the gradient; the velocity-matching
 regulariser is exactly zero at initialization and positive after a step; the oracle reads the
 synthetic world's scores back from rendered pixels; a run stopped by --stop-after and resumed ends with
-the same weights and AdamW state as an uninterrupted one.
+the same weights and AdamW state as an uninterrupted one; a NaN loss stops the run before the update.
 """
 
 import os
@@ -284,6 +284,47 @@ def test_finetune_resume_is_exact(tmp_path, student, capsys):
 
     grid = Image.open(tmp_path / "a.grid-step00004.png")  # rows before / after / difference, 2 prompts, 2x scale
     assert grid.size == (2 * (2 * 66 - 2), 2 * (3 * 66 - 2))
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_a_nan_loss_stops_the_run_before_the_update(tmp_path, student, monkeypatch, stage):
+    # the loss turns NaN at step 2 (two micro-batches a step): the run stops with the message every
+    # script gives, before the optimizer moves a weight; the step-1 checkpoint is the last one written
+    world = str(tmp_path / "world")
+    make_world(world, n=10, seed=0)
+    out = tmp_path / "gen.safetensors"
+    kw = dict(stage=stage, data=world, out=out, steps=3, batch_size=4, micro_batch=2, save_every=1)
+    if stage == "finetune":
+        import common
+
+        common.save_checkpoint(str(tmp_path / "init.safetensors"), small_generator())
+        student.save(str(tmp_path / "student.safetensors"), mode="direct")
+        kw.update(init=tmp_path / "init.safetensors", reward=tmp_path / "student.safetensors")
+    name = "flow_loss" if stage == "pretrain" else "reward"
+    inner, calls, built = getattr(reward_ft, name), [], []
+
+    def nan_from_step_2(*args, **kwargs):
+        calls.append(1)
+        out = inner(*args, **kwargs)
+        if len(calls) <= 2:
+            return out
+        return out * float("nan") if stage == "pretrain" else (out[0] * float("nan"), out[1])
+
+    def build_generator(*args):
+        gen, ref = real_build(*args)
+        built.append(gen)
+        return gen, ref
+
+    real_build = reward_ft.build_generator
+    monkeypatch.setattr(reward_ft, name, nan_from_step_2)
+    monkeypatch.setattr(reward_ft, "build_generator", build_generator)
+    with pytest.raises(SystemExit, match=r"step 2: the gradient norm is nan \(loss nan\); stopping before the update"):
+        reward_ft.main(_argv(**kw))
+    assert len(calls) == 4
+    assert torch.load(str(tmp_path / "gen.train.pt"), weights_only=False)["step"] == 1
+    saved = TinyGenerator.load(str(out)).state_dict()
+    for k, v in built[0].state_dict().items():
+        torch.testing.assert_close(v, saved[k], rtol=0, atol=0, msg=k)
 
 
 # -----------------------------------------------------------------------------
