@@ -171,7 +171,8 @@ def wrap(model, device, fsdp=False, bf16=False, checkpointing=False):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+              else MixedPrecisionPolicy())
         # one unit at a time: cast to fp32 on the host, then fully_shard moves it to the device and
         # keeps this rank's shard, so the device never holds more than one whole unit
         for block in _units(model):
@@ -381,11 +382,7 @@ def sharded(fsdp):
 def build_on_meta(spec):
     """A ScoreModel whose parameters are on the meta device (buffers, tokenizer and image processor
     real), from a score-model .safetensors (its metadata only) or an HF folder / hub id (its config)."""
-    import json
-
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    from model import ScoreModel, _image_processor_from_meta, _tokenizer_from_meta, check_compatible, params_on_meta
+    from model import ScoreModel, check_compatible, params_on_meta
 
     if str(spec).endswith(".safetensors"):
         from safetensors import safe_open
@@ -393,15 +390,10 @@ def build_on_meta(spec):
         with safe_open(spec, framework="pt") as f:
             meta = f.metadata() or {}
         check_compatible(meta, spec)
-        cfg = json.loads(meta["hf_config"])
-        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        with params_on_meta():
-            vlm = AutoModelForImageTextToText.from_config(config)
-        model = ScoreModel(vlm.eval(), _tokenizer_from_meta(meta), _image_processor_from_meta(meta), source=meta["source"])
-        model.metadata = meta
+        model = ScoreModel.from_metadata(meta)
         model.weight_files = [str(spec)]
         return model
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
     folder = spec
     if not os.path.isdir(spec):  # a hub id: the config, processor files and weight shards, cached locally
@@ -435,9 +427,11 @@ def fill_from_files(model, files, device, path=None):
     where = {k: h for h in handles for k in h.keys()}
     params = dict(inner.vlm.named_parameters())  # a tied LM head appears once, as the embedding
     missing = [n for n in params if n not in where]
-    unexpected = [k for k in where if k not in params and not k.endswith("lm_head.weight") and not k.startswith("mtp.")]
+    unexpected = [k for k in where
+                  if k not in params and not k.endswith("lm_head.weight") and not k.startswith("mtp.")]
     if missing or unexpected:
-        raise ValueError(f"{path or files[0]}: weights do not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ValueError(f"{path or files[0]}: weights do not fit this model "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     for name, p in params.items():
         if type(p).__name__ == "DTensor":
             shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
@@ -507,7 +501,8 @@ def fail(msg):
     raise SystemExit(2)
 
 
-WORLD_HINT = "to use the synthetic world, render it first (python world.py render --out FOLDER) or pass --data world:n=200,seed=0"
+WORLD_HINT = ("to use the synthetic world, render it first (python world.py render --out FOLDER) "
+              "or pass --data world:n=200,seed=0")
 
 
 def data_folder(spec):

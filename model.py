@@ -58,15 +58,18 @@ PROMPT_VERSION = "zr-rubric-v1"  # bump whenever a word of the prompts below cha
 CHECKPOINT_FORMAT = "zreward-score-model-v1"
 
 RUBRICS = {
-    "alignment": "Rate text-image alignment: are the objects, colors, counts and positions of the prompt in the image, and nothing else?",
+    "alignment": "Rate text-image alignment: are the objects, colors, counts and positions of the prompt in the "
+                 "image, and nothing else?",
     "realism": "Rate realism: is the image free of noise, blur and artifacts?",
     "aesthetics": "Rate aesthetics: are the objects well centered, the scene uncluttered and the contrast good?",
-    "plausibility": "Rate physical plausibility: does every object rest on its ground, without floating or overlapping another?",
+    "plausibility": "Rate physical plausibility: does every object rest on its ground, without floating or "
+                    "overlapping another?",
 }
 INSTRUCTIONS = {
     "caption": "Describe the image.",  # the tiny world's base pretraining only: no rubric
     "direct": "Answer with one digit from 1 (worst) to 9 (best).",
-    "reasoning": f"Check each item on its own line, then answer '{SCORE_MARKER} N' with one digit N from 1 (worst) to 9 (best).",
+    "reasoning": f"Check each item on its own line, then answer '{SCORE_MARKER} N' with one digit N from 1 (worst) "
+                 "to 9 (best).",
     # the RewardDance baseline (sft.py --stage rewarddance): trained to write a rationale after the
     # score, read at the score alone
     "rewarddance": "Answer with one digit from 1 (worst) to 9 (best), then explain why.",
@@ -238,18 +241,24 @@ class ScoreModel(nn.Module):
         """
         meta, tensors = read_checkpoint(path)
         check_compatible(meta, path, like)
+        model = cls.from_metadata(meta)
+        load_weights(model.vlm, tensors, path)
+        if dtype is not None:
+            model.vlm.to(dtype)
+        return model
+
+    @classmethod
+    def from_metadata(cls, meta):
+        """The score model a checkpoint's metadata describes (HF config, tokenizer, image processor),
+        its parameters on the meta device: load fills them from the file, common.build_on_meta rank by
+        rank from a shard of it."""
         from transformers import AutoConfig, AutoModelForImageTextToText
 
         cfg = json.loads(meta["hf_config"])
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         with params_on_meta():
             vlm = AutoModelForImageTextToText.from_config(config)
-        load_weights(vlm, tensors, path)
-        if dtype is not None:
-            vlm.to(dtype)
-        tokenizer = _tokenizer_from_meta(meta)
-        image_processor = _image_processor_from_meta(meta)
-        model = cls(vlm.eval(), tokenizer, image_processor, source=meta["source"])
+        model = cls(vlm.eval(), _tokenizer_from_meta(meta), _image_processor_from_meta(meta), source=meta["source"])
         model.metadata = meta
         return model
 
@@ -339,7 +348,8 @@ class ScoreModel(nn.Module):
                                  dtype=torch.long) for c in completions]
             for i, c in enumerate(comp):
                 if torch.isin(c, torch.tensor(self.vision_token_ids)).any():
-                    raise ValueError(f"completion {i} contains an image placeholder token; it would be read as an image slot")
+                    raise ValueError(f"completion {i} contains an image placeholder token; "
+                                     "it would be read as an image slot")
             input_ids = torch.cat([input_ids, _pad(comp, self.pad_id, left=False)], 1)
             attention_mask = torch.cat([attention_mask, _pad([torch.ones_like(c) for c in comp], 0, left=False)], 1)
         batch = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device),
@@ -391,7 +401,8 @@ class ScoreModel(nn.Module):
             # distribution's log q plus log P(the token is a bin at all); (B,)
             from kernels import token_logprobs
 
-            out["score_target_logprob"] = token_logprobs(h_score, self.vlm.get_output_embeddings().weight, score_targets)
+            out["score_target_logprob"] = token_logprobs(h_score, self.vlm.get_output_embeddings().weight,
+                                                         score_targets)
         if targets is not None:
             from kernels import token_logprobs
 
@@ -441,7 +452,12 @@ class ScoreModel(nn.Module):
                 outs.append(self.distribution(self(batch, idx)["score_logits"]))
             else:
                 outs.append(self.score_with_reasoning(prompts[sl], images[sl], dims[sl], max_new_tokens, temperature))
-        cat = lambda name: torch.cat([getattr(o, name) for o in outs]) if outs and getattr(outs[0], name) is not None else None
+
+        def cat(name):
+            if not outs or getattr(outs[0], name) is None:
+                return None
+            return torch.cat([getattr(o, name) for o in outs])
+
         traces = sum((o.traces for o in outs), []) if mode not in ONE_TOKEN_MODES else None
         return ScoreOutput(probs=cat("probs"), mean=cat("mean"), std=cat("std"), logits=cat("logits"),
                            traces=traces, valid=cat("valid"))

@@ -290,7 +290,7 @@ def test_a_direct_mode_teacher_is_refused(base, tmp_path):
 
 @needs_base
 def test_the_direct_student_scores_with_one_forward_and_no_generate(base, world, monkeypatch):
-    import eval as ev
+    import eval as evaluation
 
     def no_generate(*a, **k):
         raise AssertionError("a direct-mode student must not generate")
@@ -310,7 +310,7 @@ def test_the_direct_student_scores_with_one_forward_and_no_generate(base, world,
         batch = base.encode([r["prompt"] for r in recs], images, "alignment", "direct")
         assert calls[0] == batch["input_ids"].shape[1]
         calls.clear()
-        pred = ev.predict(base, recs, "direct", batch_size=32, progress=False)
+        pred = evaluation.predict(base, recs, "direct", batch_size=32, progress=False)
         assert (pred["n_tokens"] == 1).all()
         assert len(calls) == len({r["dimension"] for r in recs})  # one forward per rubric batch
     finally:
