@@ -112,3 +112,38 @@ def test_torchrun_two_ranks_match_one_process(world, tmp_path, fsdp):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     _run_n(args + ["--out", two] + (["--fsdp"] if fsdp else []), 2)
     assert_same_update(one, two, BASE)
+
+
+@pytest.mark.skipif(not os.path.exists(BASE), reason="assets/tiny_base.safetensors not built")
+def test_base_direct_items_train_the_one_token_answer_on_the_traces_score(tmp_path):
+    """--stage base --direct-items adds one one-token item per record whose target is the score
+    line of the record's own trace (here the generic rubric's, not the label): a short run makes
+    the direct answer more likely to be that score, and the header counts the added items."""
+    import torch
+    from PIL import Image
+
+    from data import load_jsonl, parse_score, score_to_level
+    from world import make_world
+
+    data = tmp_path / "generic"
+    make_world(str(data), n=8, seed=2, trace_rubric="generic")
+    recs = load_jsonl(str(data / "train.jsonl"))
+    target = torch.tensor([parse_score(r["trace"]) - 1 for r in recs])
+    assert any(parse_score(r["trace"]) != score_to_level(r["score"]) for r in recs)  # not the labels' levels
+
+    def direct_nll(path):
+        model = ScoreModel.load(path)
+        images = [Image.open(r["image_path"]).convert("RGB") for r in recs]
+        with torch.no_grad():
+            out = model.score([r["prompt"] for r in recs], images, [r["dimension"] for r in recs], "direct")
+        return -out.probs.clamp_min(1e-12).log().gather(1, target[:, None]).mean().item()
+
+    out = tmp_path / "base.safetensors"
+    res = _run(["--stage", "base", "--direct-items", "--init", BASE, "--data", str(data), "--out", str(out),
+                "--steps", "20", "--lr", "3e-3", "--warmup", "1", "--batch-size", "16", "--micro-batch", "16",
+                "--eval-every", "0", "--eval-limit", "4"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    images = len({r["image_path"] for r in recs})
+    assert f"| {images + 2 * len(recs)} items |" in res.stdout, res.stdout[:500]
+    before, after = direct_nll(BASE), direct_nll(str(out))
+    assert after < before - 0.5, (before, after)
