@@ -1,6 +1,6 @@
 # make test:    install what the suite needs, then run it (CPU; a few minutes on 2 cores)
 # make demo:    the whole pipeline on the embedded tiny model, CPU, ~5 minutes (short runs)
-# make results: the paper's comparison in the tiny world, 3 seeds (CPU: ~30 minutes as OMP_NUM_THREADS=1 make -j3 results)
+# make results: the paper's comparison in the tiny world, 3 seeds (CPU: ~45 minutes as OMP_NUM_THREADS=1 make -j3 results, estimated)
 # make base:    regenerate the shipped tiny bases, assets/tiny_base.safetensors and assets/tiny_student_base.safetensors (CPU, ~50 minutes)
 PY ?= python
 WORLD ?= runs/world
@@ -9,7 +9,8 @@ RESULTS ?= runs/results
 SEEDS ?= 0 1 2
 SFT_STEPS ?= 400
 RL_STEPS ?= 60
-RISD_STEPS ?= 400
+STUDENT_STEPS ?= 1200
+STUDENT_EVAL_EVERY ?= 100
 EVAL_EVERY ?= 20
 export OMP_NUM_THREADS ?= 2
 
@@ -39,7 +40,7 @@ demo:
 	$(PY) reward_ft.py --init assets/tiny_gen.safetensors --data $(WORLD) --reward $(DEMO)/risd.safetensors --judge $(DEMO)/gdso.safetensors --out $(DEMO)/gen_rft.safetensors
 
 # every method from the shipped bases for each seed; `make -j2 results` runs two seeds at once
-# (then set OMP_NUM_THREADS=1). SFT and RISD take 400 steps at lr 3e-3 (measured: lr 1e-3 had
+# (then set OMP_NUM_THREADS=1). SFT takes 400 steps at lr 3e-3, the one-token students 1,200 (measured: lr 1e-3 had
 # reached only .63 HPA at 300 steps); RISD reads the teacher's greedy trace (sampled at T = 1 the
 # GDSO teacher left a third of its traces without a score); GRPO, GDSO and OPD take 60 steps, GRPO
 # and GDSO at gdso.py's default lr 5e-5 (at 2e-4 GDSO's sampled traces lost the format).
@@ -61,11 +62,12 @@ results-seed-%: $(WORLD)/test.jsonl
 	rm -f $(RESULTS)/*-$*.curve.jsonl
 	$(PY) sft.py --init assets/tiny_base.safetensors --data $(WORLD) --out $(RESULTS)/sft-$*.safetensors --steps $(SFT_STEPS) --lr 3e-3 --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
 	$(PY) sft.py --stage rewarddance --init assets/tiny_base.safetensors --data $(WORLD) --out $(RESULTS)/rewarddance-$*.safetensors --steps $(SFT_STEPS) --lr 3e-3 --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
-	$(PY) sft.py --stage rewarddance --init assets/tiny_student_base.safetensors --data $(WORLD) --out $(RESULTS)/student-rewarddance-$*.safetensors --steps $(SFT_STEPS) --lr 3e-3 --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
-	$(PY) sft.py --init assets/tiny_student_base.safetensors --data $(WORLD) --out $(RESULTS)/student-sft-$*.safetensors --steps $(SFT_STEPS) --lr 3e-3 --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
+	$(PY) sft.py --stage rewarddance --init assets/tiny_student_base.safetensors --data $(WORLD) --out $(RESULTS)/student-rewarddance-$*.safetensors --steps $(STUDENT_STEPS) --lr 3e-3 --seed $* --eval-every $(STUDENT_EVAL_EVERY) --eval-limit 0
+	$(PY) sft.py --init assets/tiny_student_base.safetensors --data $(WORLD) --out $(RESULTS)/student-sft-$*.safetensors --steps $(STUDENT_STEPS) --lr 3e-3 --seed $* --eval-every $(STUDENT_EVAL_EVERY) --eval-limit 0
 	$(PY) gdso.py --method grpo --data $(WORLD) --out $(RESULTS)/grpo-$*.safetensors --steps $(RL_STEPS) --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
 	$(PY) gdso.py --data $(WORLD) --out $(RESULTS)/gdso-$*.safetensors --steps $(RL_STEPS) --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
-	$(PY) risd.py --teacher $(RESULTS)/gdso-$*.safetensors --student assets/tiny_student_base.safetensors --data $(WORLD) --out $(RESULTS)/risd-$*.safetensors --steps $(RISD_STEPS) --lr 3e-3 --teacher-temperature 0 --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
+	$(PY) risd.py --teacher $(RESULTS)/gdso-$*.safetensors --student assets/tiny_student_base.safetensors --data $(WORLD) --out $(RESULTS)/risd-$*.safetensors --steps $(STUDENT_STEPS) --lr 3e-3 --teacher-temperature 0 \
+	  --cache $(RESULTS)/risd-$*.qT.safetensors --rebuild-cache --seed $* --eval-every $(STUDENT_EVAL_EVERY) --eval-limit 0
 	$(PY) risd.py --opd --teacher $(RESULTS)/gdso-$*.safetensors --student assets/tiny_student_base.safetensors --data $(WORLD) --out $(RESULTS)/opd-$*.safetensors --steps $(RL_STEPS) --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
 
 # the tiny teacher and student bases: vision tower on scene labels, then captions and traces whose
