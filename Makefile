@@ -40,8 +40,8 @@ demo:
 	$(PY) reward_ft.py --init assets/tiny_gen.safetensors --data $(WORLD) --reward $(DEMO)/risd.safetensors --judge $(DEMO)/gdso.safetensors --out $(DEMO)/gen_rft.safetensors
 
 # every method from the shipped bases for each seed; `make -j2 results` runs two seeds at once
-# (then set OMP_NUM_THREADS=1). SFT takes 400 steps at lr 3e-3, the one-token students 1,200 (measured: lr 1e-3 had
-# reached only .63 HPA at 300 steps); RISD reads the teacher's greedy trace (sampled at T = 1 the
+# (then set OMP_NUM_THREADS=1). SFT takes 400 steps at lr 3e-3 (measured: lr 1e-3 had reached
+# only .63 HPA at 300 steps), the one-token students 1,200 (at 400 they still rose); RISD reads the teacher's greedy trace (sampled at T = 1 the
 # GDSO teacher left a third of its traces without a score); GRPO, GDSO and OPD take 60 steps, GRPO
 # and GDSO at gdso.py's default lr 5e-5 (at 2e-4 GDSO's sampled traces lost the format).
 results: $(addprefix results-seed-,$(SEEDS)) $(RESULTS)/zero-shot.eval.json
