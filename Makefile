@@ -1,5 +1,5 @@
 # make test:    install what the suite needs, then run it (CPU; a few minutes on 2 cores)
-# make demo:    the whole pipeline on the embedded tiny model, CPU, ~5 minutes (short runs)
+# make demo:    the whole pipeline on the embedded tiny model, CPU, ~6 minutes (short runs)
 # make results: the paper's comparison in the tiny world, 3 seeds (CPU: ~45 minutes as OMP_NUM_THREADS=1 make -j3 results, estimated)
 # make base:    regenerate the shipped tiny bases, assets/tiny_base.safetensors and assets/tiny_student_base.safetensors (CPU, ~50 minutes)
 PY ?= python
@@ -29,12 +29,13 @@ demo:
 	$(PY) world.py render --out $(WORLD) --n 200 --seed 0
 	@echo "== zero-shot: the shipped tiny base, reasoning mode"
 	$(PY) eval.py --ckpt assets/tiny_base.safetensors --data $(WORLD)/test.jsonl --mode reasoning --limit 256
-	@echo "== SFT baseline: direct score token (a short run: make results trains 400 steps)"
-	$(PY) sft.py --init assets/tiny_base.safetensors --data $(WORLD) --out $(DEMO)/sft.safetensors --steps 150 --lr 3e-3 --eval-every 0 --eval-limit 256
+	@echo "== SFT baseline: direct score token, 400 steps as in make results"
+	$(PY) sft.py --init assets/tiny_base.safetensors --data $(WORLD) --out $(DEMO)/sft.safetensors --steps 400 --lr 3e-3 --eval-every 0 --eval-limit 256
 	@echo "== GDSO teacher"
 	$(PY) gdso.py --data $(WORLD) --out $(DEMO)/gdso.safetensors --steps 30 --eval-every 0 --eval-limit 256
 	@echo "== RISD student: the tiny student base, one direct token, distilled from the GDSO teacher"
-	$(PY) risd.py --teacher $(DEMO)/gdso.safetensors --data $(WORLD) --out $(DEMO)/risd.safetensors --steps 150 --lr 3e-3 --teacher-temperature 0 --eval-every 0 --eval-limit 256
+	$(PY) risd.py --teacher $(DEMO)/gdso.safetensors --data $(WORLD) --out $(DEMO)/risd.safetensors --steps 600 --lr 3e-3 --teacher-temperature 0 \
+	  --cache $(DEMO)/risd.qT.safetensors --rebuild-cache --eval-every 0 --eval-limit 256
 	@echo "== reward fine-tuning: a short generator pretraining run, then the shipped tiny generator tuned through the RISD student"
 	$(PY) reward_ft.py --stage pretrain --data $(WORLD) --steps 300 --out $(DEMO)/gen_pretrain.safetensors
 	$(PY) reward_ft.py --init assets/tiny_gen.safetensors --data $(WORLD) --reward $(DEMO)/risd.safetensors --judge $(DEMO)/gdso.safetensors --out $(DEMO)/gen_rft.safetensors
