@@ -213,9 +213,9 @@ def target_counts(chunk, stage, tokenizer):
     return len(chunk), 0
 
 
-def score_losses(ddp_model, chunk, stage, device):
+def score_losses(ddp_model, chunk, stage, device, bins=None):
     """sft / rewarddance: (the score token's CE summed over samples, the rationale's next-token loss summed over
-    its tokens; 0 for sft)."""
+    its tokens; 0 for sft). The CE's target is each label's nearest bin unless `bins` gives others."""
     inner = common.unwrap(ddp_model)
     records = [r for _, r, _ in chunk]
     # rewarddance teacher-forces score + rationale; the score is read before the answer either way
@@ -230,9 +230,10 @@ def score_losses(ddp_model, chunk, stage, device):
         targets = inner.completion_targets(batch, answers)
         targets[:, batch["prompt_len"] - 1] = -100
     out = ddp_model(batch, score_index, targets=targets)
-    label_bins = torch.tensor([score_to_level(r["score"]) - 1 for r in records], device=device)  # nearest bin
+    if bins is None:
+        bins = torch.tensor([score_to_level(r["score"]) - 1 for r in records], device=device)  # nearest bin
     nll = -out["token_logprobs"].sum() if targets is not None else torch.zeros((), device=device)
-    return score_ce(out["score_logits"], label_bins).sum(), nll
+    return score_ce(out["score_logits"], bins).sum(), nll
 
 
 def base_losses(ddp_model, chunk, device):
@@ -240,13 +241,11 @@ def base_losses(ddp_model, chunk, device):
     the captions and traces, each answer followed by the end of the turn), summed."""
     inner = common.unwrap(ddp_model)
     nll = ce = torch.zeros((), device=device)
-    direct = [r for kind, r, _ in chunk if kind == "direct"]
+    direct = [item for item in chunk if item[0] == "direct"]
     if direct:
-        batch = inner.encode([r["prompt"] for r in direct], common.open_images(direct),
-                             [r["dimension"] for r in direct], "direct")
-        out = ddp_model(batch, torch.full((len(direct),), batch["prompt_len"] - 1, device=device))
-        trace_bins = torch.tensor([parse_score(r["trace"]) - 1 for r in direct], device=device)
-        ce = score_ce(out["score_logits"], trace_bins).sum()
+        # the SFT stage's one-token forward and CE, on the trace's own score instead of the label
+        trace_bins = torch.tensor([parse_score(r["trace"]) - 1 for _, r, _ in direct], device=device)
+        ce, _ = score_losses(ddp_model, direct, "sft", device, bins=trace_bins)
     for mode in ("caption", "reasoning"):
         sub = [(r, text) for kind, r, text in chunk if kind == mode]
         if not sub:
