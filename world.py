@@ -780,11 +780,20 @@ def line_kind(dimension, line):
     return {"alignment": "item", "aesthetics": "centering", "plausibility": "support"}.get(dimension, head)
 
 
+def _item_parts(line):
+    """an alignment item line -> (what the quadrant holds, the verdict); ("", "") if malformed"""
+    _, _, rest = line.partition(": ")
+    seen, _, verdict = rest.rpartition(", ")
+    return (seen, verdict) if seen else ("", "")
+
+
 @torch.no_grad()
 def check_traces(model, records, batch_size=32, max_new_tokens=96):
     """Greedy traces against the world's own: {dimension: {"lines", "trace", "score_true",
     "score_generic"}} and {kind of line: accuracy}. A line counts as right only if it is exactly
-    the world's line at the same position; the score line is compared with both rubrics."""
+    the world's line at the same position; the score line is compared with both rubrics. An
+    alignment item line is also split in two: "item: read" (what the quadrant holds) and
+    "item: verdict" (yes / no / at <quadrant>), each right or wrong on its own."""
     per_dim, per_kind = defaultdict(lambda: defaultdict(list)), defaultdict(list)
     model.eval()
     for a in range(0, len(records), batch_size):
@@ -796,9 +805,14 @@ def check_traces(model, records, batch_size=32, max_new_tokens=96):
             want = make_trace(r["scene"], items, d).split("\n")
             got = text.strip().split("\n")
             for i, w in enumerate(want[:-1]):
-                ok = i < len(got) and got[i].strip() == w
-                per_dim[d]["lines"].append(ok)
-                per_kind[line_kind(d, w)].append(ok)
+                g = got[i].strip() if i < len(got) else ""
+                per_dim[d]["lines"].append(g == w)
+                kind = line_kind(d, w)
+                per_kind[kind].append(g == w)
+                if kind == "item":  # "<item>: <what the quadrant holds>, <verdict>.": which half failed
+                    (w_seen, w_verdict), (g_seen, g_verdict) = _item_parts(w), _item_parts(g)
+                    per_kind["item: read"].append(g_seen == w_seen)
+                    per_kind["item: verdict"].append(g_verdict == w_verdict)
             per_dim[d]["trace"].append([g.strip() for g in got[:-1]] == want[:-1])
             said = parse_score(text)
             for rubric, scores in (("true", true_scores), ("generic", generic_scores)):

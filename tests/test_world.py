@@ -112,4 +112,8 @@ def test_check_traces_scores_the_worlds_own_traces_perfectly(tmp_path):
     n_no = sum(l.endswith(", no.") for r in recs if r["dimension"] == "alignment" for l in r["trace"].split("\n"))
     n_lines = sum(len(r["trace"].split("\n")) - 1 for r in recs if r["dimension"] == "alignment")
     assert n_no > 0 and table["alignment"]["lines"] == pytest.approx(1 - n_no / n_lines)
+    # the item lines' split: every quadrant read right, only the "no" verdicts wrong
+    n_items = sum(world.line_kind("alignment", l) == "item"
+                  for r in recs if r["dimension"] == "alignment" for l in r["trace"].split("\n")[:-1])
+    assert kinds["item: read"] == 1.0 and kinds["item: verdict"] == pytest.approx(1 - n_no / n_items)
     assert table["realism"]["lines"] == 1.0
