@@ -117,3 +117,18 @@ def test_check_traces_scores_the_worlds_own_traces_perfectly(tmp_path):
                   for r in recs if r["dimension"] == "alignment" for l in r["trace"].split("\n")[:-1])
     assert kinds["item: read"] == 1.0 and kinds["item: verdict"] == pytest.approx(1 - n_no / n_items)
     assert table["realism"]["lines"] == 1.0
+
+
+def test_the_shipped_bases_carry_the_tokenizer_the_code_builds():
+    # OPD needs one tokenizer for teacher and student, and `make base` must rebuild what ships: a
+    # word added to a rubric or an instruction changes the tokenizer, and then the bases are stale
+    from model import read_checkpoint
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [os.path.join(root, "assets", f) for f in ("tiny_base.safetensors", "tiny_student_base.safetensors")]
+    if not all(os.path.exists(p) for p in paths):
+        pytest.skip("tiny bases not built")
+    built = world.build_tiny_tokenizer().backend_tokenizer.to_str()
+    for p in paths:
+        meta, _ = read_checkpoint(p)
+        assert meta["tokenizer"] == built, f"{p} was built with another tokenizer: rerun `make base`"
