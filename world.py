@@ -578,11 +578,11 @@ def oracle_scores(image, prompt):
 # -----------------------------------------------------------------------------
 # the tiny models: tokenizer, image processor and config built in code
 
-# the tiny teacher and student: same family and tower, the student's language model has about a
-# third of the teacher's parameters (0.07M against 0.19M; 0.16M against 0.28M in all). The
-# teacher's tower is as narrow as the student's: under a tower as wide as themselves, the 64- and
-# 48-wide language models tried read the quadrants right (.94-.98) and left the alignment verdict
-# near always-yes (.58-.66); under the 32-wide tower the 64-wide one learns it (.92). Measured, not
+# the tiny teacher and student: same family and tower width; the student's language model has about
+# a third of the teacher's parameters (0.07M against 0.19M; 0.16M against 0.28M in all). The
+# teacher's tower is as narrow as the student's: under towers as wide as themselves, the 64- and
+# 48-wide language models tried read the quadrants (.76-.98) and left the alignment verdict near
+# always-yes (.58-.66); under the 32-wide tower the 64-wide one learns it (.92). Measured, not
 # explained (README, "The embedded tiny default")
 TINY_SIZES = {"teacher": dict(hidden=64, layers=2, vision_hidden=32), "student": dict(hidden=32, layers=2)}
 
