@@ -91,8 +91,9 @@ base:
 
 # make gpu-check: on a machine with a CUDA GPU (~5 minutes): the kernel tests on the GPU (no
 # interpreter), bench.py --quick, then a few bf16 steps of sft, gdso --fsdp (torchrun over the
-# GPUs present), risd and reward_ft on the tiny model, each step line with ms/step and peak GPU
-# memory. Record device, date and numbers in BENCHMARKS.md. Without a GPU it says so and stops.
+# GPUs present), risd and reward_ft on the tiny model, and reward_ft --generator on a tiny random
+# FLUX pipeline (diffusers + peft, a LoRA step), each step line with ms/step and peak GPU memory.
+# Record device, date and numbers in BENCHMARKS.md. Without a GPU it says so and stops.
 GPU_CHECK ?= runs/gpu-check
 .PHONY: gpu-check
 gpu-check:
@@ -111,3 +112,7 @@ gpu-check:
 	  --bf16 --checkpointing --steps 20 --eval-every 0 --eval-limit 64
 	$(PY) reward_ft.py --reward $(GPU_CHECK)/risd.safetensors --data $(GPU_CHECK)/world --out $(GPU_CHECK)/rft.safetensors \
 	  --bf16 --steps 10 --eval-prompts 8 --eval-samples 1
+	$(PY) tests/test_diffusers.py $(GPU_CHECK)/pipes
+	$(PY) reward_ft.py --generator $(GPU_CHECK)/pipes/flux --resolution 32 --lora-rank 4 --reward $(GPU_CHECK)/risd.safetensors \
+	  --data $(GPU_CHECK)/world --out $(GPU_CHECK)/flux.safetensors --bf16 --steps 3 --sample-steps 3 --grad-steps 2 \
+	  --stop-range 2 --batch-size 2 --micro-batch 2 --eval-prompts 2 --eval-samples 1 --grid-prompts 2

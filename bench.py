@@ -16,7 +16,10 @@ Groups (one function each, registered in GROUPS; add end-to-end groups the same 
                bare matmul (logits, d hidden, d weight: the roofline)
 
 Every variant does the same work: a forward and a backward with the same upstream gradients.
-"speedup" is the variant's time over ours (above 1: ours is faster); "mem" is the variant's peak
+"fwd+bwd ms" is the wall time of one synchronized step between CUDA events: for small inputs that
+is the host launching kernels, not the GPU working. "GPU busy ms" is the sum of the step's kernel
+times as torch.profiler records them (GPU only): what the kernels themselves cost. "speedup" and
+"GPU busy speedup" are the variant's time over ours (above 1: ours is faster); "mem" is the variant's peak
 memory over ours. Peak memory on a GPU is torch.cuda.max_memory_allocated above what was allocated
 before the step (inputs), so it includes the input gradients. On CPU the reference stands in for
 Triton (ours == eager up to dispatch) and memory is the largest single tensor a step creates, so
@@ -67,12 +70,27 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+def gpu_busy_ms(run, iters):
+    """The GPU's own time per step: the sum of every kernel, copy and memset that torch.profiler
+    (CUPTI) records over iters steps, divided by iters. Gaps between kernels do not count, so for
+    small inputs, where the wall time is the host launching kernels, this is what the kernels cost."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            run()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / iters
+
+
 def measure(step, leaves, dev, warmup, iters, probe_cpu=True):
-    """-> (median ms of step(), peak extra bytes or None), or (None, reason) on failure."""
+    """-> (median ms of step(), peak extra bytes or None, GPU busy ms or None), or (None, reason,
+    None) on failure."""
     def run():
         for x in leaves:
             x.grad = None
         step()
+    busy = None
     try:
         for _ in range(warmup):
             run()
@@ -101,17 +119,18 @@ def measure(step, leaves, dev, warmup, iters, probe_cpu=True):
             run()
             torch.cuda.synchronize()
             mem = torch.cuda.max_memory_allocated() - base
+            busy = gpu_busy_ms(run, iters)
         elif probe_cpu:
             with LargestTensor() as probe:
                 run()
             mem = probe.nbytes
         else:
             mem = None
-        return statistics.median(times), mem
+        return statistics.median(times), mem, busy
     except torch.OutOfMemoryError:
-        return None, "OOM"
+        return None, "OOM", None
     except Exception as e:  # a peer that fails to compile or launch is reported, not fatal
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''}"
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''}", None
     finally:
         for x in leaves:
             x.grad = None
@@ -128,8 +147,8 @@ def run_variants(rows, grp, shape, variants, leaves, dev, args, note=None):
     for name, step in variants:
         if step is None:
             continue
-        ms, mem = measure(step, leaves, dev, args.warmup, args.iters, probe_cpu=not name.startswith("compile"))
-        rows.append(dict(group=grp, shape=shape, variant=name, ms=ms, mem=mem, note=""))
+        ms, mem, busy = measure(step, leaves, dev, args.warmup, args.iters, probe_cpu=not name.startswith("compile"))
+        rows.append(dict(group=grp, shape=shape, variant=name, ms=ms, mem=mem, busy=busy, note=""))
     if note is not None:
         note(rows)
 
@@ -311,20 +330,24 @@ def dtype_name(dtype):
 
 def print_table(rows, dev):
     mem_head = "peak MB" if dev.type == "cuda" else "largest MB"
-    head = f"| group | shape | variant | fwd+bwd ms | {mem_head} | speedup of ours | mem / ours | note |"
+    head = (f"| group | shape | variant | fwd+bwd ms | GPU busy ms | {mem_head} | speedup of ours | "
+            f"GPU busy speedup | mem / ours | note |")
     print(head)
-    print("|" + "---|" * 8)
+    print("|" + "---|" * 10)
+    ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "-"  # noqa: E731
     for r in rows:
         ours = next((o for o in rows if o["group"] == r["group"] and o["shape"] == r["shape"]
                      and o["variant"].startswith("ours")), None)
         ms = f"{r['ms']:.3f}" if r["ms"] is not None else (r["mem"] or "failed")
+        busy = f"{r['busy']:.3f}" if r["busy"] is not None else "-"
         mem = f"{r['mem'] / 2**20:.1f}" if isinstance(r["mem"], int) else "-"
-        speed = memr = "-"
-        if r is not ours and ours and r["ms"] and ours["ms"]:
-            speed = f"{r['ms'] / ours['ms']:.2f}x"
-        if r is not ours and ours and isinstance(r["mem"], int) and isinstance(ours["mem"], int) and ours["mem"]:
-            memr = f"{r['mem'] / ours['mem']:.2f}x"
-        print(f"| {r['group']} | {r['shape']} | {r['variant']} | {ms} | {mem} | {speed} | {memr} | {r['note']} |")
+        speed = busy_speed = memr = "-"
+        if r is not ours and ours:
+            speed, busy_speed = ratio(r["ms"], ours["ms"]), ratio(r["busy"], ours["busy"])
+            if isinstance(r["mem"], int) and isinstance(ours["mem"], int):
+                memr = ratio(r["mem"], ours["mem"])
+        print(f"| {r['group']} | {r['shape']} | {r['variant']} | {ms} | {busy} | {mem} | {speed} | {busy_speed} | "
+              f"{memr} | {r['note']} |")
 
 
 def get_args(argv=None):

@@ -46,8 +46,17 @@ def dist_init(timeout_s=1800):
             device, backend = torch.device("cpu"), "gloo"
         if not dist.is_initialized():
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-        return rank, world, device
-    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        rank, world, device = 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        # cuDNN's fused attention backward returns NaN gradients on Hopper for some shapes
+        # (pytorch/pytorch#196678: with an attention mask, since torch 2.11). Seen here on an H200
+        # (torch 2.11, 2026-11-30): reward_ft.py's bf16 LoRA step on a tiny FLUX pipeline stopped on
+        # a NaN gradient, which anomaly mode traced to ScaledDotProductCudnnAttentionBackward0; the
+        # same step ran in fp32 and with only the math backend. Flash and memory-efficient attention
+        # take over (that combination itself has not run on a GPU yet).
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    return rank, world, device
 
 
 def dist_cleanup():

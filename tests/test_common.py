@@ -1,5 +1,6 @@
 """
-common.py's process exit: a torchrun worker leaves without the interpreter's teardown.
+common.py: a torchrun worker exits without the interpreter's teardown; wrap's mixed precision and sync;
+sharded loading; dist_init's attention backend on a GPU.
 """
 
 import os
@@ -144,3 +145,22 @@ def test_meta_build_then_each_rank_fills_only_its_shard_from_the_file():
     for rest in (p_rest, f_rest):
         local, total = map(int, rest.split("} ")[1].split())
         assert local < total / 8 * 1.2, (local, total)  # rank 3 holds about an eighth of every tensor
+
+
+def test_on_a_gpu_dist_init_turns_off_cudnn_attention(monkeypatch):
+    # cuDNN's attention backward gave NaN gradients on an H200 (common.dist_init says where); every
+    # script gets its device from dist_init, so that is where the backend goes off
+    import torch
+
+    import common
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert common.dist_init() == (0, 1, torch.device("cuda"))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

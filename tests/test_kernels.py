@@ -62,8 +62,9 @@ def K():
             os.environ["TRITON_INTERPRET"] = old
 
 
-def _check(name, out, same, truth, dtype):
-    """out: kernel; same: the reference in the input dtype; truth: the reference in fp64."""
+def _check(name, out, same, truth, dtype, slack=0.0):
+    """out: kernel; same: the reference in the input dtype; truth: the reference in fp64; slack: the
+    rounding the kernel is documented to add beyond the reference's (bf16/fp16 only)."""
     out, same, truth = out.double().cpu(), same.double().cpu(), truth.double().cpu()
     assert out.shape == truth.shape, name
     assert torch.isfinite(out).all() == torch.isfinite(truth).all(), f"{name}: non-finite values"
@@ -74,7 +75,8 @@ def _check(name, out, same, truth, dtype):
         err = (out - truth).abs().max().item() if out.numel() else 0.0
         err_ref = (same - truth).abs().max().item() if out.numel() else 0.0
         tol = 1e-4 * scale + 1e-6  # fp32 rounding of the math; bf16 rounding must be no worse than torch's
-        assert err <= err_ref + tol, f"{name}: kernel error {err:.3g} > reference error {err_ref:.3g} + {tol:.3g}"
+        assert err <= err_ref + tol + slack, \
+            f"{name}: kernel error {err:.3g} > reference error {err_ref:.3g} + {tol:.3g} + slack {slack:.3g}"
 
 
 def _grads(fn, inputs, weights):
@@ -331,9 +333,27 @@ def test_token_logprobs_matches_reference(K, t, v, d, dtype, entropy):
     for name, o, s, tr in zip(("logprobs", "entropy"), out, same, truth):
         assert o.dtype == torch.float32
         _check(name, o, s, tr, dtype)
+    slack = {"d weight": _dweight_accumulation_slack(h, w, targets, weights, 32, dtype, kw)}
     for name, a, b, c in zip(("d hidden", "d weight"), gk, gs, gt):
         assert a.dtype == dtype
-        _check(name, a, b, c, dtype)
+        _check(name, a, b, c, dtype, slack.get(name, 0.0))
+
+
+def _dweight_accumulation_slack(h, w, targets, weights, chunk, dtype, kw):
+    """d weight accumulates across backward chunks in the weight's dtype (kernels/logprob.py's
+    docstring says why), so each chunk boundary rounds a partial sum once more than one GEMM does:
+    at most u |partial| per element, u the unit roundoff (bf16 2^-8, fp16 2^-11). The slack sums
+    u max|partial| over the partial sums after every chunk but the last, computed in fp64."""
+    t = h.shape[0]
+    if dtype == torch.float32 or t <= chunk:
+        return 0.0
+    u = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
+    slack = 0.0
+    for end in range(chunk, t, chunk):
+        fn = lambda a, b: kernels.token_logprobs_naive(a, b, targets[:end], **kw)  # noqa: E731
+        _, (_, partial) = _grads(fn, [h[:end].double(), w.double()], [x[:end] for x in weights])
+        slack += u * partial.abs().max().item()
+    return slack
 
 
 def test_token_logprobs_ignored_tokens(K):
