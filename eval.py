@@ -14,6 +14,9 @@ Evaluation for Z-Reward: the paper's metrics, in numpy.
 Labels are aggregates of several annotations (data.aggregate: drop the highest and the lowest,
 average the rest), so label differences are not exact in binary: a difference within 1e-9 of the
 margin counts as equal to it, and |s_a - s_b| <= 1e-9 counts as a tie (no pair).
+
+`python eval.py rollouts --ckpt M --data D` measures what GRPO's advantages can work with on a
+reasoning model: how many distinct traces a group of G samples holds (rollout_stats).
 """
 
 import numpy as np
@@ -116,6 +119,46 @@ def evaluate(model, records, mode="direct", batch_size=32, max_new_tokens=64, pr
     """Metrics per dimension and overall, plus the raw predictions."""
     pred = predict(model, records, mode, batch_size, max_new_tokens, progress)
     return table_from_predictions(records, pred), pred
+
+
+def spread_subset(records, n):
+    """n records evenly spaced through the file (all when n is 0 or at least len(records))."""
+    if not n or n >= len(records):
+        return list(records)
+    return [records[i * len(records) // n] for i in range(n)]
+
+
+def rollout_stats(model, records, group=4, temperature=1.0, max_new_tokens=96, batch_size=32, progress=True):
+    """What GRPO's advantages can work with: per record, `group` traces sampled as gdso.py's
+    rollouts are (reasoning mode, at `temperature`) beside the greedy trace. Returns the mean number
+    of distinct traces in a group, the fraction of samples unlike the greedy trace (in all, and in
+    the reasoning before the score line alone), the mean within-group std of mu, and the greedy
+    traces. When a group holds one trace G times, every advantage in it is zero."""
+    import torch
+    from PIL import Image
+    from tqdm import tqdm
+
+    from data import SCORE_MARKER
+
+    reasoning = lambda t: t.split(SCORE_MARKER)[0]  # noqa: E731
+    distinct, unlike, unlike_reasoning, mu_std, greedy = [], [], [], [], []
+    with torch.no_grad():
+        for a in tqdm(range(0, len(records), batch_size), desc="rollouts", disable=not progress, leave=False):
+            rs = records[a:a + batch_size]
+            ims = [Image.open(r["image_path"]).convert("RGB") for r in rs]
+            ps, ds, n = [r["prompt"] for r in rs], [r["dimension"] for r in rs], len(rs)
+            g = model.score_with_reasoning(ps, ims, ds, max_new_tokens, 0.0).traces
+            s = model.score_with_reasoning(ps * group, ims * group, ds * group, max_new_tokens, temperature)
+            for i in range(n):
+                traces = [s.traces[i + k * n] for k in range(group)]
+                distinct.append(len(set(traces)))
+                unlike += [t != g[i] for t in traces]
+                unlike_reasoning += [reasoning(t) != reasoning(g[i]) for t in traces]
+                mu_std.append(float(np.std([s.mean[i + k * n].item() for k in range(group)])))
+            greedy += g
+    return {"distinct": float(np.mean(distinct)), "unlike_greedy": float(np.mean(unlike)),
+            "unlike_greedy_reasoning": float(np.mean(unlike_reasoning)), "mu_std": float(np.mean(mu_std)),
+            "greedy": greedy}
 
 
 def table_from_predictions(records, pred):
@@ -303,6 +346,45 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+def rollouts_main(argv):
+    """`python eval.py rollouts --ckpt M [--against BASE] --data D`: rollout_stats of M, and with
+    --against, how many greedy traces training changed."""
+    import argparse
+    import os
+
+    import torch
+
+    import common
+
+    p = argparse.ArgumentParser(prog="eval.py rollouts", description=rollout_stats.__doc__.split(".")[0])
+    p.add_argument("--ckpt", required=True, help="a reasoning-mode score-model .safetensors (or HF folder / hub id)")
+    p.add_argument("--against", default="", help="another checkpoint (e.g. the base): share of records whose "
+                                                 "greedy trace differs between the two")
+    p.add_argument("--data", required=True, help="labeled JSONL, or a --data folder (its test.jsonl)")
+    p.add_argument("--limit", type=int, default=128, help="records, evenly spaced through the file (0 = all)")
+    p.add_argument("--group", type=int, default=4, help="G: samples per record (gdso.py --group)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (gdso.py --temperature)")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="trace length budget")
+    p.add_argument("--batch-size", type=int, default=32, help="records per generate call")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    args = p.parse_args(argv)
+    path = args.data if os.path.isfile(args.data) else common.data_files(args.data, "test.jsonl")[0]
+    records = spread_subset(common.load_records(path), args.limit)
+    torch.manual_seed(args.seed)
+    model = common.load_model(args.ckpt).to(args.device).eval()
+    common.check_context(model, records, "reasoning", args.max_new_tokens)
+    st = rollout_stats(model, records, args.group, args.temperature, args.max_new_tokens, args.batch_size)
+    print(f"{args.ckpt} on {len(records)} records of {path}, G = {args.group} at T = {args.temperature}: "
+          f"{st['distinct']:.2f} distinct traces per group | samples unlike the greedy trace {st['unlike_greedy']:.2f} "
+          f"(reasoning lines {st['unlike_greedy_reasoning']:.2f}) | within-group std of mu {st['mu_std']:.3f}")
+    if args.against:
+        other = common.load_model(args.against).to(args.device).eval()
+        theirs = rollout_stats(other, records, 1, 0.0, args.max_new_tokens, args.batch_size)["greedy"]
+        changed = np.mean([a != b for a, b in zip(st["greedy"], theirs)])
+        print(f"greedy traces unlike {args.against}'s: {changed:.2f} of {len(records)} records")
+
+
 def print_summary(paths):
     """`python eval.py summarize runs/results/*.eval.json`: Tables 2 and 3 and the paired differences."""
     print("Table 2 (overall test split; mean ± std over seeds)")
@@ -325,6 +407,9 @@ def main(argv=None):
         return
     if argv and argv[0] == "curves":  # python eval.py curves OUT.png runs/results/*.curve.jsonl
         print(plot_curves(argv[2:], argv[1]))
+        return
+    if argv and argv[0] == "rollouts":  # python eval.py rollouts --ckpt M [--against BASE] --data D
+        rollouts_main(argv[1:])
         return
 
     import common  # scoring only: the summaries need neither torch nor a model

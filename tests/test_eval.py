@@ -102,3 +102,26 @@ def test_runs_are_named_by_file_and_paired_by_seed(tmp_path):
     assert "+0.200" in line and "[-0.048, +0.448]" in line and line.split()[3] == "3"
     table = summarize([p for p in paths if "grpo-7" not in p], columns=("hpa",))
     assert [l.split()[:3] for l in table.splitlines()[1:]] == [["grpo", "3", "0.500"], ["gdso", "3", "0.700"]]
+
+
+def test_rollout_stats_count_what_a_group_holds(tmp_path):
+    # greedy "sampling" draws the greedy trace G times: one distinct trace, none unlike it, no spread;
+    # sampling at T = 1 from the untrained model draws different ones (its traces are noise)
+    import torch
+
+    import common
+    from eval import rollout_stats, spread_subset
+    from model import ScoreModel
+    from world import make_world
+
+    make_world(str(tmp_path), n=4, seed=0)
+    records = spread_subset(common.load_records(str(tmp_path / "test.jsonl")), 4)
+    assert len(records) == 4 and spread_subset(records, 0) == records
+    model = ScoreModel.tiny().eval()
+    same = rollout_stats(model, records, group=3, temperature=0.0, max_new_tokens=6, progress=False)
+    assert same["distinct"] == 1.0 and same["unlike_greedy"] == 0.0 and same["mu_std"] < 1e-6
+    assert len(same["greedy"]) == 4
+    torch.manual_seed(0)
+    hot = rollout_stats(model, records, group=3, temperature=1.0, max_new_tokens=6, progress=False)
+    assert 1.0 < hot["distinct"] <= 3.0 and 0.0 < hot["unlike_greedy"] <= 1.0
+    assert hot["greedy"] == same["greedy"]
