@@ -341,6 +341,7 @@ def get_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=96, help="reasoning mode: trace length budget")
     p.add_argument("--limit", type=int, default=0, help="score only the first N records (0 = all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--bf16", action="store_true", help="load the model in bfloat16 (a 27B model: 54 GB, not 108)")
     p.add_argument("--json", default="", help="also write the table to this JSON file (for `eval.py summarize`)")
     p.add_argument("--method", default="", help="the method name recorded in --json")
     return p.parse_args(argv)
@@ -368,18 +369,21 @@ def rollouts_main(argv):
     p.add_argument("--batch-size", type=int, default=32, help="records per generate call")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--bf16", action="store_true", help="load the models in bfloat16 (a 27B model: 54 GB, not 108)")
     args = p.parse_args(argv)
     path = args.data if os.path.isfile(args.data) else common.data_files(args.data, "test.jsonl")[0]
     records = spread_subset(common.load_records(path), args.limit)
+    dtype = torch.bfloat16 if args.bf16 else None
     torch.manual_seed(args.seed)
-    model = common.load_model(args.ckpt).to(args.device).eval()
+    model = common.load_model(args.ckpt, dtype=dtype).to(args.device).eval()
     common.check_context(model, records, "reasoning", args.max_new_tokens)
     st = rollout_stats(model, records, args.group, args.temperature, args.max_new_tokens, args.batch_size)
+    del model  # one model on the device at a time
     print(f"{args.ckpt} on {len(records)} records of {path}, G = {args.group} at T = {args.temperature}: "
           f"{st['distinct']:.2f} distinct traces per group | samples unlike the greedy trace {st['unlike_greedy']:.2f} "
           f"(reasoning lines {st['unlike_greedy_reasoning']:.2f}) | within-group std of mu {st['mu_std']:.3f}")
     if args.against:
-        other = common.load_model(args.against).to(args.device).eval()
+        other = common.load_model(args.against, dtype=dtype).to(args.device).eval()
         theirs = rollout_stats(other, records, 1, 0.0, args.max_new_tokens, args.batch_size)["greedy"]
         changed = np.mean([a != b for a, b in zip(st["greedy"], theirs)])
         print(f"greedy traces unlike {args.against}'s: {changed:.2f} of {len(records)} records")
@@ -412,6 +416,8 @@ def main(argv=None):
         rollouts_main(argv[1:])
         return
 
+    import torch
+
     import common  # scoring only: the summaries need neither torch nor a model
 
     args = get_args(argv)
@@ -423,7 +429,7 @@ def main(argv=None):
             common.fail(f"--ckpt count-only reads the synthetic world's scenes; {path} has records without 'scene'")
         mode, pred = "count-only", count_only_predictions(records)
     else:
-        model = common.load_model(args.ckpt)
+        model = common.load_model(args.ckpt, dtype=torch.bfloat16 if args.bf16 else None)
         model.to(args.device)
         mode = args.mode or getattr(model, "metadata", {}).get("mode", "direct")
         common.check_context(model, records, mode, args.max_new_tokens if mode == "reasoning" else 1)

@@ -125,3 +125,23 @@ def test_rollout_stats_count_what_a_group_holds(tmp_path):
     hot = rollout_stats(model, records, group=3, temperature=1.0, max_new_tokens=6, progress=False)
     assert 1.0 < hot["distinct"] <= 3.0 and 0.0 < hot["unlike_greedy"] <= 1.0
     assert hot["greedy"] == same["greedy"]
+
+
+def test_scoring_and_rollouts_from_the_command_line_in_bf16(tmp_path, capsys):
+    # the two model-loading commands end to end on a saved tiny checkpoint, loaded in bf16
+    import json
+
+    import eval as ev
+    from model import ScoreModel
+    from world import make_world
+
+    make_world(str(tmp_path / "w"), n=4, seed=0)
+    ScoreModel.tiny().save(str(tmp_path / "m.safetensors"))
+    ev.main(["--ckpt", str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "w"), "--bf16", "--limit", "8",
+             "--json", str(tmp_path / "t.json")])
+    assert set(json.load(open(tmp_path / "t.json"))["table"]) >= {"overall"}
+    ev.main(["rollouts", "--ckpt", str(tmp_path / "m.safetensors"), "--against", str(tmp_path / "m.safetensors"),
+             "--data", str(tmp_path / "w"), "--limit", "4", "--group", "2", "--max-new-tokens", "6", "--bf16"])
+    out = capsys.readouterr().out
+    assert "on 4 records" in out and "distinct traces per group" in out
+    assert "greedy traces unlike" in out and ": 0.00 of 4 records" in out  # a model against itself
