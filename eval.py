@@ -128,6 +128,25 @@ def spread_subset(records, n):
     return [records[i * len(records) // n] for i in range(n)]
 
 
+def _query_batches(records, batch_size):
+    """(prompts, images, dimensions) of consecutive batches of records, images read from disk."""
+    from PIL import Image
+
+    for a in range(0, len(records), batch_size):
+        rs = records[a:a + batch_size]
+        yield ([r["prompt"] for r in rs], [Image.open(r["image_path"]).convert("RGB") for r in rs],
+               [r["dimension"] for r in rs])
+
+
+def greedy_traces(model, records, max_new_tokens=96, batch_size=32):
+    """Each record's greedy reasoning trace, in record order."""
+    import torch
+
+    with torch.no_grad():
+        return [t for ps, ims, ds in _query_batches(records, batch_size)
+                for t in model.score_with_reasoning(ps, ims, ds, max_new_tokens, 0.0).traces]
+
+
 def rollout_stats(model, records, group=4, temperature=1.0, max_new_tokens=96, batch_size=32, progress=True):
     """What GRPO's advantages can work with: per record, `group` traces sampled as gdso.py's
     rollouts are (reasoning mode, at `temperature`) beside the greedy trace. Returns the mean number
@@ -135,18 +154,17 @@ def rollout_stats(model, records, group=4, temperature=1.0, max_new_tokens=96, b
     the reasoning before the score line alone), the mean within-group std of mu, and the greedy
     traces. When a group holds one trace G times, every advantage in it is zero."""
     import torch
-    from PIL import Image
     from tqdm import tqdm
 
     from data import SCORE_MARKER
 
     reasoning = lambda t: t.split(SCORE_MARKER)[0]  # noqa: E731
     distinct, unlike, unlike_reasoning, mu_std, greedy = [], [], [], [], []
+    batches = _query_batches(records, batch_size)
+    total = -(-len(records) // batch_size)
     with torch.no_grad():
-        for a in tqdm(range(0, len(records), batch_size), desc="rollouts", disable=not progress, leave=False):
-            rs = records[a:a + batch_size]
-            ims = [Image.open(r["image_path"]).convert("RGB") for r in rs]
-            ps, ds, n = [r["prompt"] for r in rs], [r["dimension"] for r in rs], len(rs)
+        for ps, ims, ds in tqdm(batches, total=total, desc="rollouts", disable=not progress, leave=False):
+            n = len(ps)
             g = model.score_with_reasoning(ps, ims, ds, max_new_tokens, 0.0).traces
             s = model.score_with_reasoning(ps * group, ims * group, ds * group, max_new_tokens, temperature)
             for i in range(n):
@@ -384,7 +402,7 @@ def rollouts_main(argv):
           f"(reasoning lines {st['unlike_greedy_reasoning']:.2f}) | within-group std of mu {st['mu_std']:.3f}")
     if args.against:
         other = common.load_model(args.against, dtype=dtype).to(args.device).eval()
-        theirs = rollout_stats(other, records, 1, 0.0, args.max_new_tokens, args.batch_size)["greedy"]
+        theirs = greedy_traces(other, records, args.max_new_tokens, args.batch_size)
         changed = np.mean([a != b for a, b in zip(st["greedy"], theirs)])
         print(f"greedy traces unlike {args.against}'s: {changed:.2f} of {len(records)} records")
 
