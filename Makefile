@@ -7,6 +7,8 @@ WORLD ?= runs/world
 DEMO ?= runs/demo
 RESULTS ?= runs/results
 SEEDS ?= 0 1 2
+# GRPO and GDSO also run these two: over 3 seeds their difference did not resolve
+RL_EXTRA_SEEDS ?= 3 4
 SFT_STEPS ?= 400
 RL_STEPS ?= 60
 STUDENT_STEPS ?= 1200
@@ -45,7 +47,7 @@ demo:
 # only .63 HPA at 300 steps), the one-token students 1,200 (at 400 they still rose); RISD reads the teacher's greedy trace (sampled at T = 1 the
 # GDSO teacher left a third of its traces without a score); GRPO, GDSO and OPD take 60 steps, GRPO
 # and GDSO at gdso.py's default lr 5e-5 (at 2e-4 GDSO's sampled traces lost the format).
-results: $(addprefix results-seed-,$(SEEDS)) $(RESULTS)/zero-shot.eval.json
+results: $(addprefix results-seed-,$(SEEDS)) $(addprefix results-rl-seed-,$(RL_EXTRA_SEEDS)) $(RESULTS)/zero-shot.eval.json
 	$(PY) eval.py summarize $(RESULTS)/*.eval.json
 	$(PY) eval.py curves docs/curves.png $(RESULTS)/*.curve.jsonl || echo "(no learning-curve picture: pip install matplotlib)"
 
@@ -58,18 +60,22 @@ $(RESULTS)/zero-shot.eval.json: $(WORLD)/test.jsonl
 $(WORLD)/test.jsonl:
 	$(PY) world.py render --out $(WORLD) --n 200 --seed 0
 
-results-seed-%: $(WORLD)/test.jsonl
-	mkdir -p $(RESULTS)
-	rm -f $(RESULTS)/*-$*.curve.jsonl
+# a seed's GRPO and GDSO first (RISD and OPD distill that seed's GDSO teacher), then the rest
+results-seed-%: results-rl-seed-%
+	rm -f $(foreach m,sft rewarddance student-rewarddance student-sft risd opd,$(RESULTS)/$(m)-$*.curve.jsonl)
 	$(PY) sft.py --init assets/tiny_base.safetensors --data $(WORLD) --out $(RESULTS)/sft-$*.safetensors --steps $(SFT_STEPS) --lr 3e-3 --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
 	$(PY) sft.py --stage rewarddance --init assets/tiny_base.safetensors --data $(WORLD) --out $(RESULTS)/rewarddance-$*.safetensors --steps $(SFT_STEPS) --lr 3e-3 --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
 	$(PY) sft.py --stage rewarddance --init assets/tiny_student_base.safetensors --data $(WORLD) --out $(RESULTS)/student-rewarddance-$*.safetensors --steps $(STUDENT_STEPS) --lr 3e-3 --seed $* --eval-every $(STUDENT_EVAL_EVERY) --eval-limit 0
 	$(PY) sft.py --init assets/tiny_student_base.safetensors --data $(WORLD) --out $(RESULTS)/student-sft-$*.safetensors --steps $(STUDENT_STEPS) --lr 3e-3 --seed $* --eval-every $(STUDENT_EVAL_EVERY) --eval-limit 0
-	$(PY) gdso.py --method grpo --data $(WORLD) --out $(RESULTS)/grpo-$*.safetensors --steps $(RL_STEPS) --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
-	$(PY) gdso.py --data $(WORLD) --out $(RESULTS)/gdso-$*.safetensors --steps $(RL_STEPS) --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
 	$(PY) risd.py --teacher $(RESULTS)/gdso-$*.safetensors --student assets/tiny_student_base.safetensors --data $(WORLD) --out $(RESULTS)/risd-$*.safetensors --steps $(STUDENT_STEPS) --lr 3e-3 --teacher-temperature 0 \
 	  --cache $(RESULTS)/risd-$*.qT.safetensors --rebuild-cache --seed $* --eval-every $(STUDENT_EVAL_EVERY) --eval-limit 0
 	$(PY) risd.py --opd --teacher $(RESULTS)/gdso-$*.safetensors --student assets/tiny_student_base.safetensors --data $(WORLD) --out $(RESULTS)/opd-$*.safetensors --steps $(RL_STEPS) --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
+
+results-rl-seed-%: $(WORLD)/test.jsonl
+	mkdir -p $(RESULTS)
+	rm -f $(RESULTS)/grpo-$*.curve.jsonl $(RESULTS)/gdso-$*.curve.jsonl
+	$(PY) gdso.py --method grpo --data $(WORLD) --out $(RESULTS)/grpo-$*.safetensors --steps $(RL_STEPS) --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
+	$(PY) gdso.py --data $(WORLD) --out $(RESULTS)/gdso-$*.safetensors --steps $(RL_STEPS) --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
 
 # the tiny teacher and student bases: vision tower on scene labels, then captions and traces whose
 # score lines follow the generic rubric, on a pretraining world without the labeled world's test prompts
