@@ -1,7 +1,7 @@
 # make test:    install what the suite needs, then run it (CPU; a few minutes on 2 cores)
 # make demo:    the whole pipeline on the embedded tiny model, CPU, ~6 minutes (short runs)
 # make results: the paper's comparison in the tiny world, 3 seeds, GRPO and GDSO 5 (CPU: 39.6 minutes as OMP_NUM_THREADS=1 make -j3 results)
-# make base:    regenerate the shipped tiny bases, assets/tiny_base.safetensors and assets/tiny_student_base.safetensors (CPU, ~50 minutes)
+# make base:    regenerate the shipped tiny bases, $(TEACHER_BASE) and $(STUDENT_BASE) (CPU, ~50 minutes)
 PY ?= python
 WORLD ?= runs/world
 DEMO ?= runs/demo
@@ -10,10 +10,15 @@ SEEDS ?= 0 1 2
 # GRPO and GDSO also run these two: over 3 seeds their difference did not resolve
 RL_EXTRA_SEEDS ?= 3 4
 SFT_STEPS ?= 400
+SFT_LR ?= 3e-3
+STUDENT_LR ?= 3e-3
 RL_STEPS ?= 60
 STUDENT_STEPS ?= 1200
 STUDENT_EVAL_EVERY ?= 100
 EVAL_EVERY ?= 20
+# the bases every method starts from (make base writes them to assets/)
+TEACHER_BASE ?= assets/tiny_base.safetensors
+STUDENT_BASE ?= assets/tiny_student_base.safetensors
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: test demo results base install
@@ -30,11 +35,11 @@ test: install
 demo:
 	$(PY) world.py render --out $(WORLD) --n 200 --seed 0
 	@echo "== zero-shot: the shipped tiny base, reasoning mode"
-	$(PY) eval.py --ckpt assets/tiny_base.safetensors --data $(WORLD)/test.jsonl --mode reasoning --limit 256
+	$(PY) eval.py --ckpt $(TEACHER_BASE) --data $(WORLD)/test.jsonl --mode reasoning --limit 256
 	@echo "== SFT baseline: direct score token, 400 steps as in make results"
-	$(PY) sft.py --init assets/tiny_base.safetensors --data $(WORLD) --out $(DEMO)/sft.safetensors --steps 400 --lr 3e-3 --eval-every 0 --eval-limit 256
+	$(PY) sft.py --init $(TEACHER_BASE) --data $(WORLD) --out $(DEMO)/sft.safetensors --steps 400 --lr 3e-3 --eval-every 0 --eval-limit 256
 	@echo "== GDSO teacher"
-	$(PY) gdso.py --data $(WORLD) --out $(DEMO)/gdso.safetensors --steps 30 --eval-every 0 --eval-limit 256
+	$(PY) gdso.py --init $(TEACHER_BASE) --data $(WORLD) --out $(DEMO)/gdso.safetensors --steps 30 --eval-every 0 --eval-limit 256
 	@echo "== RISD student: the tiny student base, one direct token, distilled from the GDSO teacher"
 	$(PY) risd.py --teacher $(DEMO)/gdso.safetensors --data $(WORLD) --out $(DEMO)/risd.safetensors --steps 600 --lr 3e-3 --teacher-temperature 0 \
 	  --cache $(DEMO)/risd.qT.safetensors --rebuild-cache --eval-every 0 --eval-limit 256
@@ -54,8 +59,8 @@ results: $(addprefix results-seed-,$(SEEDS)) $(addprefix results-rl-seed-,$(RL_E
 $(RESULTS)/zero-shot.eval.json: $(WORLD)/test.jsonl
 	mkdir -p $(RESULTS)
 	$(PY) eval.py --ckpt count-only --data $(WORLD)/test.jsonl --json $(RESULTS)/count-only.eval.json
-	$(PY) eval.py --ckpt assets/tiny_student_base.safetensors --data $(WORLD)/test.jsonl --mode reasoning --json $(RESULTS)/student-zero-shot.eval.json
-	$(PY) eval.py --ckpt assets/tiny_base.safetensors --data $(WORLD)/test.jsonl --mode reasoning --json $@
+	$(PY) eval.py --ckpt $(STUDENT_BASE) --data $(WORLD)/test.jsonl --mode reasoning --json $(RESULTS)/student-zero-shot.eval.json
+	$(PY) eval.py --ckpt $(TEACHER_BASE) --data $(WORLD)/test.jsonl --mode reasoning --json $@
 
 $(WORLD)/test.jsonl:
 	$(PY) world.py render --out $(WORLD) --n 200 --seed 0
@@ -63,37 +68,50 @@ $(WORLD)/test.jsonl:
 # a seed's GRPO and GDSO first (RISD and OPD distill that seed's GDSO teacher), then the rest
 results-seed-%: results-rl-seed-%
 	rm -f $(foreach m,sft rewarddance student-rewarddance student-sft risd opd,$(RESULTS)/$(m)-$*.curve.jsonl)
-	$(PY) sft.py --init assets/tiny_base.safetensors --data $(WORLD) --out $(RESULTS)/sft-$*.safetensors --steps $(SFT_STEPS) --lr 3e-3 --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
-	$(PY) sft.py --stage rewarddance --init assets/tiny_base.safetensors --data $(WORLD) --out $(RESULTS)/rewarddance-$*.safetensors --steps $(SFT_STEPS) --lr 3e-3 --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
-	$(PY) sft.py --stage rewarddance --init assets/tiny_student_base.safetensors --data $(WORLD) --out $(RESULTS)/student-rewarddance-$*.safetensors --steps $(STUDENT_STEPS) --lr 3e-3 --seed $* --eval-every $(STUDENT_EVAL_EVERY) --eval-limit 0
-	$(PY) sft.py --init assets/tiny_student_base.safetensors --data $(WORLD) --out $(RESULTS)/student-sft-$*.safetensors --steps $(STUDENT_STEPS) --lr 3e-3 --seed $* --eval-every $(STUDENT_EVAL_EVERY) --eval-limit 0
-	$(PY) risd.py --teacher $(RESULTS)/gdso-$*.safetensors --student assets/tiny_student_base.safetensors --data $(WORLD) --out $(RESULTS)/risd-$*.safetensors --steps $(STUDENT_STEPS) --lr 3e-3 --teacher-temperature 0 \
+	$(PY) sft.py --init $(TEACHER_BASE) --data $(WORLD) --out $(RESULTS)/sft-$*.safetensors --steps $(SFT_STEPS) --lr $(SFT_LR) --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
+	$(PY) sft.py --stage rewarddance --init $(TEACHER_BASE) --data $(WORLD) --out $(RESULTS)/rewarddance-$*.safetensors --steps $(SFT_STEPS) --lr $(SFT_LR) --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
+	$(PY) sft.py --stage rewarddance --init $(STUDENT_BASE) --data $(WORLD) --out $(RESULTS)/student-rewarddance-$*.safetensors --steps $(STUDENT_STEPS) --lr $(STUDENT_LR) --seed $* --eval-every $(STUDENT_EVAL_EVERY) --eval-limit 0
+	$(PY) sft.py --init $(STUDENT_BASE) --data $(WORLD) --out $(RESULTS)/student-sft-$*.safetensors --steps $(STUDENT_STEPS) --lr $(STUDENT_LR) --seed $* --eval-every $(STUDENT_EVAL_EVERY) --eval-limit 0
+	$(PY) risd.py --teacher $(RESULTS)/gdso-$*.safetensors --student $(STUDENT_BASE) --data $(WORLD) --out $(RESULTS)/risd-$*.safetensors --steps $(STUDENT_STEPS) --lr $(STUDENT_LR) --teacher-temperature 0 \
 	  --cache $(RESULTS)/risd-$*.qT.safetensors --rebuild-cache --seed $* --eval-every $(STUDENT_EVAL_EVERY) --eval-limit 0
-	$(PY) risd.py --opd --teacher $(RESULTS)/gdso-$*.safetensors --student assets/tiny_student_base.safetensors --data $(WORLD) --out $(RESULTS)/opd-$*.safetensors --steps $(RL_STEPS) --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
+	$(PY) risd.py --opd --teacher $(RESULTS)/gdso-$*.safetensors --student $(STUDENT_BASE) --data $(WORLD) --out $(RESULTS)/opd-$*.safetensors --steps $(RL_STEPS) --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
 
 results-rl-seed-%: $(WORLD)/test.jsonl
 	mkdir -p $(RESULTS)
 	rm -f $(RESULTS)/grpo-$*.curve.jsonl $(RESULTS)/gdso-$*.curve.jsonl
-	$(PY) gdso.py --method grpo --data $(WORLD) --out $(RESULTS)/grpo-$*.safetensors --steps $(RL_STEPS) --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
-	$(PY) gdso.py --data $(WORLD) --out $(RESULTS)/gdso-$*.safetensors --steps $(RL_STEPS) --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
+	$(PY) gdso.py --method grpo --init $(TEACHER_BASE) --data $(WORLD) --out $(RESULTS)/grpo-$*.safetensors --steps $(RL_STEPS) --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
+	$(PY) gdso.py --init $(TEACHER_BASE) --data $(WORLD) --out $(RESULTS)/gdso-$*.safetensors --steps $(RL_STEPS) --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
 
-# the tiny teacher and student bases: vision tower on scene labels, then captions and traces whose
-# score lines follow the generic rubric, on a pretraining world without the labeled world's test prompts
-base:
-	$(PY) world.py render --out $(WORLD) --n 200 --seed 0
-	$(PY) world.py render --out runs/pretrain --n 4000 --seed 1 --trace-rubric generic --test-frac 0.02
-	mkdir -p runs/base
-	for size in teacher student; do \
-	  $(PY) world.py tower --size $$size --out runs/base/tower-$$size.safetensors && \
-	  $(PY) sft.py --stage base --init runs/base/tower-$$size.safetensors --data runs/pretrain --holdout $(WORLD)/test.jsonl \
-	    --steps 3000 --eval-every 0 --eval-limit 128 --out runs/base/base-$$size.safetensors && \
-	  $(PY) sft.py --stage base --init runs/base/base-$$size.safetensors --data runs/pretrain --holdout $(WORLD)/test.jsonl \
-	    --steps 1500 --lr 1e-3 --seed 1 --eval-every 0 --eval-limit 128 --out runs/base/base2-$$size.safetensors || exit 1; \
-	done
-	cp runs/base/base2-teacher.safetensors assets/tiny_base.safetensors
-	cp runs/base/base2-student.safetensors assets/tiny_student_base.safetensors
+# the tiny teacher and student bases (README, "The embedded tiny default"); `make -j2 base` builds the
+# two sizes at once. Per size: the vision tower on scene labels, then the language model on the frozen
+# tower in two stages, the prompt before the image: one-token alignment alone on one-item prompts, then
+# captions, traces (score lines on the generic rubric) and one-token alignment on one to three items.
+# The pretraining worlds hold out the labeled world's test prompts.
+BASE_DIR ?= runs/base
+BASE_ONE_STEPS ?= 1500
+BASE_STEPS ?= 4500
+BASE_DIRECT ?= 4
+base: base-teacher base-student
+	cp $(BASE_DIR)/base-teacher.safetensors assets/tiny_base.safetensors
+	cp $(BASE_DIR)/base-student.safetensors assets/tiny_student_base.safetensors
 	$(PY) world.py check --ckpt assets/tiny_base.safetensors --data $(WORLD)/test.jsonl --limit 0
 	$(PY) world.py check --ckpt assets/tiny_student_base.safetensors --data $(WORLD)/test.jsonl --limit 0
+
+base-%: $(WORLD)/test.jsonl runs/pretrain-one/train.jsonl runs/pretrain-mix/train.jsonl
+	mkdir -p $(BASE_DIR)
+	$(PY) world.py tower --size $* --out $(BASE_DIR)/tower-$*.safetensors
+	$(PY) sft.py --stage base --direct-only --direct-items alignment=1 --init $(BASE_DIR)/tower-$*.safetensors \
+	  --data runs/pretrain-one --holdout $(WORLD)/test.jsonl --steps $(BASE_ONE_STEPS) --lr 2e-3 --eval-every 0 --eval-limit 0 \
+	  --out $(BASE_DIR)/one-$*.safetensors
+	$(PY) sft.py --stage base --direct-items alignment=$(BASE_DIRECT) --init $(BASE_DIR)/one-$*.safetensors \
+	  --data runs/pretrain-mix --holdout $(WORLD)/test.jsonl --steps $(BASE_STEPS) --eval-every 0 --eval-limit 128 \
+	  --out $(BASE_DIR)/base-$*.safetensors
+
+runs/pretrain-one/train.jsonl:
+	$(PY) world.py render --out runs/pretrain-one --n 3000 --seed 1 --items-p 1,0,0 --repeat-prompts --trace-rubric generic --test-frac 0.02
+
+runs/pretrain-mix/train.jsonl:
+	$(PY) world.py render --out runs/pretrain-mix --n 4000 --seed 2 --items-p 0.45,0.3,0.25 --repeat-prompts --trace-rubric generic --test-frac 0.02
 
 # make gpu-check: on a machine with a CUDA GPU (~5 minutes): the kernel tests on the GPU (no
 # interpreter), bench.py --quick, then a few bf16 steps of sft, gdso --fsdp (torchrun over the

@@ -54,7 +54,11 @@ for _handler in __import__("transformers").utils.logging.get_logger().handlers:
 
 BINS = tuple(S_MIN + 0.5 * i for i in range(9))  # the nine-level half-point grid from S_MIN = 1 to S_MAX = 5
 BIN_TOKENS = tuple(str(i + 1) for i in range(9))  # level L <-> score 1 + (L - 1) / 2
-PROMPT_VERSION = "zr-rubric-v1"  # bump whenever a word of the prompts below changes
+# the prompts' version: bump whenever a word of the prompts below, or their order, changes. A checkpoint
+# records the version it was trained on and keeps scoring with it; new models get the latest.
+PROMPT_VERSIONS = ("zr-rubric-v1",  # the image, then the text
+                   "zr-rubric-v2")  # the text, then the image
+PROMPT_VERSION = PROMPT_VERSIONS[-1]
 CHECKPOINT_FORMAT = "zreward-score-model-v1"
 
 RUBRICS = {
@@ -78,8 +82,13 @@ ONE_TOKEN_MODES = ("direct", "rewarddance")  # the score is the first answer tok
 assert set(RUBRICS) == set(DIMENSIONS) and BINS[-1] == S_MAX
 
 
-def rubric_messages(prompt, dimension, mode):
-    """The chat for one query: the image, the generation prompt, the rubric and the instruction."""
+def rubric_messages(prompt, dimension, mode, version=PROMPT_VERSION):
+    """The chat for one query: the generation prompt, the rubric and the instruction, then the image.
+
+    The text comes first so that, in a causal model, every image token can look its part of the
+    prompt up as it is read, and a one-token scorer's single forward can compare the two (in the tiny
+    world one-token alignment learns with the text first and not with the image first; README).
+    version "zr-rubric-v1" puts the image first, as models trained before v2 expect."""
     if mode not in INSTRUCTIONS:
         raise ValueError(f"unknown prompt mode {mode!r}; expected one of {tuple(INSTRUCTIONS)}")
     if mode == "caption":
@@ -88,7 +97,8 @@ def rubric_messages(prompt, dimension, mode):
         raise ValueError(f"unknown dimension {dimension!r}; expected one of {DIMENSIONS}")
     else:
         text = f"Prompt: {prompt}\n{RUBRICS[dimension]}\n{INSTRUCTIONS[mode]}"
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    content = [{"type": "text", "text": text}, {"type": "image"}]
+    return [{"role": "user", "content": content[::-1] if version == "zr-rubric-v1" else content}]
 
 
 # -----------------------------------------------------------------------------
@@ -180,6 +190,7 @@ class ScoreModel(nn.Module):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.source = source  # where the model and its processor came from, for the metadata
+        self.prompt_version = PROMPT_VERSION  # a loaded checkpoint keeps the prompts it was trained on
         ids = []
         for value, tok in zip(BINS, BIN_TOKENS):
             pieces = tokenizer.encode(tok, add_special_tokens=False)
@@ -259,7 +270,7 @@ class ScoreModel(nn.Module):
         with params_on_meta():
             vlm = AutoModelForImageTextToText.from_config(config)
         model = cls(vlm.eval(), _tokenizer_from_meta(meta), _image_processor_from_meta(meta), source=meta["source"])
-        model.metadata = meta
+        model.metadata, model.prompt_version = meta, meta["prompt_version"]
         return model
 
     def save(self, path, **extra):
@@ -279,7 +290,7 @@ class ScoreModel(nn.Module):
             "hf_config": self.vlm.config.to_json_string(use_diff=False),
             "bins": json.dumps(list(BINS)),
             "bin_tokens": json.dumps(list(BIN_TOKENS)),
-            "prompt_version": PROMPT_VERSION,
+            "prompt_version": self.prompt_version,
             "source": self.source,
             "tokenizer": tok_json,
             "tokenizer_special": json.dumps(special),
@@ -300,7 +311,8 @@ class ScoreModel(nn.Module):
     def prompt_text(self, prompt, dimension, mode):
         """The chat text up to the answer, with one <|image_pad|> per image (expanded in encode)."""
         kwargs = {"enable_thinking": mode == "reasoning"}  # Qwen3.5 templates; ignored by the tiny one
-        return self.tokenizer.apply_chat_template(rubric_messages(prompt, dimension, mode), tokenize=False,
+        return self.tokenizer.apply_chat_template(rubric_messages(prompt, dimension, mode, self.prompt_version),
+                                                  tokenize=False,
                                                   add_generation_prompt=True, **kwargs)
 
     def pixels(self, images):
@@ -618,6 +630,9 @@ def check_compatible(meta, path, like=None):
     if tuple(bins) != BINS or tuple(json.loads(meta["bin_tokens"])) != BIN_TOKENS:
         raise ValueError(f"{path} was written with bins {bins} / tokens {meta['bin_tokens']}, "
                          f"this code uses {list(BINS)} / {list(BIN_TOKENS)}")
+    if meta.get("prompt_version") not in PROMPT_VERSIONS:
+        raise ValueError(f"{path} was trained on the prompts {meta.get('prompt_version')!r}, which this code does "
+                         f"not know (it knows {', '.join(PROMPT_VERSIONS)}): use the code it was written with")
     if like is not None:
         if meta["architecture"] != type(like.vlm).__name__:
             raise ValueError(f"{path} holds a {meta['architecture']}, expected a {type(like.vlm).__name__}")

@@ -19,9 +19,11 @@ Supervised training of the score model, three stages.
    prompts), with the tower frozen. The traces' score lines follow a generic rubric (every defect
    one point, world.generic_scores), not the annotators': the result reads images well and scores
    on the wrong scale, the tiny world's stand-in for a pretrained VLM before it learns a rubric
-   (the paper starts from a pretrained Qwen3.5 with a system prompt instead). Zero-shot, GRPO
-   and GDSO start from it; `make base` regenerates the shipped assets/tiny_base.safetensors and
-   assets/tiny_student_base.safetensors.
+   (the paper starts from a pretrained Qwen3.5 with a system prompt instead). --direct-items adds
+   one-token items (K per record, or K per record of a dimension), whose target is the trace's own
+   score line; --direct-only trains those alone (the bases' first run: one-token alignment on one-item
+   prompts, README). Zero-shot, GRPO and GDSO start from the result; `make base` regenerates the
+   shipped assets/tiny_base.safetensors and assets/tiny_student_base.safetensors.
 
 Loss normalization: the score CE is summed over a rank's samples and divided by the step's global
 number of samples; the token loss (base: the answer; rewarddance: the rationale) is summed over a
@@ -46,13 +48,28 @@ import argparse
 import torch
 
 import common
-from data import SCORE_MARKER, parse_score, score_to_level
+from data import DIMENSIONS, SCORE_MARKER, parse_score, score_to_level
 from eval import format_table
 from kernels import score_ce
 from model import BIN_TOKENS
 
 EVAL_MODES = {"sft": "direct", "rewarddance": "rewarddance", "base": "reasoning"}  # how each stage's model scores
 TRACE_TOKENS = 96  # the base's answers (captions, traces): the context check's length and the evaluation's budget
+
+
+def direct_counts(text):
+    """--direct-items: "K" (every dimension) or "dimension=K,..." -> {dimension: K}."""
+    try:
+        if "=" not in text:
+            return dict.fromkeys(DIMENSIONS, int(text))
+        counts = {d.strip(): int(k) for d, k in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected K or dimension=K,... with whole numbers K")
+    unknown = sorted(set(counts) - set(DIMENSIONS))
+    if unknown or min(counts.values()) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: " + (f"unknown dimension {unknown[0]!r}; expected some of "
+                                         f"{', '.join(DIMENSIONS)}" if unknown else "a count below 0"))
+    return counts
 
 
 def get_args(argv=None):
@@ -93,9 +110,14 @@ def get_args(argv=None):
                    help="bfloat16 compute (fp32 master weights and optimizer state)")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP replication")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
-    p.add_argument("--direct-items", action="store_true",
+    p.add_argument("--direct-items", type=direct_counts, nargs="?", const="1", default="0", metavar="K|D=K,...",
                    help="base stage: also train the one-token direct answer on the trace's own (generic-rubric) "
-                        "score, so that the base can score without reasoning as a pretrained VLM can")
+                        "score, so that the base can score without reasoning as a pretrained VLM can: K items per "
+                        "record and epoch (K = 1 without a value), or per dimension, e.g. alignment=4,realism=1 "
+                        "(a dimension not named gets none)")
+    p.add_argument("--direct-only", action="store_true",
+                   help="base stage: train the one-token items alone, no captions or traces (the first stage of "
+                        "the tiny bases: one-token alignment on one-item prompts)")
     p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the vision tower frozen (default; the tiny base's tower is trained in a stage of its "
                         "own, world.py)")
@@ -154,14 +176,17 @@ def training_items(args, train, train_file):
             common.fail(f"{train_file}: record {bad['id']!r} has no 'rationale' (a non-empty string): "
                         f"--stage rewarddance trains on the score followed by its rationale (README, Data)")
         return items
-    # base: one captioning item per image, one reasoning item per (image, dimension) with its trace
-    images = {r["image_path"]: r for r in train}
-    items = [("caption", r, r["caption"]) for r in images.values() if "caption" in r]
+    # base: one captioning item per image, one reasoning item per (image, dimension) with its trace,
+    # and --direct-items one-token items per record (--direct-only: those alone)
     if not all("trace" in r for r in train):
         raise SystemExit(f"{train_file} has records without a 'trace': --stage base needs the synthetic world")
-    items += [("reasoning", r, r["trace"]) for r in train]
-    if args.direct_items:
-        items += [("direct", r, None) for r in train]
+    if args.direct_only and not any(args.direct_items.values()):
+        common.fail("--direct-only trains the one-token items alone: give --direct-items K (K >= 1)")
+    items = [("direct", r, None) for r in train for _ in range(args.direct_items.get(r["dimension"], 0))]
+    if not args.direct_only:
+        images = {r["image_path"]: r for r in train}
+        items += [("caption", r, r["caption"]) for r in images.values() if "caption" in r]
+        items += [("reasoning", r, r["trace"]) for r in train]
     return items
 
 
@@ -325,9 +350,14 @@ def log_step(step, metrics, lr, timer, args, device):
                   f"{common.peak_memory(device)}")
 
 
+def eval_mode(args):
+    """How the trained model scores: its stage's mode; a --direct-only base stage's model, in one token."""
+    return "direct" if args.stage == "base" and args.direct_only else EVAL_MODES[args.stage]
+
+
 def evaluate(ddp_model, test, step, args):
     """Score the test split (all ranks), print the table, write NAME.eval.json and a NAME.curve.jsonl line."""
-    mode = EVAL_MODES[args.stage]
+    mode = eval_mode(args)
     table, _ = common.evaluate_sharded(ddp_model, test, mode, max_new_tokens=TRACE_TOKENS)
     common.print0(format_table(table, f"step {step} | test ({mode} mode)"))
     common.write_json(args.out, "eval", {"step": step, "method": args.stage, "table": table})
@@ -362,7 +392,7 @@ def main(argv=None):
         stopping = step == args.stop_after
         if step % args.save_every == 0 or step == args.steps or stopping:
             common.save_checkpoint(args.out, ddp_model, optimizer, step, batches, args,
-                                   mode=EVAL_MODES[args.stage], stage=args.stage)
+                                   mode=eval_mode(args), stage=args.stage)
         if stopping:
             break
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:

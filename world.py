@@ -54,9 +54,14 @@ VLM ("sees well, does not know the annotators' rubric"):
    (supervised or contrastive, before the language model), and it is what the tiny world lacked:
    a random frozen tower, read by the language model, misses the subtle cues (README, "The
    embedded tiny default").
-2. base (sft.py --stage base --init TOWER): a fresh language model on the frozen trained tower
-   learns captions and item-by-item traces whose score lines follow a generic rubric (every
-   defect costs one point; generic_scores), not the annotators' rubric: zero-shot it reasons
+2. base (sft.py --stage base --init TOWER): a fresh language model on the frozen trained tower,
+   the prompt before the image (model.rubric_messages), in two runs. First one-token alignment
+   alone on one-item prompts (a world rendered with --items-p 1,0,0 --repeat-prompts), where a
+   one-token model learns to compare the prompt's object with its quadrant; then captions,
+   item-by-item traces and one-token alignment on a world of one to three items, where it learns to
+   do so for several objects at once (from scratch, with several items, it stays at chance;
+   README). The traces' score lines, and the one-token targets, follow a generic rubric (every
+   defect costs one point; generic_scores), not the annotators' rubric: zero-shot the base reasons
    right and scores on the wrong scale, which is the room GDSO, GRPO and SFT have to learn in.
 3. check: greedy traces of a checkpoint compared line by line with the world's own traces, per
    dimension and per kind of line, and its score lines against both rubrics.
@@ -65,7 +70,8 @@ The teacher and the student are built the same way at two sizes (TINY_SIZES), as
 27B teacher and 9B student come from one family.
 
     python world.py render --out runs/world --n 200 --seed 0                         # the labeled world
-    python world.py render --out runs/pretrain --n 4000 --seed 1 --trace-rubric generic --test-frac 0.02
+    python world.py render --out runs/pretrain-one --n 3000 --seed 1 --items-p 1,0,0 --repeat-prompts \
+        --trace-rubric generic --test-frac 0.02                                      # the base's first stage
     python world.py tower --size teacher --out runs/base/tower-teacher.safetensors   # ~3 min on a CPU
     python world.py check --ckpt assets/tiny_base.safetensors --data runs/world/test.jsonl
 """
@@ -294,8 +300,11 @@ def _pick(rng, options, p=None):
     return options[int(rng.choice(len(options), p=p))]
 
 
-def sample_items(rng):
-    n = int(rng.choice([1, 2, 3], p=[0.3, 0.4, 0.3]))
+ITEMS_P = (0.3, 0.4, 0.3)  # how often a prompt names one, two or three objects
+
+
+def sample_items(rng, items_p=ITEMS_P):
+    n = int(rng.choice([1, 2, 3], p=list(items_p)))
     quads = sorted(int(q) for q in rng.choice(4, size=n, replace=False))  # prompts in reading order
     return [{"quadrant": QUADRANTS[q], "color": _pick(rng, list(COLORS)), "shape": _pick(rng, SHAPES)}
             for q in quads]
@@ -364,26 +373,34 @@ def annotate(rng, truth, n, noise=0.5):
     return [float(np.clip(np.floor(2 * x + 0.5) / 2, S_MIN, S_MAX)) for x in raw]
 
 
-def make_world(out, n, seed=0, candidates=4, annotators=5, test_frac=0.2, noise=0.5, trace_rubric="true"):
+def make_world(out, n, seed=0, candidates=4, annotators=5, test_frac=0.2, noise=0.5, trace_rubric="true",
+               items_p=ITEMS_P, repeat_prompts=False):
     """render n prompts x candidates images and write out/{train,test}.jsonl; returns the records.
     trace_rubric: the scale the records' traces end on, "true" (the annotators' rubric) or "generic"
-    (generic_scores: the tiny base's pretraining world)"""
+    (generic_scores: the tiny base's pretraining world). items_p: the chance of one, two or three
+    prompt items. repeat_prompts: a prompt may be drawn again (there are only 100 one-item prompts;
+    the base's pretraining worlds want thousands); train and test still share none, the split is
+    by prompt text."""
     if trace_rubric not in ("true", "generic"):
         raise ValueError(f"trace_rubric must be 'true' or 'generic', got {trace_rubric!r}")
+    if len(items_p) != 3 or min(items_p) < 0 or abs(sum(items_p) - 1) > 1e-6:
+        raise ValueError(f"items_p must be three chances (one, two, three items) that sum to 1, got {items_p}")
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    prompts, texts = [], set()
-    while len(prompts) < n:  # distinct prompts, so that train and test share none
-        items = sample_items(rng)
-        if prompt_text(items) not in texts:
-            texts.add(prompt_text(items))
+    prompts, texts = [], {}  # texts: prompt text -> order of first appearance
+    while len(prompts) < n:  # distinct prompts unless repeat_prompts
+        items = sample_items(rng, items_p)
+        text = prompt_text(items)
+        if repeat_prompts or text not in texts:
+            texts.setdefault(text, len(texts))
             prompts.append(items)
-    n_test = min(n - 1, round(n * test_frac)) if n > 1 and test_frac > 0 else 0
+    distinct = len(texts)
+    n_test = min(distinct - 1, round(distinct * test_frac)) if distinct > 1 and test_frac > 0 else 0
     files = {split: open(os.path.join(out, f"{split}.jsonl"), "w", encoding="utf-8")
              for split in ("train", "test")}
     records = []
     for p, items in enumerate(prompts):
-        split, group = ("test" if p >= n - n_test else "train"), f"p{p:05d}"
+        split, group = ("test" if texts[prompt_text(items)] >= distinct - n_test else "train"), f"p{p:05d}"
         for c, scene in enumerate(sample_candidates(rng, items, candidates)):
             image = f"images/{group}_c{c}.png"
             render_scene(scene).save(os.path.join(out, image))
@@ -407,7 +424,7 @@ def render(args):
     """python world.py render: make_world with the CLI's options, and one line about what it wrote."""
     t0 = time.time()
     records = make_world(args.out, args.n, args.seed, args.candidates, args.annotators, args.test_frac,
-                         args.noise, args.trace_rubric)
+                         args.noise, args.trace_rubric, args.items_p, args.repeat_prompts)
     n_train = sum(r["split"] == "train" for r in records)
     print(f"{len(records)} records ({n_train} train, {len(records) - n_train} test), "
           f"{len(records) // len(DIMENSIONS)} images in {args.out} | {time.time() - t0:.1f}s")
@@ -841,6 +858,16 @@ def format_check(table, kinds):
 # the command line: render, tower, check
 
 
+def _chances(text):
+    try:
+        p = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        p = ()
+    if len(p) != 3 or min(p) < 0 or abs(sum(p) - 1) > 1e-6:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected three chances that sum to 1, e.g. 0.3,0.4,0.3")
+    return p
+
+
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description="the tiny world: render it, train a tiny vision tower, "
                                                  "check a checkpoint's traces")
@@ -855,6 +882,10 @@ def get_args(argv=None):
     p.add_argument("--noise", type=float, default=0.5, help="annotator noise sd (score units)")
     p.add_argument("--trace-rubric", default="true", choices=["true", "generic"],
                    help="scale the traces end on: the annotators' rubric, or the generic one (base pretraining)")
+    p.add_argument("--items-p", type=_chances, default=ITEMS_P, metavar="P1,P2,P3",
+                   help="chances of a prompt naming one, two or three objects (default %(default)s)")
+    p.add_argument("--repeat-prompts", action="store_true",
+                   help="a prompt may be drawn more than once (the base's pretraining worlds; the split stays by prompt)")
     p = sub.add_parser("tower", help="build a tiny score model and train its vision tower on fresh scenes")
     p.add_argument("--size", default="teacher", choices=sorted(TINY_SIZES), help="which tiny model")
     p.add_argument("--out", required=True, help="score-model .safetensors: trained tower, random language model")

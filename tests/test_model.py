@@ -173,7 +173,7 @@ def test_save_load_round_trip(tiny, tmp_path):
     loaded = ScoreModel.load(path, like=tiny)
     assert torch.equal(rng, torch.get_rng_state()), "loading moved the global RNG: a run's noise would depend on what it loads"
     assert json.loads(loaded.metadata["step"]) == 7 and json.loads(loaded.metadata["args"]) == {"lr": 0.1}
-    assert loaded.metadata["prompt_version"] == "zr-rubric-v1"
+    assert loaded.metadata["prompt_version"] == "zr-rubric-v2"
     a = tiny.score(PROMPTS, _images(3), "realism").probs
     b = loaded.score(PROMPTS, _images(3), "realism").probs
     assert torch.equal(a, b)
@@ -181,6 +181,29 @@ def test_save_load_round_trip(tiny, tmp_path):
     text = "top left red circle: yes.\nScore: 7"
     assert loaded.tokenizer.encode(text) == tiny.tokenizer.encode(text)
     assert loaded.image_processor.patch_size == 16 and loaded.image_processor.merge_size == 2
+
+
+def test_a_checkpoint_keeps_the_prompts_it_was_trained_on(tiny, tmp_path):
+    """A v1 checkpoint (image before text) loads as v1, scores with the image first and saves as v1; a
+    version this code does not know is refused, naming it."""
+    from model import read_checkpoint, write_checkpoint
+
+    assert tiny.prompt_version == "zr-rubric-v2"
+    path, old, bad = tmp_path / "m.safetensors", tmp_path / "old.safetensors", tmp_path / "bad.safetensors"
+    tiny.save(path)
+    meta, tensors = read_checkpoint(path)
+    write_checkpoint(old, tensors, dict(meta, prompt_version="zr-rubric-v1"))
+    v1 = ScoreModel.load(old)
+    new_text, old_text = tiny.prompt_text("a red circle top left", "alignment", "direct"), \
+        v1.prompt_text("a red circle top left", "alignment", "direct")
+    assert new_text.index("Prompt:") < new_text.index("<|image_pad|>")
+    assert old_text.index("<|image_pad|>") < old_text.index("Prompt:")
+    assert sorted(old_text) == sorted(new_text)  # the same words, in another order
+    v1.save(tmp_path / "again.safetensors")
+    assert read_checkpoint(tmp_path / "again.safetensors")[0]["prompt_version"] == "zr-rubric-v1"
+    write_checkpoint(bad, tensors, dict(meta, prompt_version="zr-rubric-v9"))
+    with pytest.raises(ValueError, match="zr-rubric-v9"):
+        ScoreModel.load(bad)
 
 
 def test_load_refuses_other_models(tiny, tmp_path):

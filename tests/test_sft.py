@@ -116,7 +116,7 @@ def test_torchrun_two_ranks_match_one_process(world, tmp_path, fsdp):
 
 @pytest.mark.skipif(not os.path.exists(BASE), reason="assets/tiny_base.safetensors not built")
 def test_base_direct_items_train_the_one_token_answer_on_the_traces_score(tmp_path):
-    """--stage base --direct-items adds one one-token item per record whose target is the score
+    """--stage base --direct-items 2 adds two one-token items per record whose target is the score
     line of the record's own trace (here the generic rubric's, not the label): a short run makes
     the direct answer more likely to be that score, and the header counts the added items."""
     import torch
@@ -139,11 +139,39 @@ def test_base_direct_items_train_the_one_token_answer_on_the_traces_score(tmp_pa
         return -out.probs.clamp_min(1e-12).log().gather(1, target[:, None]).mean().item()
 
     out = tmp_path / "base.safetensors"
-    res = _run(["--stage", "base", "--direct-items", "--init", BASE, "--data", str(data), "--out", str(out),
+    res = _run(["--stage", "base", "--direct-items", "2", "--init", BASE, "--data", str(data), "--out", str(out),
                 "--steps", "20", "--lr", "3e-3", "--warmup", "1", "--batch-size", "16", "--micro-batch", "16",
                 "--eval-every", "0", "--eval-limit", "4"])
     assert res.returncode == 0, res.stderr[-2000:]
     images = len({r["image_path"] for r in recs})
-    assert f"| {images + 2 * len(recs)} items |" in res.stdout, res.stdout[:500]
+    assert f"| {images + 3 * len(recs)} items |" in res.stdout, res.stdout[:500]  # caption, trace, 2 x direct
     before, after = direct_nll(BASE), direct_nll(str(out))
     assert after < before - 0.5, (before, after)
+
+
+def test_base_direct_items_per_dimension_and_direct_only(tmp_path):
+    """--direct-items alignment=3 gives each alignment record three one-token items and no other record
+    one; --direct-only drops the captions and traces (the bases' first run); a bad spec names the problem."""
+    import argparse
+
+    import sft
+    from data import load_jsonl
+    from world import make_world
+
+    make_world(str(tmp_path), n=4, seed=0, trace_rubric="generic")
+    train = load_jsonl(str(tmp_path / "train.jsonl"))
+    n_align = sum(r["dimension"] == "alignment" for r in train)
+    n_images = len({r["image_path"] for r in train})
+
+    def kinds(*argv):
+        items = sft.training_items(sft.get_args(["--stage", "base", *argv]), train, "train.jsonl")
+        return {k: sum(kind == k for kind, _, _ in items) for k in ("direct", "caption", "reasoning")}
+
+    assert kinds("--direct-items", "alignment=3") == {"direct": 3 * n_align, "caption": n_images, "reasoning": len(train)}
+    assert kinds("--direct-items", "2") == {"direct": 2 * len(train), "caption": n_images, "reasoning": len(train)}
+    assert kinds("--direct-only", "--direct-items", "alignment=1") == {"direct": n_align, "caption": 0, "reasoning": 0}
+    with pytest.raises(SystemExit):
+        kinds("--direct-only")  # nothing to train
+    for bad in ("align=2", "alignment=-1", "two"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            sft.direct_counts(bad)

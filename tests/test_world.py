@@ -52,6 +52,23 @@ def test_pretraining_world_traces_end_on_the_generic_rubric(tmp_path):
         world.make_world(str(tmp_path), n=2, trace_rubric="annotators")
 
 
+def test_a_world_of_repeated_one_item_prompts_keeps_its_test_prompts_out_of_train(tmp_path):
+    """items_p=(1, 0, 0) with repeat_prompts: more prompts than the 100 one-item ones that exist,
+    every one naming one object, and the split still by prompt text (the base's first stage)."""
+    recs = world.make_world(str(tmp_path), n=120, seed=4, candidates=1, items_p=(1, 0, 0), repeat_prompts=True,
+                            test_frac=0.1, trace_rubric="generic")
+    assert len(recs) == 120 * len(world.DIMENSIONS)
+    assert all(len(world.parse_prompt(r["prompt"])) == 1 for r in recs)
+    train = {r["prompt"] for r in recs if r["split"] == "train"}
+    test = {r["prompt"] for r in recs if r["split"] == "test"}
+    assert test and train and not train & test
+    assert len(train | test) < 120  # prompts did repeat
+    with pytest.raises(ValueError, match="items_p"):
+        world.make_world(str(tmp_path), n=2, items_p=(0.5, 0.5, 0.5))
+    with pytest.raises(SystemExit):
+        world.get_args(["render", "--out", str(tmp_path), "--items-p", "1,0"])
+
+
 def test_scene_labels():
     s = scene([("top right", "blue", "diamond", -1, "sunk")], noise="mild", clutter="strong", contrast="low")
     y = world.scene_labels(s)
