@@ -21,7 +21,7 @@ TEACHER_BASE ?= assets/tiny_base.safetensors
 STUDENT_BASE ?= assets/tiny_student_base.safetensors
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: test demo results base install
+.PHONY: test demo results base base-v2 install
 
 install:
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
@@ -82,30 +82,48 @@ results-rl-seed-%: $(WORLD)/test.jsonl
 	$(PY) gdso.py --method grpo --init $(TEACHER_BASE) --data $(WORLD) --out $(RESULTS)/grpo-$*.safetensors --steps $(RL_STEPS) --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
 	$(PY) gdso.py --init $(TEACHER_BASE) --data $(WORLD) --out $(RESULTS)/gdso-$*.safetensors --steps $(RL_STEPS) --seed $* --eval-every $(EVAL_EVERY) --eval-limit 0
 
-# the tiny teacher and student bases (README, "The embedded tiny default"); `make -j2 base` builds the
-# two sizes at once. Per size: the vision tower on scene labels, then the language model on the frozen
-# tower in two stages, the prompt before the image: one-token alignment alone on one-item prompts, then
-# captions, traces (score lines on the generic rubric) and one-token alignment on one to three items.
-# The pretraining worlds hold out the labeled world's test prompts.
-BASE_DIR ?= runs/base
-BASE_ONE_STEPS ?= 1500
-BASE_STEPS ?= 4500
-BASE_DIRECT ?= 4
-base: base-teacher base-student
-	cp $(BASE_DIR)/base-teacher.safetensors assets/tiny_base.safetensors
-	cp $(BASE_DIR)/base-student.safetensors assets/tiny_student_base.safetensors
+# the shipped tiny bases (assets/): vision tower on scene labels, then captions and traces whose score
+# lines follow the generic rubric, on a pretraining world without the labeled world's test prompts;
+# prompts v1, the image first (README, "The embedded tiny default")
+base:
+	$(PY) world.py render --out $(WORLD) --n 200 --seed 0
+	$(PY) world.py render --out runs/pretrain --n 4000 --seed 1 --trace-rubric generic --test-frac 0.02
+	mkdir -p runs/base
+	for size in teacher student; do \
+	  $(PY) world.py tower --size $$size --prompt-version zr-rubric-v1 --out runs/base/tower-$$size.safetensors && \
+	  $(PY) sft.py --stage base --init runs/base/tower-$$size.safetensors --data runs/pretrain --holdout $(WORLD)/test.jsonl \
+	    --steps 3000 --eval-every 0 --eval-limit 128 --out runs/base/base-$$size.safetensors && \
+	  $(PY) sft.py --stage base --init runs/base/base-$$size.safetensors --data runs/pretrain --holdout $(WORLD)/test.jsonl \
+	    --steps 1500 --lr 1e-3 --seed 1 --eval-every 0 --eval-limit 128 --out runs/base/base2-$$size.safetensors || exit 1; \
+	done
+	cp runs/base/base2-teacher.safetensors assets/tiny_base.safetensors
+	cp runs/base/base2-student.safetensors assets/tiny_student_base.safetensors
 	$(PY) world.py check --ckpt assets/tiny_base.safetensors --data $(WORLD)/test.jsonl --limit 0
 	$(PY) world.py check --ckpt assets/tiny_student_base.safetensors --data $(WORLD)/test.jsonl --limit 0
 
-base-%: $(WORLD)/test.jsonl runs/pretrain-one/train.jsonl runs/pretrain-mix/train.jsonl
-	mkdir -p $(BASE_DIR)
-	$(PY) world.py tower --size $* --out $(BASE_DIR)/tower-$*.safetensors
-	$(PY) sft.py --stage base --direct-only --direct-items alignment=1 --init $(BASE_DIR)/tower-$*.safetensors \
-	  --data runs/pretrain-one --holdout $(WORLD)/test.jsonl --steps $(BASE_ONE_STEPS) --lr 2e-3 --eval-every 0 --eval-limit 0 \
-	  --out $(BASE_DIR)/one-$*.safetensors
-	$(PY) sft.py --stage base --direct-items alignment=$(BASE_DIRECT) --init $(BASE_DIR)/one-$*.safetensors \
-	  --data runs/pretrain-mix --holdout $(WORLD)/test.jsonl --steps $(BASE_STEPS) --eval-every 0 --eval-limit 128 \
-	  --out $(BASE_DIR)/base-$*.safetensors
+# the prompt-v2 bases (README, "Prompt v2 bases"; measured, not shipped): `make -j2 base-v2` builds both
+# sizes into $(BASE_V2), ~45 minutes. Per size: the vision tower, then the language model on the frozen
+# tower in three runs, the prompt before the image: one-token alignment alone on one-item prompts;
+# captions, traces (score lines on the generic rubric) and one-token alignment (4 per record) on one
+# to three items; the same at lr 1e-3 with one-token items on every dimension. Measure them with
+# make results TEACHER_BASE=$(BASE_V2)/base-teacher.safetensors STUDENT_BASE=$(BASE_V2)/base-student.safetensors
+BASE_V2 ?= runs/base-v2
+base-v2: base-v2-teacher base-v2-student
+	$(PY) world.py check --ckpt $(BASE_V2)/base-teacher.safetensors --data $(WORLD)/test.jsonl --limit 0
+	$(PY) world.py check --ckpt $(BASE_V2)/base-student.safetensors --data $(WORLD)/test.jsonl --limit 0
+
+base-v2-%: $(WORLD)/test.jsonl runs/pretrain-one/train.jsonl runs/pretrain-mix/train.jsonl
+	mkdir -p $(BASE_V2)
+	$(PY) world.py tower --size $* --out $(BASE_V2)/tower-$*.safetensors
+	$(PY) sft.py --stage base --direct-only --direct-items alignment=1 --init $(BASE_V2)/tower-$*.safetensors \
+	  --data runs/pretrain-one --holdout $(WORLD)/test.jsonl --steps 1500 --lr 2e-3 --eval-every 0 --eval-limit 0 \
+	  --out $(BASE_V2)/one-$*.safetensors
+	$(PY) sft.py --stage base --direct-items alignment=4 --init $(BASE_V2)/one-$*.safetensors \
+	  --data runs/pretrain-mix --holdout $(WORLD)/test.jsonl --steps 8000 --eval-every 0 --eval-limit 64 \
+	  --out $(BASE_V2)/mix-$*.safetensors
+	$(PY) sft.py --stage base --direct-items alignment=4,realism=1,aesthetics=1,plausibility=1 \
+	  --init $(BASE_V2)/mix-$*.safetensors --data runs/pretrain-mix --holdout $(WORLD)/test.jsonl \
+	  --steps 1500 --lr 1e-3 --eval-every 0 --eval-limit 128 --out $(BASE_V2)/base-$*.safetensors
 
 runs/pretrain-one/train.jsonl:
 	$(PY) world.py render --out runs/pretrain-one --n 3000 --seed 1 --items-p 1,0,0 --repeat-prompts --trace-rubric generic --test-frac 0.02

@@ -21,8 +21,8 @@ Supervised training of the score model, three stages.
    on the wrong scale, the tiny world's stand-in for a pretrained VLM before it learns a rubric
    (the paper starts from a pretrained Qwen3.5 with a system prompt instead). --direct-items adds
    one-token items (K per record, or K per record of a dimension), whose target is the trace's own
-   score line; --direct-only trains those alone (the bases' first run: one-token alignment on one-item
-   prompts, README). Zero-shot, GRPO and GDSO start from the result; `make base` regenerates the
+   score line; --direct-only trains those alone (make base-v2's first run: one-token alignment on
+   one-item prompts, README). Zero-shot, GRPO and GDSO start from the result; `make base` regenerates the
    shipped assets/tiny_base.safetensors and assets/tiny_student_base.safetensors.
 
 Loss normalization: the score CE is summed over a rank's samples and divided by the step's global

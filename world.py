@@ -54,15 +54,15 @@ VLM ("sees well, does not know the annotators' rubric"):
    (supervised or contrastive, before the language model), and it is what the tiny world lacked:
    a random frozen tower, read by the language model, misses the subtle cues (README, "The
    embedded tiny default").
-2. base (sft.py --stage base --init TOWER): a fresh language model on the frozen trained tower,
-   the prompt before the image (model.rubric_messages), in two runs. First one-token alignment
-   alone on one-item prompts (a world rendered with --items-p 1,0,0 --repeat-prompts), where a
-   one-token model learns to compare the prompt's object with its quadrant; then captions,
-   item-by-item traces and one-token alignment on a world of one to three items, where it learns to
-   do so for several objects at once (from scratch, with several items, it stays at chance;
-   README). The traces' score lines, and the one-token targets, follow a generic rubric (every
-   defect costs one point; generic_scores), not the annotators' rubric: zero-shot the base reasons
+2. base (sft.py --stage base --init TOWER): a fresh language model on the frozen trained tower
+   learns captions and item-by-item traces whose score lines follow a generic rubric (every
+   defect costs one point; generic_scores), not the annotators' rubric: zero-shot it reasons
    right and scores on the wrong scale, which is the room GDSO, GRPO and SFT have to learn in.
+   The shipped bases (make base) do this on prompts v1, the image first. make base-v2 builds
+   prompt-v2 bases (the text first) that also learn one-token answers, alignment first on
+   one-item prompts (a world rendered with --items-p 1,0,0 --repeat-prompts), then on one to
+   three items: they score alignment in one token, and lose the traces' alignment verdict
+   (README, "Prompt v2 bases").
 3. check: greedy traces of a checkpoint compared line by line with the world's own traces, per
    dimension and per kind of line, and its score lines against both rubrics.
 
@@ -70,8 +70,9 @@ The teacher and the student are built the same way at two sizes (TINY_SIZES), as
 27B teacher and 9B student come from one family.
 
     python world.py render --out runs/world --n 200 --seed 0                         # the labeled world
+    python world.py render --out runs/pretrain --n 4000 --seed 1 --trace-rubric generic --test-frac 0.02
     python world.py render --out runs/pretrain-one --n 3000 --seed 1 --items-p 1,0,0 --repeat-prompts \
-        --trace-rubric generic --test-frac 0.02                                      # the base's first stage
+        --trace-rubric generic --test-frac 0.02                                      # make base-v2's first run
     python world.py tower --size teacher --out runs/base/tower-teacher.safetensors   # ~3 min on a CPU
     python world.py check --ckpt assets/tiny_base.safetensors --data runs/world/test.jsonl
 """
@@ -91,7 +92,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 
 from data import DIMENSIONS, S_MAX, S_MIN, SCORE_MARKER, aggregate, load_jsonl, parse_score, score_to_level
-from model import INSTRUCTIONS, RUBRICS, ScoreModel
+from model import INSTRUCTIONS, PROMPT_VERSION, PROMPT_VERSIONS, RUBRICS, ScoreModel
 
 
 # -----------------------------------------------------------------------------
@@ -889,6 +890,9 @@ def get_args(argv=None):
     p = sub.add_parser("tower", help="build a tiny score model and train its vision tower on fresh scenes")
     p.add_argument("--size", default="teacher", choices=sorted(TINY_SIZES), help="which tiny model")
     p.add_argument("--out", required=True, help="score-model .safetensors: trained tower, random language model")
+    p.add_argument("--prompt-version", default=PROMPT_VERSION, choices=PROMPT_VERSIONS,
+                   help="the prompts the model is trained and scored with (model.rubric_messages; the shipped "
+                        "bases are zr-rubric-v1, the image first)")
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps (64 fresh images each)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of the init and of the scene stream")
@@ -902,6 +906,7 @@ def get_args(argv=None):
 def tower_stage(args):
     """python world.py tower: a tiny score model whose vision tower is trained on scene labels, saved."""
     model = ScoreModel.tiny(seed=args.seed, **TINY_SIZES[args.size])
+    model.prompt_version = args.prompt_version
     torch.manual_seed(args.seed)
     acc = train_tower(model, steps=args.steps, lr=args.lr, seed=args.seed)
     print("held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))

@@ -149,3 +149,16 @@ def test_the_shipped_bases_carry_the_tokenizer_the_code_builds():
     for p in paths:
         meta, _ = read_checkpoint(p)
         assert meta["tokenizer"] == built, f"{p} was built with another tokenizer: rerun `make base`"
+
+
+def test_tower_stage_writes_the_prompt_version_asked_for(tmp_path, monkeypatch):
+    """world.py tower --prompt-version zr-rubric-v1 (make base: the shipped bases) saves a model that keeps
+    scoring with the image first; the default is the latest prompts. (The training itself is tested above.)"""
+    from model import PROMPT_VERSION, ScoreModel
+
+    monkeypatch.setattr(world, "train_tower", lambda model, **kw: {})
+    for version in ("zr-rubric-v1", None):
+        out = tmp_path / f"{version}.safetensors"
+        argv = ["tower", "--size", "student", "--steps", "1", "--out", str(out)]
+        world.tower_stage(world.get_args(argv + (["--prompt-version", version] if version else [])))
+        assert ScoreModel.load(out).prompt_version == (version or PROMPT_VERSION)
