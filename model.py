@@ -311,9 +311,8 @@ class ScoreModel(nn.Module):
     def prompt_text(self, prompt, dimension, mode):
         """The chat text up to the answer, with one <|image_pad|> per image (expanded in encode)."""
         kwargs = {"enable_thinking": mode == "reasoning"}  # Qwen3.5 templates; ignored by the tiny one
-        return self.tokenizer.apply_chat_template(rubric_messages(prompt, dimension, mode, self.prompt_version),
-                                                  tokenize=False,
-                                                  add_generation_prompt=True, **kwargs)
+        messages = rubric_messages(prompt, dimension, mode, self.prompt_version)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
 
     def pixels(self, images):
         """PIL images / paths -> (pixel_values, image_grid_thw); a float tensor goes the differentiable way."""

@@ -22,8 +22,8 @@ Supervised training of the score model, three stages.
    (the paper starts from a pretrained Qwen3.5 with a system prompt instead). --direct-items adds
    one-token items (K per record, or K per record of a dimension), whose target is the trace's own
    score line; --direct-only trains those alone (make base-v2's first run: one-token alignment on
-   one-item prompts, README). Zero-shot, GRPO and GDSO start from the result; `make base` regenerates the
-   shipped assets/tiny_base.safetensors and assets/tiny_student_base.safetensors.
+   one-item prompts, README). Zero-shot, GRPO and GDSO start from the result; `make base`
+   regenerates the shipped assets/tiny_base.safetensors and assets/tiny_student_base.safetensors.
 
 Loss normalization: the score CE is summed over a rank's samples and divided by the step's global
 number of samples; the token loss (base: the answer; rewarddance: the rationale) is summed over a
@@ -110,14 +110,15 @@ def get_args(argv=None):
                    help="bfloat16 compute (fp32 master weights and optimizer state)")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP replication")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
-    p.add_argument("--direct-items", type=direct_counts, nargs="?", const="1", default="0", metavar="K|D=K,...",
+    p.add_argument("--direct-items", type=direct_counts, nargs="?", const=dict.fromkeys(DIMENSIONS, 1), default="0",
+                   metavar="K|D=K,...",
                    help="base stage: also train the one-token direct answer on the trace's own (generic-rubric) "
                         "score, so that the base can score without reasoning as a pretrained VLM can: K items per "
                         "record and epoch (K = 1 without a value), or per dimension, e.g. alignment=4,realism=1 "
                         "(a dimension not named gets none)")
     p.add_argument("--direct-only", action="store_true",
-                   help="base stage: train the one-token items alone, no captions or traces (the first stage of "
-                        "the tiny bases: one-token alignment on one-item prompts)")
+                   help="base stage: train the one-token items alone, no captions or traces (make base-v2's "
+                        "first run: one-token alignment on one-item prompts)")
     p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the vision tower frozen (default; the tiny base's tower is trained in a stage of its "
                         "own, world.py)")

@@ -886,7 +886,8 @@ def get_args(argv=None):
     p.add_argument("--items-p", type=_chances, default=ITEMS_P, metavar="P1,P2,P3",
                    help="chances of a prompt naming one, two or three objects (default %(default)s)")
     p.add_argument("--repeat-prompts", action="store_true",
-                   help="a prompt may be drawn more than once (the base's pretraining worlds; the split stays by prompt)")
+                   help="a prompt may be drawn more than once (make base-v2's pretraining worlds; the split stays "
+                        "by prompt)")
     p = sub.add_parser("tower", help="build a tiny score model and train its vision tower on fresh scenes")
     p.add_argument("--size", default="teacher", choices=sorted(TINY_SIZES), help="which tiny model")
     p.add_argument("--out", required=True, help="score-model .safetensors: trained tower, random language model")

@@ -169,6 +169,8 @@ def test_base_direct_items_per_dimension_and_direct_only(tmp_path):
 
     assert kinds("--direct-items", "alignment=3") == {"direct": 3 * n_align, "caption": n_images, "reasoning": len(train)}
     assert kinds("--direct-items", "2") == {"direct": 2 * len(train), "caption": n_images, "reasoning": len(train)}
+    assert kinds("--direct-items") == {"direct": len(train), "caption": n_images, "reasoning": len(train)}
+    assert kinds() == {"direct": 0, "caption": n_images, "reasoning": len(train)}
     assert kinds("--direct-only", "--direct-items", "alignment=1") == {"direct": n_align, "caption": 0, "reasoning": 0}
     with pytest.raises(SystemExit):
         kinds("--direct-only")  # nothing to train
