@@ -1,7 +1,7 @@
 # make test:    install what the suite needs, then run it (CPU; a few minutes on 2 cores)
 # make demo:    the whole pipeline on the embedded tiny model, CPU, ~6 minutes (short runs)
 # make results: the paper's comparison in the tiny world, 3 seeds, GRPO and GDSO 5 (CPU: 39.6 minutes as OMP_NUM_THREADS=1 make -j3 results)
-# make base:    regenerate the shipped tiny bases, $(TEACHER_BASE) and $(STUDENT_BASE) (CPU, ~50 minutes)
+# make base:    regenerate the shipped tiny bases, assets/tiny_base.safetensors and assets/tiny_student_base.safetensors (CPU, ~50 minutes)
 PY ?= python
 WORLD ?= runs/world
 DEMO ?= runs/demo
