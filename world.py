@@ -304,6 +304,12 @@ def _pick(rng, options, p=None):
 ITEMS_P = (0.3, 0.4, 0.3)  # how often a prompt names one, two or three objects
 
 
+def check_items_p(items_p):
+    """A ValueError unless items_p is three chances (one, two, three items) that sum to 1."""
+    if len(items_p) != 3 or min(items_p) < 0 or abs(sum(items_p) - 1) > 1e-6:
+        raise ValueError(f"items_p must be three chances (one, two, three items) that sum to 1, got {items_p}")
+
+
 def sample_items(rng, items_p=ITEMS_P):
     n = int(rng.choice([1, 2, 3], p=list(items_p)))
     quads = sorted(int(q) for q in rng.choice(4, size=n, replace=False))  # prompts in reading order
@@ -384,8 +390,7 @@ def make_world(out, n, seed=0, candidates=4, annotators=5, test_frac=0.2, noise=
     by prompt text."""
     if trace_rubric not in ("true", "generic"):
         raise ValueError(f"trace_rubric must be 'true' or 'generic', got {trace_rubric!r}")
-    if len(items_p) != 3 or min(items_p) < 0 or abs(sum(items_p) - 1) > 1e-6:
-        raise ValueError(f"items_p must be three chances (one, two, three items) that sum to 1, got {items_p}")
+    check_items_p(items_p)
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     prompts, texts = [], {}  # texts: prompt text -> order of first appearance
@@ -862,9 +867,8 @@ def format_check(table, kinds):
 def _chances(text):
     try:
         p = tuple(float(x) for x in text.split(","))
+        check_items_p(p)
     except ValueError:
-        p = ()
-    if len(p) != 3 or min(p) < 0 or abs(sum(p) - 1) > 1e-6:
         raise argparse.ArgumentTypeError(f"{text!r}: expected three chances that sum to 1, e.g. 0.3,0.4,0.3")
     return p
 
