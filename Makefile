@@ -16,6 +16,7 @@ RL_STEPS ?= 60
 STUDENT_STEPS ?= 1200
 STUDENT_EVAL_EVERY ?= 100
 EVAL_EVERY ?= 20
+CURVES ?= docs/curves.png
 # the bases every method starts from (make base writes them to assets/)
 TEACHER_BASE ?= assets/tiny_base.safetensors
 STUDENT_BASE ?= assets/tiny_student_base.safetensors
@@ -54,7 +55,7 @@ demo:
 # and GDSO at gdso.py's default lr 5e-5 (at 2e-4 GDSO's sampled traces lost the format).
 results: $(addprefix results-seed-,$(SEEDS)) $(addprefix results-rl-seed-,$(RL_EXTRA_SEEDS)) $(RESULTS)/zero-shot.eval.json
 	$(PY) eval.py summarize $(RESULTS)/*.eval.json
-	$(PY) eval.py curves docs/curves.png $(RESULTS)/*.curve.jsonl || echo "(no learning-curve picture: pip install matplotlib)"
+	$(PY) eval.py curves $(CURVES) $(RESULTS)/*.curve.jsonl || echo "(no learning-curve picture: pip install matplotlib)"
 
 $(RESULTS)/zero-shot.eval.json: $(WORLD)/test.jsonl
 	mkdir -p $(RESULTS)

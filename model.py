@@ -57,7 +57,8 @@ BIN_TOKENS = tuple(str(i + 1) for i in range(9))  # level L <-> score 1 + (L - 1
 # the prompts' version: bump whenever a word of the prompts below, or their order, changes. A checkpoint
 # records the version it was trained on and keeps scoring with it; new models get the latest.
 PROMPT_VERSIONS = ("zr-rubric-v1",  # the image, then the text
-                   "zr-rubric-v2")  # the text, then the image
+                   "zr-rubric-v2",  # the text, then the image
+                   "zr-rubric-v3")  # the image first to reason or caption, the text first to answer in one token
 PROMPT_VERSION = PROMPT_VERSIONS[-1]
 CHECKPOINT_FORMAT = "zreward-score-model-v1"
 
@@ -78,17 +79,21 @@ INSTRUCTIONS = {
     # score, read at the score alone
     "rewarddance": "Answer with one digit from 1 (worst) to 9 (best), then explain why.",
 }
+ONE_TOKEN_MODES = ("direct", "rewarddance")  # the modes whose score is the first answer token
 ONE_TOKEN_MODES = ("direct", "rewarddance")  # the score is the first answer token: one forward, no generation
 assert set(RUBRICS) == set(DIMENSIONS) and BINS[-1] == S_MAX
 
 
 def rubric_messages(prompt, dimension, mode, version=PROMPT_VERSION):
-    """The chat for one query: the generation prompt, the rubric and the instruction, then the image.
+    """The chat for one query: the image, and the generation prompt, the rubric and the instruction.
 
-    The text comes first so that, in a causal model, every image token can look its part of the
-    prompt up as it is read, and a one-token scorer's single forward can compare the two (in the tiny
-    world one-token alignment learns with the text first and not with the image first; README).
-    version "zr-rubric-v1" puts the image first, as models trained before v2 expect."""
+    Their order is the prompts' version (a checkpoint keeps its own). zr-rubric-v3, the default: a trace
+    or a caption reads the image first, then the text; a one-token answer (direct, rewarddance) gets the
+    text first. In a causal model, text before the image lets every image token look its part of the
+    prompt up as it is read, so a one-token scorer's single forward can compare the two; a trace
+    compares them on its own lines instead, and there the text first cost the tiny world's traces their
+    alignment verdicts (README, "The embedded tiny default"). v1 puts the image first in every mode, v2
+    the text."""
     if mode not in INSTRUCTIONS:
         raise ValueError(f"unknown prompt mode {mode!r}; expected one of {tuple(INSTRUCTIONS)}")
     if mode == "caption":
@@ -97,8 +102,9 @@ def rubric_messages(prompt, dimension, mode, version=PROMPT_VERSION):
         raise ValueError(f"unknown dimension {dimension!r}; expected one of {DIMENSIONS}")
     else:
         text = f"Prompt: {prompt}\n{RUBRICS[dimension]}\n{INSTRUCTIONS[mode]}"
+    text_first = version == "zr-rubric-v2" or (version == "zr-rubric-v3" and mode in ONE_TOKEN_MODES)
     content = [{"type": "text", "text": text}, {"type": "image"}]
-    return [{"role": "user", "content": content[::-1] if version == "zr-rubric-v1" else content}]
+    return [{"role": "user", "content": content if text_first else content[::-1]}]
 
 
 # -----------------------------------------------------------------------------

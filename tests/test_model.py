@@ -173,7 +173,7 @@ def test_save_load_round_trip(tiny, tmp_path):
     loaded = ScoreModel.load(path, like=tiny)
     assert torch.equal(rng, torch.get_rng_state()), "loading moved the global RNG: a run's noise would depend on what it loads"
     assert json.loads(loaded.metadata["step"]) == 7 and json.loads(loaded.metadata["args"]) == {"lr": 0.1}
-    assert loaded.metadata["prompt_version"] == "zr-rubric-v2"
+    assert loaded.metadata["prompt_version"] == "zr-rubric-v3"
     a = tiny.score(PROMPTS, _images(3), "realism").probs
     b = loaded.score(PROMPTS, _images(3), "realism").probs
     assert torch.equal(a, b)
@@ -188,7 +188,7 @@ def test_a_checkpoint_keeps_the_prompts_it_was_trained_on(tiny, tmp_path):
     version this code does not know is refused, naming it."""
     from model import read_checkpoint, write_checkpoint
 
-    assert tiny.prompt_version == "zr-rubric-v2"
+    assert tiny.prompt_version == "zr-rubric-v3"
     path, old, bad = tmp_path / "m.safetensors", tmp_path / "old.safetensors", tmp_path / "bad.safetensors"
     tiny.save(path)
     meta, tensors = read_checkpoint(path)
@@ -204,6 +204,20 @@ def test_a_checkpoint_keeps_the_prompts_it_was_trained_on(tiny, tmp_path):
     write_checkpoint(bad, tensors, dict(meta, prompt_version="zr-rubric-v9"))
     with pytest.raises(ValueError, match="zr-rubric-v9"):
         ScoreModel.load(bad)
+
+
+def test_prompt_v3_reasons_with_the_image_first_and_answers_with_the_text_first():
+    """zr-rubric-v3: a trace or caption reads the image first (as v1), a one-token answer gets the text first (as v2)."""
+    from model import rubric_messages
+
+    def order(version, mode):
+        return [part["type"] for part in rubric_messages("a red circle top left", "alignment", mode, version)[0]["content"]]
+
+    assert order("zr-rubric-v3", "reasoning") == order("zr-rubric-v1", "reasoning") == ["image", "text"]
+    assert order("zr-rubric-v3", "caption") == ["image", "text"]
+    assert order("zr-rubric-v3", "direct") == order("zr-rubric-v2", "direct") == ["text", "image"]
+    assert order("zr-rubric-v3", "rewarddance") == ["text", "image"]
+    assert order("zr-rubric-v2", "reasoning") == ["text", "image"] and order("zr-rubric-v1", "direct") == ["image", "text"]
 
 
 def test_load_refuses_other_models(tiny, tmp_path):
