@@ -22,7 +22,7 @@ TEACHER_BASE ?= assets/tiny_base.safetensors
 STUDENT_BASE ?= assets/tiny_student_base.safetensors
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: test demo results base base-v2 install
+.PHONY: test demo results base base-v2 base-v3 install
 
 install:
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
@@ -115,7 +115,7 @@ base-v2: base-v2-teacher base-v2-student
 
 base-v2-%: $(WORLD)/test.jsonl runs/pretrain-one/train.jsonl runs/pretrain-mix/train.jsonl
 	mkdir -p $(BASE_V2)
-	$(PY) world.py tower --size $* --out $(BASE_V2)/tower-$*.safetensors
+	$(PY) world.py tower --size $* --prompt-version zr-rubric-v2 --out $(BASE_V2)/tower-$*.safetensors
 	$(PY) sft.py --stage base --direct-only --direct-items alignment=1 --init $(BASE_V2)/tower-$*.safetensors \
 	  --data runs/pretrain-one --holdout $(WORLD)/test.jsonl --steps 1500 --lr 2e-3 --eval-every 0 --eval-limit 0 \
 	  --out $(BASE_V2)/one-$*.safetensors
@@ -125,6 +125,33 @@ base-v2-%: $(WORLD)/test.jsonl runs/pretrain-one/train.jsonl runs/pretrain-mix/t
 	$(PY) sft.py --stage base --direct-items alignment=4,realism=1,aesthetics=1,plausibility=1 \
 	  --init $(BASE_V2)/mix-$*.safetensors --data runs/pretrain-mix --holdout $(WORLD)/test.jsonl \
 	  --steps 1500 --lr 1e-3 --eval-every 0 --eval-limit 128 --out $(BASE_V2)/base-$*.safetensors
+
+# the prompt-v3 bases (README, "Prompt v3 bases"; measured, not shipped yet): `make -j2 base-v3` builds
+# both sizes into $(BASE_V3). Per size: make base's recipe (captions and traces read the image first, as
+# in v1, so these stages are make base's own), then one-token answers with the text first, on the
+# trace's own generic score: alignment alone on one-item prompts (1,500 steps), then every dimension on
+# one to three items beside the captions and traces (3,000 steps at lr 1e-3).
+BASE_V3 ?= runs/base-v3
+base-v3: base-v3-teacher base-v3-student
+	$(PY) world.py check --ckpt $(BASE_V3)/base-teacher.safetensors --data $(WORLD)/test.jsonl --limit 0
+	$(PY) world.py check --ckpt $(BASE_V3)/base-student.safetensors --data $(WORLD)/test.jsonl --limit 0
+
+base-v3-%: $(WORLD)/test.jsonl runs/pretrain/train.jsonl runs/pretrain-one/train.jsonl runs/pretrain-mix/train.jsonl
+	mkdir -p $(BASE_V3)
+	$(PY) world.py tower --size $* --prompt-version zr-rubric-v3 --out $(BASE_V3)/tower-$*.safetensors
+	$(PY) sft.py --stage base --init $(BASE_V3)/tower-$*.safetensors --data runs/pretrain --holdout $(WORLD)/test.jsonl \
+	  --steps 3000 --eval-every 0 --eval-limit 128 --out $(BASE_V3)/traces-$*.safetensors
+	$(PY) sft.py --stage base --init $(BASE_V3)/traces-$*.safetensors --data runs/pretrain --holdout $(WORLD)/test.jsonl \
+	  --steps 1500 --lr 1e-3 --seed 1 --eval-every 0 --eval-limit 128 --out $(BASE_V3)/traces2-$*.safetensors
+	$(PY) sft.py --stage base --direct-only --direct-items alignment=1 --init $(BASE_V3)/traces2-$*.safetensors \
+	  --data runs/pretrain-one --holdout $(WORLD)/test.jsonl --steps 1500 --lr 2e-3 --eval-every 0 --eval-limit 0 \
+	  --out $(BASE_V3)/one-$*.safetensors
+	$(PY) sft.py --stage base --direct-items alignment=4,realism=1,aesthetics=1,plausibility=1 --init $(BASE_V3)/one-$*.safetensors \
+	  --data runs/pretrain-mix --holdout $(WORLD)/test.jsonl --steps 3000 --lr 1e-3 --eval-every 0 --eval-limit 64 \
+	  --out $(BASE_V3)/base-$*.safetensors
+
+runs/pretrain/train.jsonl:
+	$(PY) world.py render --out runs/pretrain --n 4000 --seed 1 --trace-rubric generic --test-frac 0.02
 
 runs/pretrain-one/train.jsonl:
 	$(PY) world.py render --out runs/pretrain-one --n 3000 --seed 1 --items-p 1,0,0 --repeat-prompts --trace-rubric generic --test-frac 0.02
