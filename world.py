@@ -62,7 +62,10 @@ VLM ("sees well, does not know the annotators' rubric"):
    prompt-v2 bases (the text first) that also learn one-token answers, alignment first on
    one-item prompts (a world rendered with --items-p 1,0,0 --repeat-prompts), then on one to
    three items: they score alignment in one token, and lose the traces' alignment verdict
-   (README, "Prompt v2 bases").
+   (README, "Prompt v2 bases"). make base-v3 keeps make base's captions and traces (prompts v3
+   read the image first there, as v1) and then adds one-token answers with the text first: the
+   traces keep their verdict and the models score alignment in one token (README, "Prompt v3
+   bases").
 3. check: greedy traces of a checkpoint compared line by line with the world's own traces, per
    dimension and per kind of line, and its score lines against both rubrics.
 
