@@ -126,7 +126,7 @@ base-v2-%: $(WORLD)/test.jsonl runs/pretrain-one/train.jsonl runs/pretrain-mix/t
 	  --init $(BASE_V2)/mix-$*.safetensors --data runs/pretrain-mix --holdout $(WORLD)/test.jsonl \
 	  --steps 1500 --lr 1e-3 --eval-every 0 --eval-limit 128 --out $(BASE_V2)/base-$*.safetensors
 
-# the prompt-v3 bases (README, "Prompt v3 bases"; measured, not shipped yet): `make -j2 base-v3` builds
+# the prompt-v3 bases (README, "Prompt v3 bases"; measured, not shipped): `make -j2 base-v3` builds
 # both sizes into $(BASE_V3). Per size: make base's recipe (captions and traces read the image first, as
 # in v1, so these stages are make base's own), then one-token answers with the text first, on the
 # trace's own generic score: alignment alone on one-item prompts (1,500 steps), then every dimension on
