@@ -79,7 +79,6 @@ INSTRUCTIONS = {
     # score, read at the score alone
     "rewarddance": "Answer with one digit from 1 (worst) to 9 (best), then explain why.",
 }
-ONE_TOKEN_MODES = ("direct", "rewarddance")  # the modes whose score is the first answer token
 ONE_TOKEN_MODES = ("direct", "rewarddance")  # the score is the first answer token: one forward, no generation
 assert set(RUBRICS) == set(DIMENSIONS) and BINS[-1] == S_MAX
 
