@@ -80,7 +80,9 @@ INSTRUCTIONS = {
     "rewarddance": "Answer with one digit from 1 (worst) to 9 (best), then explain why.",
 }
 ONE_TOKEN_MODES = ("direct", "rewarddance")  # the score is the first answer token: one forward, no generation
-assert set(RUBRICS) == set(DIMENSIONS) and BINS[-1] == S_MAX
+# the modes in which each prompt version puts the text before the image (the image comes first in the rest)
+TEXT_FIRST_MODES = {"zr-rubric-v1": (), "zr-rubric-v2": tuple(INSTRUCTIONS), "zr-rubric-v3": ONE_TOKEN_MODES}
+assert set(RUBRICS) == set(DIMENSIONS) and BINS[-1] == S_MAX and set(TEXT_FIRST_MODES) == set(PROMPT_VERSIONS)
 
 
 def rubric_messages(prompt, dimension, mode, version=PROMPT_VERSION):
@@ -101,9 +103,8 @@ def rubric_messages(prompt, dimension, mode, version=PROMPT_VERSION):
         raise ValueError(f"unknown dimension {dimension!r}; expected one of {DIMENSIONS}")
     else:
         text = f"Prompt: {prompt}\n{RUBRICS[dimension]}\n{INSTRUCTIONS[mode]}"
-    text_first = version == "zr-rubric-v2" or (version == "zr-rubric-v3" and mode in ONE_TOKEN_MODES)
     content = [{"type": "text", "text": text}, {"type": "image"}]
-    return [{"role": "user", "content": content if text_first else content[::-1]}]
+    return [{"role": "user", "content": content if mode in TEXT_FIRST_MODES[version] else content[::-1]}]
 
 
 # -----------------------------------------------------------------------------

@@ -21,9 +21,10 @@ Supervised training of the score model, three stages.
    on the wrong scale, the tiny world's stand-in for a pretrained VLM before it learns a rubric
    (the paper starts from a pretrained Qwen3.5 with a system prompt instead). --direct-items adds
    one-token items (K per record, or K per record of a dimension), whose target is the trace's own
-   score line; --direct-only trains those alone (make base-v2's first run: one-token alignment on
-   one-item prompts, README). Zero-shot, GRPO and GDSO start from the result; `make base`
-   regenerates the shipped assets/tiny_base.safetensors and assets/tiny_student_base.safetensors.
+   score line; --direct-only trains those alone (the first one-token run of make base-v2 and
+   base-v3: alignment on one-item prompts, README). Zero-shot, GRPO and GDSO start from the
+   result; `make base` regenerates the shipped assets/tiny_base.safetensors and
+   assets/tiny_student_base.safetensors.
 
 Loss normalization: the score CE is summed over a rank's samples and divided by the step's global
 number of samples; the token loss (base: the answer; rewarddance: the rationale) is summed over a
@@ -117,8 +118,8 @@ def get_args(argv=None):
                         "record and epoch (K = 1 without a value), or per dimension, e.g. alignment=4,realism=1 "
                         "(a dimension not named gets none)")
     p.add_argument("--direct-only", action="store_true",
-                   help="base stage: train the one-token items alone, no captions or traces (make base-v2's "
-                        "first run: one-token alignment on one-item prompts)")
+                   help="base stage: train the one-token items alone, no captions or traces (the first "
+                        "one-token run of make base-v2 and base-v3: alignment on one-item prompts)")
     p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the vision tower frozen (default; the tiny base's tower is trained in a stage of its "
                         "own, world.py)")

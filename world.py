@@ -75,7 +75,7 @@ The teacher and the student are built the same way at two sizes (TINY_SIZES), as
     python world.py render --out runs/world --n 200 --seed 0                         # the labeled world
     python world.py render --out runs/pretrain --n 4000 --seed 1 --trace-rubric generic --test-frac 0.02
     python world.py render --out runs/pretrain-one --n 3000 --seed 1 --items-p 1,0,0 --repeat-prompts \
-        --trace-rubric generic --test-frac 0.02                                      # make base-v2's first run
+        --trace-rubric generic --test-frac 0.02                                      # make base-v2/v3's first one-token run
     python world.py tower --size teacher --out runs/base/tower-teacher.safetensors   # ~3 min on a CPU
     python world.py check --ckpt assets/tiny_base.safetensors --data runs/world/test.jsonl
 """
@@ -893,8 +893,8 @@ def get_args(argv=None):
     p.add_argument("--items-p", type=_chances, default=ITEMS_P, metavar="P1,P2,P3",
                    help="chances of a prompt naming one, two or three objects (default %(default)s)")
     p.add_argument("--repeat-prompts", action="store_true",
-                   help="a prompt may be drawn more than once (make base-v2's pretraining worlds; the split stays "
-                        "by prompt)")
+                   help="a prompt may be drawn more than once (the pretraining worlds of make base-v2 "
+                        "and base-v3's one-token runs; the split stays by prompt)")
     p = sub.add_parser("tower", help="build a tiny score model and train its vision tower on fresh scenes")
     p.add_argument("--size", default="teacher", choices=sorted(TINY_SIZES), help="which tiny model")
     p.add_argument("--out", required=True, help="score-model .safetensors: trained tower, random language model")
