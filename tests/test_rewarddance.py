@@ -101,7 +101,9 @@ def test_weight_zero_is_the_sft_loss_and_gradient(world, tmp_path, monkeypatch, 
     assert loss_rd == pytest.approx(loss_sft, rel=1e-4)
     assert len(sft.grads[0]) == len(rd.grads[0]) > 0
     for g_sft, g_rd in zip(sft.grads[0], rd.grads[0]):
-        torch.testing.assert_close(g_rd, g_sft, rtol=1e-4, atol=1e-6)
+        # the longer sequence changes the order of fp32 sums (the causal conv's weight gradient sums
+        # over every position), so an element equals up to rounding at the tensor's own scale
+        torch.testing.assert_close(g_rd, g_sft, rtol=1e-4, atol=1e-4 * g_sft.abs().max().item())
 
 
 def test_rationale_tokens_get_gradient_prompt_does_not(world, tmp_path, monkeypatch, capsys):
