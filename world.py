@@ -67,7 +67,9 @@ VLM ("sees well, does not know the annotators' rubric"):
    traces keep their verdict and the models score alignment in one token (README, "Prompt v3
    bases").
 3. check: greedy traces of a checkpoint compared line by line with the world's own traces, per
-   dimension and per kind of line, and its score lines against both rubrics.
+   dimension and per kind of line, and its score lines against both rubrics; then HPA of its own
+   score beside that of its lines priced by the annotators' rubric (rubric_on_lines), which tells
+   what it reads from the scale it scores on.
 
 The teacher and the student are built the same way at two sizes (TINY_SIZES), as the paper's
 27B teacher and 9B student come from one family.
@@ -95,6 +97,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 
 from data import DIMENSIONS, S_MAX, S_MIN, SCORE_MARKER, aggregate, load_jsonl, parse_score, score_to_level
+from eval import hpa
 from model import INSTRUCTIONS, PROMPT_VERSION, PROMPT_VERSIONS, RUBRICS, ScoreModel
 
 
@@ -241,6 +244,58 @@ def make_trace(scene, items, dimension, level=None):
     else:
         raise ValueError(f"unknown dimension {dimension!r}")
     return "\n".join(lines + [f"{SCORE_MARKER} {level}"])
+
+
+def _line_defects(dimension, line, items):
+    """What one trace line says is wrong, as (kind, severity) pairs that rubric_on_lines prices."""
+    head, _, said = line.strip().rstrip(".").partition(": ")
+    if head == "extra":
+        return [] if said in ("none", "") else [("extra", None)] * len(said.split(", "))
+    if dimension == "alignment":
+        seen, _, verdict = said.rpartition(", ")
+        if verdict in ("yes", ""):
+            return []
+        if verdict.startswith("at "):
+            return [("align", "moved")]
+        item = next((it for it in items if _name(it) == head), None)
+        if seen == "empty" or item is None:
+            return [("align", "missing")]
+        color, _, shape = seen.partition(" ")
+        wrong = (color != item["color"], shape != item["shape"])  # a "no" that reads the item right: both
+        return [("align", {(1, 0): "color", (0, 1): "shape"}.get(wrong, "both"))]
+    if head in ("noise", "blur", "artifacts"):
+        return [("realism", said)] if said in ("mild", "strong") else []
+    if head == "clutter":
+        return [("clutter", said)] if said in ("mild", "strong") else []
+    if head == "contrast":
+        return [("contrast", None)] if said == "low" else []
+    if dimension == "aesthetics":
+        return [("offcenter", None)] if said == "off center" else []
+    if dimension == "plausibility":
+        return [("support", said)] if said in ("hovering", "floating", "sunk") else []
+    return []
+
+
+_PRICES = {"align": ALIGN_PENALTY, "realism": REALISM_PENALTY, "clutter": CLUTTER_PENALTY,
+           "support": SUPPORT_PENALTY, "extra": EXTRA_PENALTY, "offcenter": OFFCENTER_PENALTY,
+           "contrast": LOW_CONTRAST_PENALTY}
+
+
+def rubric_on_lines(trace, dimension, items, rubric="true"):
+    """The score a rubric gives to what a trace's lines say, not to the scene: each line read back
+    as the defects it names, priced by the annotators' penalties (rubric="true", as true_scores) or
+    one point each ("generic", as generic_scores). On the world's own traces this is the scene's
+    score; on a checkpoint's, it is what a score line calibrated to that rubric would say after
+    those lines, which tells the model's reading from its scale (world.py check). A line that names
+    nothing known costs nothing; the score line itself is not read."""
+    penalty = 0.0
+    for line in trace.strip().split("\n"):
+        if line.strip().startswith(SCORE_MARKER):
+            continue
+        for kind, severity in _line_defects(dimension, line, items):
+            price = _PRICES[kind]
+            penalty += 1.0 if rubric == "generic" else float(price[severity] if isinstance(price, dict) else price)
+    return max(S_MIN, S_MAX - penalty)
 
 
 # -----------------------------------------------------------------------------
@@ -821,18 +876,27 @@ def _item_parts(line):
 @torch.no_grad()
 def check_traces(model, records, batch_size=32, max_new_tokens=96):
     """Greedy traces against the world's own: {dimension: {"lines", "trace", "score_true",
-    "score_generic"}} and {kind of line: accuracy}. A line counts as right only if it is exactly
-    the world's line at the same position; the score line is compared with both rubrics. An
-    alignment item line is also split in two: "item: read" (what the quadrant holds) and
-    "item: verdict" (yes / no / at <quadrant>), each right or wrong on its own."""
+    "score_generic", "hpa", "hpa_lines", "hpa_lines_tiebreak"}} (also an "overall" row of the
+    three HPAs) and {kind of line: accuracy}. A line counts as right only if it is exactly the
+    world's line at the same position; the score line is compared with both rubrics. An alignment
+    item line is also split in two: "item: read" (what the quadrant holds) and "item: verdict"
+    (yes / no / at <quadrant>), each right or wrong on its own.
+
+    The HPAs (Eq. 17, against the records' labels) tell reading from scale: "hpa" is the model's
+    own score (mu), "hpa_lines" the annotators' rubric applied to its trace lines (rubric_on_lines:
+    a score line perfectly calibrated to the annotators, after the same lines), and
+    "hpa_lines_tiebreak" the same with ties broken by mu."""
     per_dim, per_kind = defaultdict(lambda: defaultdict(list)), defaultdict(list)
+    mu, on_lines = [], []
     model.eval()
     for a in range(0, len(records), batch_size):
         recs = records[a:a + batch_size]
         out = model.score([r["prompt"] for r in recs], [r["image_path"] for r in recs],
                           [r["dimension"] for r in recs], mode="reasoning", max_new_tokens=max_new_tokens)
+        mu += [float(m) for m in out.mean]
         for r, text in zip(recs, out.traces):
             items, d = parse_prompt(r["prompt"]), r["dimension"]
+            on_lines.append(rubric_on_lines(text, d, items))
             want = make_trace(r["scene"], items, d).split("\n")
             got = text.strip().split("\n")
             for i, w in enumerate(want[:-1]):
@@ -849,6 +913,17 @@ def check_traces(model, records, batch_size=32, max_new_tokens=96):
             for rubric, scores in (("true", true_scores), ("generic", generic_scores)):
                 per_dim[d][f"score_{rubric}"].append(said == score_to_level(scores(r["scene"], items)[d]))
     table = {d: {k: float(np.mean(v)) for k, v in m.items()} for d, m in per_dim.items()}
+    table["overall"] = {}
+    mu, on_lines = np.array(mu), np.array(on_lines)
+    labels = np.array([r["score"] for r in records])
+    dims = np.array([r["dimension"] for r in records])
+    groups = [(r.get("group", r["prompt"]), r["dimension"]) for r in records]
+    # rubric scores lie on the half-point grid and 1e-3 mu < .006: the tiebreak reorders only ties
+    for d in table:
+        keep = np.ones(len(records), dtype=bool) if d == "overall" else dims == d
+        g = [k for k, m in zip(groups, keep) if m]
+        for name, pred in (("hpa", mu), ("hpa_lines", on_lines), ("hpa_lines_tiebreak", on_lines + 1e-3 * mu)):
+            table[d][name] = hpa(pred[keep], labels[keep], g)
     return table, {k: float(np.mean(v)) for k, v in sorted(per_kind.items())}
 
 
@@ -860,6 +935,14 @@ def format_check(table, kinds):
             lines.append(f"{d:<13} {t['lines']:6.3f} {t['trace']:6.3f} {t['score_true']:19.3f} "
                          f"{t['score_generic']:16.3f}")
     lines.append("per kind of line: " + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items()))
+    lines.append("")
+    lines.append("HPA against the labels (a tie is a miss): the model's own score; the annotators' rubric applied "
+                 "to its trace lines; the same, ties broken by its score")
+    lines.append(f"{'dimension':<13} {'its score':>10} {'rubric on lines':>16} {'+ tiebreak':>11}")
+    for d in [*DIMENSIONS, "overall"]:
+        if d in table:
+            t = table[d]
+            lines.append(f"{d:<13} {t['hpa']:10.3f} {t['hpa_lines']:16.3f} {t['hpa_lines_tiebreak']:11.3f}")
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
+import eval as eval_lib  # noqa: E402
 import world  # noqa: E402
 
 
@@ -107,11 +108,29 @@ class _WorldTraces:
     def score(self, prompts, images, dims, mode, max_new_tokens):
         from types import SimpleNamespace
 
-        traces = []
+        traces, mean = [], []
         for p, d, r in zip(prompts, dims, self.records):
             t = world.make_trace(r["scene"], world.parse_prompt(p), d)
             traces.append(t.replace(", no.", ", yes.") if self.wrong else t)
-        return SimpleNamespace(traces=traces)
+            mean.append(world.generic_scores(r["scene"], world.parse_prompt(p))[d])  # its score: the generic scale
+        return SimpleNamespace(traces=traces, mean=torch.tensor(mean))
+
+
+def test_rubric_on_lines_prices_the_worlds_own_traces_as_the_scene(tmp_path):
+    world.make_world(str(tmp_path), n=40, seed=2)
+    recs = data.load_jsonl(str(tmp_path / "train.jsonl"))
+    for r in recs:
+        items, d = world.parse_prompt(r["prompt"]), r["dimension"]
+        trace = world.make_trace(r["scene"], items, d)
+        assert world.rubric_on_lines(trace, d, items) == world.true_scores(r["scene"], items)[d], trace
+        assert world.rubric_on_lines(trace, d, items, "generic") == world.generic_scores(r["scene"], items)[d]
+    # it reads the lines, not the scene: a trace that calls a wrong colour right costs nothing
+    line = "top left red circle: blue circle, no."
+    items = world.parse_prompt("a red circle top left")
+    assert world.rubric_on_lines(line + "\nextra: none.\nScore: 9", "alignment", items) == 5 - world.ALIGN_PENALTY["color"]
+    assert world.rubric_on_lines(line.replace("no.", "yes.") + "\nextra: none.", "alignment", items) == 5.0
+    assert world.rubric_on_lines("noise: strong.\nblur: mild.\nartifacts: none.", "realism", []) == 1.5
+    assert world.rubric_on_lines("noise: strong.\nblur: mild.\nartifacts: none.", "realism", [], "generic") == 3.0
 
 
 def test_check_traces_scores_the_worlds_own_traces_perfectly(tmp_path):
@@ -122,6 +141,13 @@ def test_check_traces_scores_the_worlds_own_traces_perfectly(tmp_path):
     table, kinds = world.check_traces(fake, recs, batch_size=len(recs))
     for d in data.DIMENSIONS:
         assert table[d]["lines"] == 1.0 and table[d]["trace"] == 1.0 and table[d]["score_true"] == 1.0
+    # HPA: its own score is the generic rubric's, its lines priced by the annotators' are the true scores
+    labels, groups = [r["score"] for r in recs], [(r["prompt"], r["dimension"]) for r in recs]
+    true = [world.true_scores(r["scene"], world.parse_prompt(r["prompt"]))[r["dimension"]] for r in recs]
+    generic = [world.generic_scores(r["scene"], world.parse_prompt(r["prompt"]))[r["dimension"]] for r in recs]
+    assert table["overall"]["hpa"] == pytest.approx(eval_lib.hpa(generic, labels, groups))
+    assert table["overall"]["hpa_lines"] == pytest.approx(eval_lib.hpa(true, labels, groups))
+    assert table["overall"]["hpa_lines"] != table["overall"]["hpa"]
     # a model that says "yes" where the world says "no" loses exactly those alignment lines
     liar = _WorldTraces(wrong_verdicts=True)
     liar.records = recs
