@@ -68,8 +68,8 @@ VLM ("sees well, does not know the annotators' rubric"):
    bases").
 3. check: greedy traces of a checkpoint compared line by line with the world's own traces, per
    dimension and per kind of line, and its score lines against both rubrics; then HPA of its own
-   score beside that of its lines priced by the annotators' rubric (rubric_on_lines), which tells
-   what it reads from the scale it scores on.
+   score beside that of its lines priced by the annotators' rubric (rubric_on_lines), which
+   separates what it reads from the scale it scores on.
 
 The teacher and the student are built the same way at two sizes (TINY_SIZES), as the paper's
 27B teacher and 9B student come from one family.
@@ -286,8 +286,8 @@ def rubric_on_lines(trace, dimension, items, rubric="true"):
     as the defects it names, priced by the annotators' penalties (rubric="true", as true_scores) or
     one point each ("generic", as generic_scores). On the world's own traces this is the scene's
     score; on a checkpoint's, it is what a score line calibrated to that rubric would say after
-    those lines, which tells the model's reading from its scale (world.py check). A line that names
-    nothing known costs nothing; the score line itself is not read."""
+    those lines, which separates the model's reading from its scale (world.py check). A line
+    that names nothing known costs nothing; the score line itself is not read."""
     penalty = 0.0
     for line in trace.strip().split("\n"):
         if line.strip().startswith(SCORE_MARKER):
@@ -882,7 +882,7 @@ def check_traces(model, records, batch_size=32, max_new_tokens=96):
     item line is also split in two: "item: read" (what the quadrant holds) and "item: verdict"
     (yes / no / at <quadrant>), each right or wrong on its own.
 
-    The HPAs (Eq. 17, against the records' labels) tell reading from scale: "hpa" is the model's
+    The HPAs (Eq. 17, against the records' labels) separate reading from scale: "hpa" is the model's
     own score (mu), "hpa_lines" the annotators' rubric applied to its trace lines (rubric_on_lines:
     a score line perfectly calibrated to the annotators, after the same lines), and
     "hpa_lines_tiebreak" the same with ties broken by mu."""
