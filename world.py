@@ -97,7 +97,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 
 from data import DIMENSIONS, S_MAX, S_MIN, SCORE_MARKER, aggregate, load_jsonl, parse_score, score_to_level
-from eval import hpa
+from eval import table_from_predictions
 from model import INSTRUCTIONS, PROMPT_VERSION, PROMPT_VERSIONS, RUBRICS, ScoreModel
 
 
@@ -913,17 +913,13 @@ def check_traces(model, records, batch_size=32, max_new_tokens=96):
             for rubric, scores in (("true", true_scores), ("generic", generic_scores)):
                 per_dim[d][f"score_{rubric}"].append(said == score_to_level(scores(r["scene"], items)[d]))
     table = {d: {k: float(np.mean(v)) for k, v in m.items()} for d, m in per_dim.items()}
-    table["overall"] = {}
     mu, on_lines = np.array(mu), np.array(on_lines)
-    labels = np.array([r["score"] for r in records])
-    dims = np.array([r["dimension"] for r in records])
-    groups = [(r.get("group", r["prompt"]), r["dimension"]) for r in records]
-    # rubric scores lie on the half-point grid and 1e-3 mu < .006: the tiebreak reorders only ties
-    for d in table:
-        keep = np.ones(len(records), dtype=bool) if d == "overall" else dims == d
-        g = [k for k, m in zip(groups, keep) if m]
-        for name, pred in (("hpa", mu), ("hpa_lines", on_lines), ("hpa_lines_tiebreak", on_lines + 1e-3 * mu)):
-            table[d][name] = hpa(pred[keep], labels[keep], g)
+    n = len(records)
+    # rubric scores lie on the half-point grid and 1e-3 mu <= .005: the tiebreak reorders only ties
+    for name, pred in (("hpa", mu), ("hpa_lines", on_lines), ("hpa_lines_tiebreak", on_lines + 1e-3 * mu)):
+        scored = table_from_predictions(records, {"mu": pred, "n_tokens": np.ones(n), "valid": np.ones(n, dtype=bool)})
+        for d, row in scored.items():  # every dimension present, and "overall"
+            table.setdefault(d, {})[name] = row["hpa"]
     return table, {k: float(np.mean(v)) for k, v in sorted(per_kind.items())}
 
 
