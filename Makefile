@@ -22,18 +22,29 @@ TEACHER_BASE ?= assets/tiny_base.safetensors
 STUDENT_BASE ?= assets/tiny_student_base.safetensors
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: test demo results base base-v2 base-v3 install
+.PHONY: test test-latest demo results base install
 
+# make install: the exact versions the suite last passed with (requirements-pinned.txt). A torch that
+# is already installed (your CUDA build, say) is kept; without one, the pinned CPU-or-CUDA wheel of PyPI.
 install:
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -r requirements.txt
-# optional, only for reward_ft.py --generator FOLDER; the suite tests it on tiny random pipelines (~7 MB of wheels, ~75 MB installed, seconds)
-	$(PY) -m pip install --quiet diffusers==0.42.1 peft==0.21.2
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $$(grep '^torch==' requirements-pinned.txt)
+	$(PY) -m pip install --quiet $$(grep -vE '^(#|torch==|$$)' requirements-pinned.txt)
 
 test: install
 	$(PY) -m pytest -q
 
-demo:
+# make test-latest: the suite in a throwaway virtual environment with the newest release of every
+# dependency (torch stays at the pinned CPU wheel: the newest torch on PyPI is a CUDA build of
+# several GB). Run it to see the next break before a user does; README, Dependencies.
+LATEST_VENV ?= /tmp/zreward-test-latest
+test-latest:
+	rm -rf $(LATEST_VENV) && python3 -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet $$(grep '^torch==' requirements-pinned.txt)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade -r requirements.txt diffusers peft
+	$(LATEST_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|huggingface.hub|kernels|triton|safetensors|pillow|numpy|tqdm|pytest|diffusers|peft) '
+	$(LATEST_VENV)/bin/python -m pytest -q
+
+demo: install
 	$(PY) world.py render --out $(WORLD) --n 200 --seed 0
 	@echo "== zero-shot: the shipped tiny base, reasoning mode"
 	$(PY) eval.py --ckpt $(TEACHER_BASE) --data $(WORLD)/test.jsonl --mode reasoning --limit 256
@@ -101,63 +112,6 @@ base:
 	cp runs/base/base2-student.safetensors assets/tiny_student_base.safetensors
 	$(PY) world.py check --ckpt assets/tiny_base.safetensors --data $(WORLD)/test.jsonl --limit 0
 	$(PY) world.py check --ckpt assets/tiny_student_base.safetensors --data $(WORLD)/test.jsonl --limit 0
-
-# the prompt-v2 bases (README, "Prompt v2 bases"; measured, not shipped): `make -j2 base-v2` builds both
-# sizes into $(BASE_V2), ~45 minutes. Per size: the vision tower, then the language model on the frozen
-# tower in three runs, the prompt before the image: one-token alignment alone on one-item prompts;
-# captions, traces (score lines on the generic rubric) and one-token alignment (4 per record) on one
-# to three items; the same at lr 1e-3 with one-token items on every dimension. Measure them with
-# make results TEACHER_BASE=$(BASE_V2)/base-teacher.safetensors STUDENT_BASE=$(BASE_V2)/base-student.safetensors
-BASE_V2 ?= runs/base-v2
-base-v2: base-v2-teacher base-v2-student
-	$(PY) world.py check --ckpt $(BASE_V2)/base-teacher.safetensors --data $(WORLD)/test.jsonl --limit 0
-	$(PY) world.py check --ckpt $(BASE_V2)/base-student.safetensors --data $(WORLD)/test.jsonl --limit 0
-
-base-v2-%: $(WORLD)/test.jsonl runs/pretrain-one/train.jsonl runs/pretrain-mix/train.jsonl
-	mkdir -p $(BASE_V2)
-	$(PY) world.py tower --size $* --prompt-version zr-rubric-v2 --out $(BASE_V2)/tower-$*.safetensors
-	$(PY) sft.py --stage base --direct-only --direct-items alignment=1 --init $(BASE_V2)/tower-$*.safetensors \
-	  --data runs/pretrain-one --holdout $(WORLD)/test.jsonl --steps 1500 --lr 2e-3 --eval-every 0 --eval-limit 0 \
-	  --out $(BASE_V2)/one-$*.safetensors
-	$(PY) sft.py --stage base --direct-items alignment=4 --init $(BASE_V2)/one-$*.safetensors \
-	  --data runs/pretrain-mix --holdout $(WORLD)/test.jsonl --steps 8000 --eval-every 0 --eval-limit 64 \
-	  --out $(BASE_V2)/mix-$*.safetensors
-	$(PY) sft.py --stage base --direct-items alignment=4,realism=1,aesthetics=1,plausibility=1 \
-	  --init $(BASE_V2)/mix-$*.safetensors --data runs/pretrain-mix --holdout $(WORLD)/test.jsonl \
-	  --steps 1500 --lr 1e-3 --eval-every 0 --eval-limit 128 --out $(BASE_V2)/base-$*.safetensors
-
-# the prompt-v3 bases (README, "Prompt v3 bases"; measured, not shipped): `make -j2 base-v3` builds
-# both sizes into $(BASE_V3). Per size: make base's recipe (captions and traces read the image first, as
-# in v1, so these stages are make base's own), then one-token answers with the text first, on the
-# trace's own generic score: alignment alone on one-item prompts (1,500 steps), then every dimension on
-# one to three items beside the captions and traces (3,000 steps at lr 1e-3).
-BASE_V3 ?= runs/base-v3
-base-v3: base-v3-teacher base-v3-student
-	$(PY) world.py check --ckpt $(BASE_V3)/base-teacher.safetensors --data $(WORLD)/test.jsonl --limit 0
-	$(PY) world.py check --ckpt $(BASE_V3)/base-student.safetensors --data $(WORLD)/test.jsonl --limit 0
-
-base-v3-%: $(WORLD)/test.jsonl runs/pretrain/train.jsonl runs/pretrain-one/train.jsonl runs/pretrain-mix/train.jsonl
-	mkdir -p $(BASE_V3)
-	$(PY) world.py tower --size $* --prompt-version zr-rubric-v3 --out $(BASE_V3)/tower-$*.safetensors
-	$(PY) sft.py --stage base --init $(BASE_V3)/tower-$*.safetensors --data runs/pretrain --holdout $(WORLD)/test.jsonl \
-	  --steps 3000 --eval-every 0 --eval-limit 128 --out $(BASE_V3)/traces-$*.safetensors
-	$(PY) sft.py --stage base --init $(BASE_V3)/traces-$*.safetensors --data runs/pretrain --holdout $(WORLD)/test.jsonl \
-	  --steps 1500 --lr 1e-3 --seed 1 --eval-every 0 --eval-limit 128 --out $(BASE_V3)/traces2-$*.safetensors
-	$(PY) sft.py --stage base --direct-only --direct-items alignment=1 --init $(BASE_V3)/traces2-$*.safetensors \
-	  --data runs/pretrain-one --holdout $(WORLD)/test.jsonl --steps 1500 --lr 2e-3 --eval-every 0 --eval-limit 0 \
-	  --out $(BASE_V3)/one-$*.safetensors
-	$(PY) sft.py --stage base --direct-items alignment=4,realism=1,aesthetics=1,plausibility=1 --init $(BASE_V3)/one-$*.safetensors \
-	  --data runs/pretrain-mix --holdout $(WORLD)/test.jsonl --steps 3000 --lr 1e-3 --eval-every 0 --eval-limit 64 \
-	  --out $(BASE_V3)/base-$*.safetensors
-
-runs/pretrain/train.jsonl:
-	$(PY) world.py render --out runs/pretrain --n 4000 --seed 1 --trace-rubric generic --test-frac 0.02
-
-runs/pretrain-one/train.jsonl:
-	$(PY) world.py render --out runs/pretrain-one --n 3000 --seed 1 --items-p 1,0,0 --repeat-prompts --trace-rubric generic --test-frac 0.02
-
-runs/pretrain-mix/train.jsonl:
-	$(PY) world.py render --out runs/pretrain-mix --n 4000 --seed 2 --items-p 0.45,0.3,0.25 --repeat-prompts --trace-rubric generic --test-frac 0.02
 
 # make gpu-check: on a machine with a CUDA GPU (~5 minutes): the kernel tests on the GPU (no
 # interpreter), bench.py --quick, then a few bf16 steps of sft, gdso --fsdp (torchrun over the

@@ -1,5 +1,5 @@
 """
-Benchmarks of kernels/: forward+backward time and peak memory, printed as one table with ratios.
+Benchmarks of zr_kernels/: forward+backward time and peak memory, printed as one table with ratios.
 
     python bench.py                       # every group; full shapes on a GPU, small ones on CPU
     python bench.py --quick               # smaller shapes on a GPU (a couple of minutes)
@@ -38,7 +38,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import kernels
+import zr_kernels
 
 GROUPS = {}
 
@@ -182,10 +182,10 @@ def bench_score(rows, dev, dtype, args):
                 _, mu, sigma, ce, kl = fn(logits, values, target, tp)
                 ((mu * a).sum() + (sigma * b).sum() + ce.sum() + kl.sum()).backward()
             return step
-        cfn = compiled(kernels.score_ref, args)
+        cfn = compiled(zr_kernels.score_ref, args)
         run_variants(rows, "score", f"N={n} K={k}", [
-            ("ours", make(kernels.score_fused)),
-            ("eager", make(kernels.score_ref)),
+            ("ours", make(zr_kernels.score_fused)),
+            ("eager", make(zr_kernels.score_ref)),
             ("compile", make(cfn) if cfn else None),
         ], [logits], dev, args)
 
@@ -204,10 +204,10 @@ def bench_gap(rows, dev, dtype, args):
                 loss, r_w, r_l = fn(mu[:, 0], mu[:, 1], s_w, s_l, 4.0)
                 loss.backward()
             return step
-        cfn = compiled(kernels.gap_l1_ref, args)
+        cfn = compiled(zr_kernels.gap_l1_ref, args)
         run_variants(rows, "gap", f"P={p} G={g} (N={2 * p * g})", [
-            ("ours", make(kernels.gap_l1)),
-            ("eager", make(kernels.gap_l1_ref)),
+            ("ours", make(zr_kernels.gap_l1)),
+            ("eager", make(zr_kernels.gap_l1_ref)),
             ("compile", make(cfn) if cfn else None),
         ], [mu], dev, args)
 
@@ -232,10 +232,10 @@ def bench_score_gap(rows, dev, dtype, args):
         s_w = (s_l + 0.5 * torch.randint(1, 9, (p,), device=dev)).clamp_max(5.0)
 
         def ours_fn(*xs):
-            return _score_gap_loss(kernels.score_fused, kernels.gap_l1, *xs)
+            return _score_gap_loss(zr_kernels.score_fused, zr_kernels.gap_l1, *xs)
 
         def eager_fn(*xs):
-            return _score_gap_loss(kernels.score_ref, kernels.gap_l1_ref, *xs)
+            return _score_gap_loss(zr_kernels.score_ref, zr_kernels.gap_l1_ref, *xs)
 
         def make(fn):
             def step():
@@ -288,7 +288,7 @@ def bench_logprob(rows, dev, dtype, args):
             liger_mean(weight, hidden, targets).backward()
 
         def ours(chunk):
-            return make(lambda h, w, y: kernels.token_logprobs(h, w, y, chunk_size=chunk))
+            return make(lambda h, w, y: zr_kernels.token_logprobs(h, w, y, chunk_size=chunk))
 
         def matmul_step():
             # the roofline: the three GEMMs any method needs (logits, d hidden, d weight), nothing else
@@ -296,10 +296,10 @@ def bench_logprob(rows, dev, dtype, args):
             logits.backward(grad)
 
         grad = torch.randn(t, v, device=dev, dtype=dtype) if dev.type == "cuda" else torch.randn(t, v, dtype=dtype)
-        cfn = compiled(kernels.token_logprobs_naive, args)
+        cfn = compiled(zr_kernels.token_logprobs_naive, args)
         variants = [(f"ours chunk={c or 'auto'}", ours(c)) for c in chunks]
         variants += [
-            ("eager", make(kernels.token_logprobs_naive)),
+            ("eager", make(zr_kernels.token_logprobs_naive)),
             ("compile", make(cfn) if cfn else None),
             ("liger", make(lambda h, w, y: -liger_none(w, h, y)) if liger_none else None),
             ("liger, mean CE", liger_mean_step if liger_mean else None),

@@ -53,7 +53,7 @@ import torch
 
 import common
 from data import S_MAX, S_MIN, score_to_level
-from kernels import gap_l1, score_ce
+from zr_kernels import gap_l1, score_ce
 
 SCORE_RANGE = S_MAX - S_MIN  # R of Eqs. 7, 10 and 11
 

@@ -20,7 +20,7 @@ gives exact byte counts:
 
 The activations are an estimate, stated as one: with --checkpointing every decoder layer keeps
 its bf16 input for the recompute, and one layer at a time holds its intermediates (taken as
-12 H + 3 I values per token); the token log-probs never form (T, V) logits (kernels/logprob.py).
+12 H + 3 I values per token); the token log-probs never form (T, V) logits (zr_kernels/logprob.py).
 Sequence length: --image-tokens + --prompt-tokens, plus --max-new-tokens for a trace.
 
     python memory_plan.py                 # the table the README shows

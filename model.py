@@ -162,9 +162,9 @@ class ScoreOutput:
 
 
 def score_stats(logits, values):
-    """probs, mu and sigma of the score distribution (kernels/score.py fuses this on GPU)."""
+    """probs, mu and sigma of the score distribution (zr_kernels/score.py fuses this on GPU)."""
     try:
-        from kernels import score_stats as fused
+        from zr_kernels import score_stats as fused
     except ImportError:
         fused = None
     if fused is not None:
@@ -416,12 +416,12 @@ class ScoreModel(nn.Module):
         if score_targets is not None:
             # log p(score_targets) against the whole vocabulary at the score position: the bin
             # distribution's log q plus log P(the token is a bin at all); (B,)
-            from kernels import token_logprobs
+            from zr_kernels import token_logprobs
 
             out["score_target_logprob"] = token_logprobs(h_score, self.vlm.get_output_embeddings().weight,
                                                          score_targets)
         if targets is not None:
-            from kernels import token_logprobs
+            from zr_kernels import token_logprobs
 
             keep = targets != -100
             lp = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)

@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 
 import common
-from kernels import score_kl
+from zr_kernels import score_kl
 from model import BINS, PROMPT_VERSION
 
 # -----------------------------------------------------------------------------

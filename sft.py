@@ -51,7 +51,7 @@ import torch
 import common
 from data import DIMENSIONS, SCORE_MARKER, parse_score, score_to_level
 from eval import format_table
-from kernels import score_ce
+from zr_kernels import score_ce
 from model import BIN_TOKENS
 
 EVAL_MODES = {"sft": "direct", "rewarddance": "rewarddance", "base": "reasoning"}  # how each stage's model scores

@@ -19,7 +19,7 @@ import torch
 
 from conftest import assert_same_update
 from gdso import SCORE_RANGE, direct_losses, gdso_rewards, group_advantages, pointwise_reward, policy_loss, valid_gaps
-from kernels.gap import gap_l1_ref
+from zr_kernels.gap import gap_l1_ref
 from model import BINS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

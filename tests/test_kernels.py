@@ -1,15 +1,15 @@
 """
-Tests of kernels/: every Triton kernel against its PyTorch reference, forward and every gradient.
+Tests of zr_kernels/: every Triton kernel against its PyTorch reference, forward and every gradient.
 
 Run:  python -m pytest tests/test_kernels.py -q          (about 40 s on 2 CPU cores)
 
 Without a GPU the Triton paths run in Triton's interpreter. TRITON_INTERPRET must be set both
 when triton is first imported (tests/conftest.py does that, then unsets it) and when @triton.jit
-runs, and another test file may already have imported `kernels` without it, so this file does not
+runs, and another test file may already have imported `zr_kernels` without it, so this file does not
 rely on the package: a module-scoped fixture sets TRITON_INTERPRET=1, loads private copies of
-kernels/score.py, gap.py and logprob.py (their kernels become interpreted functions), and
+zr_kernels/score.py, gap.py and logprob.py (their kernels become interpreted functions), and
 restores the variable afterwards, so that other test files keep the fast CPU reference path.
-With a GPU the same tests run the compiled kernels of the `kernels` package on CUDA tensors.
+With a GPU the same tests run the compiled kernels of the `zr_kernels` package on CUDA tensors.
 
 Tolerances: fp32 is compared with the fp32 reference; for bf16 and fp16 the rule of Cut Cross-Entropy
 applies: |kernel - fp64 truth| <= |same-dtype reference - fp64 truth| + a small tol, where the
@@ -24,7 +24,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-import kernels  # noqa: E402
+import zr_kernels  # noqa: E402
 from bench import LargestTensor  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _load_interpreted(name):
-    spec = importlib.util.spec_from_file_location(f"_interpreted_kernels_{name}", ROOT / "kernels" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_interpreted_kernels_{name}", ROOT / "zr_kernels" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -42,7 +42,7 @@ def _load_interpreted(name):
 def K():
     """The kernel modules under test: interpreted copies on CPU, the package itself on a GPU."""
     if DEV == "cuda":
-        yield kernels
+        yield zr_kernels
         return
     # tests/conftest.py imported triton under TRITON_INTERPRET=1, which the interpreter needs
     assert type(triton.language.sum).__name__ == "InterpretedFunction", \
@@ -116,8 +116,8 @@ def test_score_fused_matches_reference(K, n, k, dtype):
               [torch.randn(n, generator=g, dtype=torch.float64) for _ in range(4)]
     dev = lambda x: x.to(DEV)  # noqa: E731
     out, (gk,) = _grads(lambda x: K.score.score_fused(x, dev(values), dev(target), dev(tp)), [dev(z)], weights)
-    same, (gs,) = _grads(lambda x: kernels.score_ref(x, values, target, tp), [z], weights)
-    truth, (gt,) = _grads(lambda x: kernels.score_ref(x, values, target, tp), [z.double()], weights)
+    same, (gs,) = _grads(lambda x: zr_kernels.score_ref(x, values, target, tp), [z], weights)
+    truth, (gt,) = _grads(lambda x: zr_kernels.score_ref(x, values, target, tp), [z.double()], weights)
     for name, o, s, t in zip(("probs", "mu", "sigma", "ce", "kl"), out, same, truth):
         assert o.dtype == torch.float32
         _check(name, o, s, t, dtype)
@@ -131,16 +131,16 @@ def test_score_public_functions(K, which):
     g = torch.Generator().manual_seed(3)
     if which == "stats":
         fk = lambda x: K.score.score_stats(x, values.to(DEV))  # noqa: E731
-        fr = lambda x: kernels.score_ref(x, values)[:3]  # noqa: E731
+        fr = lambda x: zr_kernels.score_ref(x, values)[:3]  # noqa: E731
         weights = [torch.randn(300, 9, generator=g, dtype=torch.float64)] + \
                   [torch.randn(300, generator=g, dtype=torch.float64) for _ in range(2)]
     elif which == "ce":
         fk = lambda x: K.score.score_ce(x, target.to(DEV))  # noqa: E731
-        fr = lambda x: kernels.score_ref(x, target=target)[3]  # noqa: E731
+        fr = lambda x: zr_kernels.score_ref(x, target=target)[3]  # noqa: E731
         weights = [torch.randn(300, generator=g, dtype=torch.float64)]
     else:
         fk = lambda x: K.score.score_kl(x, tp.to(DEV))  # noqa: E731
-        fr = lambda x: kernels.score_ref(x, target_probs=tp)[4]  # noqa: E731
+        fr = lambda x: zr_kernels.score_ref(x, target_probs=tp)[4]  # noqa: E731
         weights = [torch.randn(300, generator=g, dtype=torch.float64)]
     out, (gk,) = _grads(fk, [logits.to(DEV)], weights)
     ref, (gr,) = _grads(fr, [logits], weights)
@@ -178,7 +178,7 @@ def test_score_padded_and_extreme_rows(K):
     for dtype in (torch.float32, torch.bfloat16):
         out, (gk,) = _grads(lambda x: K.score.score_fused(x, values.to(DEV), target.to(DEV), tp.to(DEV)),
                             [z.to(dtype).to(DEV)], weights)
-        ref, (gr,) = _grads(lambda x: kernels.score_ref(x, values, target, tp), [z.to(dtype)], weights)
+        ref, (gr,) = _grads(lambda x: zr_kernels.score_ref(x, values, target, tp), [z.to(dtype)], weights)
         gk = gk.cpu().float()
         for name, o, r in zip(("probs", "mu", "sigma", "ce", "kl"), out, ref):
             assert torch.isfinite(o).all(), name
@@ -207,14 +207,14 @@ def test_score_strided_and_batched_inputs(K):
     values = torch.linspace(1.0, 5.0, 9)
     target = torch.randint(0, 9, (3, 4))
     probs, mu, sigma, ce, _ = K.score.score_fused(z.to(DEV), values.to(DEV), target.to(DEV))
-    rp, rmu, rsig, rce, _ = kernels.score_ref(z, values, target)
+    rp, rmu, rsig, rce, _ = zr_kernels.score_ref(z, values, target)
     assert probs.shape == (3, 4, 9) and mu.shape == (3, 4)
     for a, b in ((probs, rp), (mu, rmu), (sigma, rsig), (ce, rce)):
         torch.testing.assert_close(a.cpu(), b, atol=1e-5, rtol=1e-5)
     # the transposed (K, N) storage of a column-major caller
     zt = torch.randn(9, 50).t()
     torch.testing.assert_close(K.score.score_stats(zt.to(DEV), values.to(DEV))[1].cpu(),
-                               kernels.score_ref(zt, values)[1], atol=1e-5, rtol=1e-5)
+                               zr_kernels.score_ref(zt, values)[1], atol=1e-5, rtol=1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def test_gap_matches_reference(K, p, g, dtype):
     mu = mu.to(dtype)
     weights = [torch.tensor(3.7, dtype=torch.float64)]  # upstream gradient of the scalar loss, not 1
     fk = lambda w, l: K.gap.gap_l1(w, l, s_w.to(DEV), s_l.to(DEV), 4.0)[:1]  # noqa: E731
-    fr = lambda w, l: kernels.gap_l1_ref(w, l, s_w, s_l, 4.0)[:1]  # noqa: E731
+    fr = lambda w, l: zr_kernels.gap_l1_ref(w, l, s_w, s_l, 4.0)[:1]  # noqa: E731
     (lk,), gk = _grads(fk, [mu[:, 0].to(DEV), mu[:, 1].to(DEV)], weights)
     (ls,), gs = _grads(fr, [mu[:, 0], mu[:, 1]], weights)
     (lt,), gt = _grads(fr, [mu[:, 0].double(), mu[:, 1].double()], weights)
@@ -245,8 +245,8 @@ def test_gap_matches_reference(K, p, g, dtype):
         assert a.dtype == dtype
         _check(name, a, b, c, dtype)
     _, rwk, rlk = K.gap.gap_l1(mu[:, 0].to(DEV), mu[:, 1].to(DEV), s_w.to(DEV), s_l.to(DEV), 4.0)
-    _, rws, rls = kernels.gap_l1_ref(mu[:, 0], mu[:, 1], s_w, s_l, 4.0)
-    _, rwt, rlt = kernels.gap_l1_ref(mu[:, 0].double(), mu[:, 1].double(), s_w, s_l, 4.0)
+    _, rws, rls = zr_kernels.gap_l1_ref(mu[:, 0], mu[:, 1], s_w, s_l, 4.0)
+    _, rwt, rlt = zr_kernels.gap_l1_ref(mu[:, 0].double(), mu[:, 1].double(), s_w, s_l, 4.0)
     _check("r_pw_w", rwk, rws, rwt, dtype)
     _check("r_pw_l", rlk, rls, rlt, dtype)
 
@@ -326,7 +326,7 @@ def test_token_logprobs_matches_reference(K, t, v, d, dtype, entropy):
     weights = [torch.randn(t, generator=g, dtype=torch.float64) for _ in range(2)]
     kw = dict(temperature=0.8, return_entropy=entropy)
     fk = lambda a, b: K.logprob.token_logprobs(a, b, targets.to(DEV), chunk_size=32, **kw)  # noqa: E731
-    fr = lambda a, b: kernels.token_logprobs_naive(a, b, targets, **kw)  # noqa: E731
+    fr = lambda a, b: zr_kernels.token_logprobs_naive(a, b, targets, **kw)  # noqa: E731
     out, gk = _grads(fk, [h.to(DEV), w.to(DEV)], weights)
     same, gs = _grads(fr, [h, w], weights)
     truth, gt = _grads(fr, [h.double(), w.double()], weights)
@@ -340,7 +340,7 @@ def test_token_logprobs_matches_reference(K, t, v, d, dtype, entropy):
 
 
 def _dweight_accumulation_slack(h, w, targets, weights, chunk, dtype, kw):
-    """d weight accumulates across backward chunks in the weight's dtype (kernels/logprob.py's
+    """d weight accumulates across backward chunks in the weight's dtype (zr_kernels/logprob.py's
     docstring says why), so each chunk boundary rounds a partial sum once more than one GEMM does:
     at most u |partial| per element, u the unit roundoff (bf16 2^-8, fp16 2^-11). The slack sums
     u max|partial| over the partial sums after every chunk but the last, computed in fp64."""
@@ -350,7 +350,7 @@ def _dweight_accumulation_slack(h, w, targets, weights, chunk, dtype, kw):
     u = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
     slack = 0.0
     for end in range(chunk, t, chunk):
-        fn = lambda a, b: kernels.token_logprobs_naive(a, b, targets[:end], **kw)  # noqa: E731
+        fn = lambda a, b: zr_kernels.token_logprobs_naive(a, b, targets[:end], **kw)  # noqa: E731
         _, (_, partial) = _grads(fn, [h[:end].double(), w.double()], [x[:end] for x in weights])
         slack += u * partial.abs().max().item()
     return slack
@@ -381,7 +381,7 @@ def test_token_logprobs_never_builds_full_logits(K, path, monkeypatch):
     hidden, weight, targets = _lp_inputs(t, v, d, seed=3)
     if path == "reference":
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        fn, dev = kernels.token_logprobs, "cpu"
+        fn, dev = zr_kernels.token_logprobs, "cpu"
     else:
         fn, dev = K.logprob.token_logprobs, DEV
     h = hidden.to(dev).requires_grad_()
@@ -409,8 +409,8 @@ def test_token_logprobs_chunking_and_reproducibility(K):
     for a, b in zip(o1 + g1, o3 + g3):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     # the chunked, checkpointed CPU reference agrees with the naive full-logits one
-    fr = lambda a, b: kernels.token_logprobs_ref(a, b, targets, 1.3, True, chunk_size=16)  # noqa: E731
-    fn = lambda a, b: kernels.token_logprobs_naive(a, b, targets, 1.3, True)  # noqa: E731
+    fr = lambda a, b: zr_kernels.token_logprobs_ref(a, b, targets, 1.3, True, chunk_size=16)  # noqa: E731
+    fn = lambda a, b: zr_kernels.token_logprobs_naive(a, b, targets, 1.3, True)  # noqa: E731
     (ra, ga), (na, gn) = _grads(fr, [hidden, weight], weights), _grads(fn, [hidden, weight], weights)
     for a, b in zip(ra + ga, na + gn):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -420,7 +420,7 @@ def test_token_logprobs_batched_shape(K):
     hidden, weight, targets = _lp_inputs(24, 200, 16, seed=6)
     out = K.logprob.token_logprobs(hidden.view(4, 6, 16).to(DEV), weight.to(DEV), targets.view(4, 6).to(DEV))
     assert out.shape == (4, 6)
-    torch.testing.assert_close(out.reshape(-1).cpu(), kernels.token_logprobs_naive(hidden, weight, targets),
+    torch.testing.assert_close(out.reshape(-1).cpu(), zr_kernels.token_logprobs_naive(hidden, weight, targets),
                                atol=1e-5, rtol=1e-5)
 
 
@@ -429,7 +429,7 @@ def test_token_logprobs_flat_output_is_not_a_view(K, path, monkeypatch):
     # model.forward returns these log-probs from an FSDP2 root module, which warns on every view
     if path == "reference":
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        fn, dev = kernels.token_logprobs, "cpu"
+        fn, dev = zr_kernels.token_logprobs, "cpu"
     else:
         fn, dev = K.logprob.token_logprobs, DEV
     hidden, weight, targets = _lp_inputs(6, 50, 16, seed=7)
@@ -446,13 +446,13 @@ def test_fp16_inputs(K):
     w = [torch.randn(50, 9, dtype=torch.float64)] + [torch.randn(50, dtype=torch.float64) for _ in range(4)]
     z = logits.half()
     out, gk = _grads(lambda x: K.score.score_fused(x, values.to(DEV), target.to(DEV), tp.to(DEV)), [z.to(DEV)], w)
-    same, gs = _grads(lambda x: kernels.score_ref(x, values, target, tp), [z], w)
-    truth, gt = _grads(lambda x: kernels.score_ref(x, values, target, tp), [z.double()], w)
+    same, gs = _grads(lambda x: zr_kernels.score_ref(x, values, target, tp), [z], w)
+    truth, gt = _grads(lambda x: zr_kernels.score_ref(x, values, target, tp), [z.double()], w)
     for name, a, b, c in zip(("probs", "mu", "sigma", "ce", "kl", "d logits"), out + gk, same + gs, truth + gt):
         _check(name, a, b, c, torch.float16)
     mu, s_w, s_l = _gap_inputs(20, 4, seed=11)
     fk = lambda a, b: K.gap.gap_l1(a, b, s_w.to(DEV), s_l.to(DEV), 4.0)[0]  # noqa: E731
-    fr = lambda a, b: kernels.gap_l1_ref(a, b, s_w, s_l, 4.0)[0]  # noqa: E731
+    fr = lambda a, b: zr_kernels.gap_l1_ref(a, b, s_w, s_l, 4.0)[0]  # noqa: E731
     wl = [torch.tensor(0.7, dtype=torch.float64)]
     out, gk = _grads(fk, [mu[:, 0].half().to(DEV), mu[:, 1].half().to(DEV)], wl)
     same, gs = _grads(fr, [mu[:, 0].half(), mu[:, 1].half()], wl)
@@ -463,7 +463,7 @@ def test_fp16_inputs(K):
     wt = [torch.randn(33, dtype=torch.float64) for _ in range(2)]
     h, wgt = hidden.half(), weight.half()
     fk = lambda a, b: K.logprob.token_logprobs(a, b, targets.to(DEV), return_entropy=True, chunk_size=16)  # noqa: E731
-    fr = lambda a, b: kernels.token_logprobs_naive(a, b, targets, return_entropy=True)  # noqa: E731
+    fr = lambda a, b: zr_kernels.token_logprobs_naive(a, b, targets, return_entropy=True)  # noqa: E731
     out, gk = _grads(fk, [h.to(DEV), wgt.to(DEV)], wt)
     same, gs = _grads(fr, [h, wgt], wt)
     truth, gt = _grads(fr, [h.double(), wgt.double()], wt)
@@ -483,21 +483,21 @@ def test_cpu_tensors_take_the_reference_without_the_interpreter(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the Triton path ran on a CPU tensor")
 
-    monkeypatch.setattr(kernels.score._ScoreFunction, "apply", boom)
-    monkeypatch.setattr(kernels.gap._GapL1Function, "apply", boom)
-    monkeypatch.setattr(kernels.logprob._TokenLogprobFunction, "apply", boom)
+    monkeypatch.setattr(zr_kernels.score._ScoreFunction, "apply", boom)
+    monkeypatch.setattr(zr_kernels.gap._GapL1Function, "apply", boom)
+    monkeypatch.setattr(zr_kernels.logprob._TokenLogprobFunction, "apply", boom)
     logits, values, target, tp = _score_inputs(10, 9)
-    for a, b in zip(kernels.score_stats(logits, values), kernels.score_ref(logits, values)[:3]):
+    for a, b in zip(zr_kernels.score_stats(logits, values), zr_kernels.score_ref(logits, values)[:3]):
         torch.testing.assert_close(a, b)
-    torch.testing.assert_close(kernels.score_ce(logits, target), kernels.score_ref(logits, target=target)[3])
-    torch.testing.assert_close(kernels.score_kl(logits, tp), kernels.score_ref(logits, target_probs=tp)[4])
+    torch.testing.assert_close(zr_kernels.score_ce(logits, target), zr_kernels.score_ref(logits, target=target)[3])
+    torch.testing.assert_close(zr_kernels.score_kl(logits, tp), zr_kernels.score_ref(logits, target_probs=tp)[4])
     mu, s_w, s_l = _gap_inputs(4, 3)
-    for a, b in zip(kernels.gap_l1(mu[:, 0], mu[:, 1], s_w, s_l, 4.0),
-                    kernels.gap_l1_ref(mu[:, 0], mu[:, 1], s_w, s_l, 4.0)):
+    for a, b in zip(zr_kernels.gap_l1(mu[:, 0], mu[:, 1], s_w, s_l, 4.0),
+                    zr_kernels.gap_l1_ref(mu[:, 0], mu[:, 1], s_w, s_l, 4.0)):
         torch.testing.assert_close(a, b)
     hidden, weight, targets = _lp_inputs(9, 50, 8)
-    torch.testing.assert_close(kernels.token_logprobs(hidden, weight, targets),
-                               kernels.token_logprobs_naive(hidden, weight, targets))
+    torch.testing.assert_close(zr_kernels.token_logprobs(hidden, weight, targets),
+                               zr_kernels.token_logprobs_naive(hidden, weight, targets))
 
 
 @pytest.mark.slow
@@ -505,13 +505,13 @@ def test_larger_shapes(K):
     # many programs per launch and several vocabulary blocks per split
     logits, values, target, tp = _score_inputs(50_000, 9, seed=8)
     out = K.score.score_fused(logits.to(DEV), values.to(DEV), target.to(DEV), tp.to(DEV))
-    ref = kernels.score_ref(logits, values, target, tp)
+    ref = zr_kernels.score_ref(logits, values, target, tp)
     for a, b in zip(out, ref):
         torch.testing.assert_close(a.cpu(), b, atol=1e-5, rtol=1e-4)
     hidden, weight, targets = _lp_inputs(600, 5000, 96, seed=9)
     weights = [torch.randn(600, dtype=torch.float64) for _ in range(2)]
     f = lambda a, b: K.logprob.token_logprobs(a, b, targets.to(DEV), return_entropy=True, chunk_size=256)  # noqa: E731
-    fr = lambda a, b: kernels.token_logprobs_naive(a, b, targets, return_entropy=True)  # noqa: E731
+    fr = lambda a, b: zr_kernels.token_logprobs_naive(a, b, targets, return_entropy=True)  # noqa: E731
     (ok, gk), (orf, gr) = _grads(f, [hidden.to(DEV), weight.to(DEV)], weights), _grads(fr, [hidden, weight], weights)
     for a, b in zip(ok + gk, orf + gr):
         torch.testing.assert_close(a.cpu(), b, atol=1e-4, rtol=1e-4)

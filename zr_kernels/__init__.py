@@ -12,9 +12,9 @@ interpreter (slow; for tests). The variable must be set before this package is i
 @triton.jit decides at decoration time whether it builds an interpreted function.
 """
 
-from kernels.gap import gap_l1, gap_l1_ref
-from kernels.logprob import token_logprobs, token_logprobs_naive, token_logprobs_ref
-from kernels.score import score_ce, score_fused, score_kl, score_ref, score_stats
+from zr_kernels.gap import gap_l1, gap_l1_ref
+from zr_kernels.logprob import token_logprobs, token_logprobs_naive, token_logprobs_ref
+from zr_kernels.score import score_ce, score_fused, score_kl, score_ref, score_stats
 
 __all__ = [
     "score_stats", "score_ce", "score_kl", "score_fused", "score_ref",
