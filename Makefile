@@ -40,12 +40,12 @@ LATEST_VENV ?= /tmp/zreward-test-latest
 test-latest:
 	rm -rf $(LATEST_VENV) && python3 -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install --quiet $$(grep '^torch==' requirements-pinned.txt)
-	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade -r requirements.txt diffusers peft
-	$(LATEST_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|huggingface.hub|kernels|triton|safetensors|pillow|numpy|tqdm|pytest|diffusers|peft) '
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade -r requirements.txt diffusers peft pyarrow
+	$(LATEST_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|huggingface.hub|kernels|triton|safetensors|pillow|numpy|tqdm|pytest|diffusers|peft|pyarrow) '
 	$(LATEST_VENV)/bin/python -m pytest -q
 
 demo: install
-	$(PY) world.py render --out $(WORLD) --n 200 --seed 0
+	$(PY) tiny_world.py render --out $(WORLD) --n 200 --seed 0
 	@echo "== zero-shot: the shipped tiny base, reasoning mode"
 	$(PY) eval.py --ckpt $(TEACHER_BASE) --data $(WORLD)/test.jsonl --mode reasoning --limit 256
 	@echo "== SFT baseline: direct score token, 400 steps as in make results"
@@ -75,7 +75,7 @@ $(RESULTS)/zero-shot.eval.json: $(WORLD)/test.jsonl
 	$(PY) eval.py --ckpt $(TEACHER_BASE) --data $(WORLD)/test.jsonl --mode reasoning --json $@
 
 $(WORLD)/test.jsonl:
-	$(PY) world.py render --out $(WORLD) --n 200 --seed 0
+	$(PY) tiny_world.py render --out $(WORLD) --n 200 --seed 0
 
 # a seed's GRPO and GDSO first (RISD and OPD distill that seed's GDSO teacher), then the rest
 results-seed-%: results-rl-seed-%
@@ -98,20 +98,20 @@ results-rl-seed-%: $(WORLD)/test.jsonl
 # lines follow the generic rubric, on a pretraining world without the labeled world's test prompts;
 # prompts v1, the image first (README, "The embedded tiny default")
 base:
-	$(PY) world.py render --out $(WORLD) --n 200 --seed 0
-	$(PY) world.py render --out runs/pretrain --n 4000 --seed 1 --trace-rubric generic --test-frac 0.02
+	$(PY) tiny_world.py render --out $(WORLD) --n 200 --seed 0
+	$(PY) tiny_world.py render --out runs/pretrain --n 4000 --seed 1 --trace-rubric generic --test-frac 0.02
 	mkdir -p runs/base
 	for size in teacher student; do \
-	  $(PY) world.py tower --size $$size --prompt-version zr-rubric-v1 --out runs/base/tower-$$size.safetensors && \
-	  $(PY) sft.py --stage base --init runs/base/tower-$$size.safetensors --data runs/pretrain --holdout $(WORLD)/test.jsonl \
+	  $(PY) tiny_world.py tower --size $$size --prompt-version zr-rubric-v1 --out runs/base/tower-$$size.safetensors && \
+	  $(PY) tiny_base.py --init runs/base/tower-$$size.safetensors --data runs/pretrain --holdout $(WORLD)/test.jsonl \
 	    --steps 3000 --eval-every 0 --eval-limit 128 --out runs/base/base-$$size.safetensors && \
-	  $(PY) sft.py --stage base --init runs/base/base-$$size.safetensors --data runs/pretrain --holdout $(WORLD)/test.jsonl \
+	  $(PY) tiny_base.py --init runs/base/base-$$size.safetensors --data runs/pretrain --holdout $(WORLD)/test.jsonl \
 	    --steps 1500 --lr 1e-3 --seed 1 --eval-every 0 --eval-limit 128 --out runs/base/base2-$$size.safetensors || exit 1; \
 	done
 	cp runs/base/base2-teacher.safetensors assets/tiny_base.safetensors
 	cp runs/base/base2-student.safetensors assets/tiny_student_base.safetensors
-	$(PY) world.py check --ckpt assets/tiny_base.safetensors --data $(WORLD)/test.jsonl --limit 0
-	$(PY) world.py check --ckpt assets/tiny_student_base.safetensors --data $(WORLD)/test.jsonl --limit 0
+	$(PY) tiny_world.py check --ckpt assets/tiny_base.safetensors --data $(WORLD)/test.jsonl --limit 0
+	$(PY) tiny_world.py check --ckpt assets/tiny_student_base.safetensors --data $(WORLD)/test.jsonl --limit 0
 
 # make gpu-check: on a machine with a CUDA GPU (~5 minutes): the kernel tests on the GPU (no
 # interpreter), bench.py --quick, then a few bf16 steps of sft, gdso --fsdp (torchrun over the
@@ -126,7 +126,7 @@ gpu-check:
 	@$(PY) -c "import torch; print('gpu-check:', torch.cuda.get_device_name(0), 'x', torch.cuda.device_count(), '| torch', torch.__version__)"; date -u
 	TRITON_INTERPRET= $(PY) -m pytest -q tests/test_kernels.py
 	$(PY) bench.py --quick
-	$(PY) world.py render --out $(GPU_CHECK)/world --n 40 --seed 0
+	$(PY) tiny_world.py render --out $(GPU_CHECK)/world --n 40 --seed 0
 	$(PY) sft.py --init assets/tiny_base.safetensors --data $(GPU_CHECK)/world --out $(GPU_CHECK)/sft.safetensors \
 	  --bf16 --checkpointing --steps 20 --eval-every 0 --eval-limit 64
 	torchrun --standalone --nproc_per_node=$$($(PY) -c "import torch; print(torch.cuda.device_count())") gdso.py \

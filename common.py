@@ -25,6 +25,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import tiny_world
+from data import load_jsonl
+from model import ScoreModel, check_compatible, dedupe_tied, params_on_meta, read_checkpoint, write_checkpoint
+from model import load_weights as model_weights_into
+
 # -----------------------------------------------------------------------------
 # distributed
 
@@ -319,10 +324,8 @@ def load_model(spec, seed=0, dtype=None, meta=False):
     model, then fill each rank's shard from those files (fill_from_files). No rank ever holds the
     whole model in host memory: 8 ranks x a 27B model would be ~440 GB of host memory in bf16.
     """
-    from model import ScoreModel
-
     if spec == "tiny":
-        return ScoreModel.tiny(seed=seed)
+        return tiny_world.tiny_score_model(seed=seed)
     local = check_model_spec(spec)
     try:
         if meta:
@@ -391,8 +394,6 @@ def sharded(fsdp):
 def build_on_meta(spec):
     """A ScoreModel whose parameters are on the meta device (buffers, tokenizer and image processor
     real), from a score-model .safetensors (its metadata only) or an HF folder / hub id (its config)."""
-    from model import ScoreModel, check_compatible, params_on_meta
-
     if str(spec).endswith(".safetensors"):
         from safetensors import safe_open
 
@@ -475,27 +476,42 @@ def rollout_mode(model):
             m.set_reshard_after_forward(True, recurse=False)
 
 
-def evaluate_sharded(model, records, mode, batch_size=32, max_new_tokens=64):
-    """eval.evaluate over all ranks: each scores an interleaved shard, rank 0's table covers all."""
-    from eval import nonfinite_note, predict, table_from_predictions
+# -----------------------------------------------------------------------------
+# the flags every training script shares: defined here once, each script gives its defaults
 
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = list(range(rank, len(records), world))
-    with rollout_mode(model) as inner:
-        pred = predict(inner, [records[i] for i in mine], mode, batch_size, max_new_tokens, progress=False)
-    parts = [None] * world
-    if dist.is_initialized():
-        dist.all_gather_object(parts, (mine, pred))
-    else:
-        parts = [(mine, pred)]
-    full = {k: np.zeros(len(records), dtype=v.dtype) for k, v in pred.items()}
-    for idx, p in parts:
-        for k in full:
-            full[k][idx] = p[k]
-    note = nonfinite_note(records, full)
-    if note:
-        print0(f"warning: {note}")
-    return table_from_predictions(records, full), full
+RUN_FLAGS = {  # flag: (type, help); "flag" is a store_true switch
+    "--data": (str, "a folder of JSONL records (README, Data), or world:n=200,seed=0 to render the synthetic world"),
+    "--out": (str, "checkpoint path (.safetensors; .train.pt beside it)"),
+    "--steps": (int, "optimizer steps"),
+    "--batch-size": (int, "global batch per optimizer step"),
+    "--micro-batch": (int, "per forward per rank (gradient accumulation fills the rest of --batch-size)"),
+    "--lr": (float, "peak learning rate"),
+    "--weight-decay": (float, "AdamW weight decay"),
+    "--warmup": (int, "linear warmup steps, then cosine to 0.1x"),
+    "--clip": (float, "gradient-norm clip"),
+    "--eval-every": (int, "evaluate every N steps (0 = only at the end)"),
+    "--eval-limit": (int, "test records per evaluation (0 = all)"),
+    "--save-every": (int, "write the checkpoint every N steps"),
+    "--resume": ("flag", "continue from --out (+ .train.pt) exactly: optimizer, step, RNG, data position"),
+    "--stop-after": (int, "stop (after saving) at this step, keeping the --steps schedule; --resume continues"),
+    "--seed": (int, "seed for init, data order and sampling"),
+    "--bf16": ("flag", "bfloat16 compute on fp32 master weights and optimizer state"),
+    "--fsdp": ("flag", "shard with FSDP2 (fully_shard) instead of DDP replication"),
+    "--checkpointing": ("flag", "activation checkpointing"),
+}
+
+
+def add_run_flags(p, defaults, notes=None):
+    """Add RUN_FLAGS' flags named in `defaults` ({flag: default}; switches take False) to the parser p,
+    with a script's own note after the shared help where it has one."""
+    notes = notes or {}
+    for flag, default in defaults.items():
+        kind, text = RUN_FLAGS[flag]
+        text = f"{text} ({notes[flag]})" if flag in notes else text
+        if kind == "flag":
+            p.add_argument(flag, action="store_true", help=text)
+        else:
+            p.add_argument(flag, type=kind, default=default, help=text)
 
 
 # -----------------------------------------------------------------------------
@@ -510,7 +526,7 @@ def fail(msg):
     raise SystemExit(2)
 
 
-WORLD_HINT = ("to use the synthetic world, render it first (python world.py render --out FOLDER) "
+WORLD_HINT = ("to use the synthetic world, render it first (python tiny_world.py render --out FOLDER) "
               "or pass --data world:n=200,seed=0")
 
 
@@ -518,50 +534,19 @@ def data_folder(spec):
     """--data: a folder of JSONL files, or 'world:n=N,seed=S[,dir=FOLDER]', which renders the
     synthetic world (default dir runs/world-nN-seedS; reused when that folder already holds the same
     world). Nothing is rendered otherwise: a missing folder or file is an error."""
-    if spec == "world" or spec.startswith("world:"):
-        return render_world(spec)
+    if spec == "world" or spec.startswith("world:"):  # the tiny world, rendered on request
+        try:
+            folder = tiny_world.render_on_request(spec, write=is_main(), log=print0)
+        except ValueError as e:
+            fail(str(e))
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 renders, the others wait for its files
+        return folder
     if os.path.isfile(spec):
         fail(f"--data {spec}: a file; --data takes the folder that holds it (README, Data)")
     if not os.path.isdir(spec):
         fail(f"--data {spec}: no such folder ({WORLD_HINT})")
     return spec
-
-
-def render_world(spec):
-    import json
-
-    from world import make_world
-
-    opts = {"n": "200", "seed": "0", "dir": ""}
-    for kv in filter(None, spec.partition(":")[2].split(",")):
-        k, _, v = kv.partition("=")
-        if k not in opts or not v:
-            fail(f"--data {spec}: expected world:n=N,seed=S[,dir=FOLDER], got {kv!r}")
-        opts[k] = v
-    try:
-        n, seed = int(opts["n"]), int(opts["seed"])
-    except ValueError:
-        fail(f"--data {spec}: n and seed must be integers")
-    folder = opts["dir"] or f"runs/world-n{n}-seed{seed}"
-    stamp, want = os.path.join(folder, "world.json"), {"n": n, "seed": seed}
-    if os.path.exists(stamp):  # rendered before by this same request: reuse it
-        with open(stamp) as f:
-            have = json.load(f)
-        if have != want:
-            fail(f"--data {spec}: {folder} holds a world rendered with {have}; pick another dir=")
-        return folder
-    if os.path.exists(os.path.join(folder, "train.jsonl")):
-        fail(f"--data {spec}: {folder} already holds data that --data world did not render; pick another dir=")
-    if is_main():
-        print0(f"rendering the synthetic world into {folder} (n={n}, seed={seed})")
-        make_world(folder, n=n, seed=seed)
-        # the stamp last: a render cut short is not mistaken for a finished one
-        with open(stamp + ".tmp", "w") as f:
-            json.dump(want, f)
-        os.replace(stamp + ".tmp", stamp)
-    if dist.is_initialized():
-        dist.barrier()
-    return folder
 
 
 def data_files(spec, *names):
@@ -579,8 +564,6 @@ def data_files(spec, *names):
 def load_records(path, labeled=True):
     """data.load_jsonl, with a bad record (named by file and line) or an empty file as a user error."""
     import warnings
-
-    from data import load_jsonl
 
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -745,8 +728,6 @@ def save_checkpoint(path, model, optimizer=None, step=0, batches=None, args=None
     optim_state = full_optimizer_state(model, optimizer) if optimizer is not None else None
     rngs = all_rng_states()
     if is_main():
-        from model import dedupe_tied, write_checkpoint
-
         extra = {"step": step, "args": vars(args) if args is not None else {}, **meta}
         if score_model:
             write_checkpoint(path, dedupe_tied({k: v.contiguous() for k, v in state.items()}),
@@ -773,6 +754,28 @@ def full_optimizer_state(model, optimizer):
     return optimizer.state_dict()
 
 
+def resume_step(args, model, optimizer, batches, frozen=None):
+    """The step a run starts at: 0, or with --resume the step of the checkpoint set at --out, whose
+    weights, optimizer, RNG and data position are loaded (and a frozen model's, e.g. GDSO's pi_ref,
+    from its file beside it, refused unless written at the same step)."""
+    if not args.resume:
+        return 0
+    step, _ = load_resume(args.out, model, optimizer, batches)
+    if frozen is not None:
+        load_frozen(frozen, ref_path(args.out), step)
+    print0(f"resumed {args.out} at step {step}")
+    return step
+
+
+def after_step(step, args):
+    """What a training loop does once optimizer step `step` is done: (save, stop, evaluate). It saves
+    every --save-every steps, at the last step and at --stop-after, where it stops before evaluating."""
+    stop = step == args.stop_after
+    save = step % args.save_every == 0 or step == args.steps or stop
+    evaluate = not stop and bool((args.eval_every and step % args.eval_every == 0) or step == args.steps)
+    return save, stop, evaluate
+
+
 def ref_path(path):
     return str(path).removesuffix(".safetensors") + ".ref.safetensors"
 
@@ -794,27 +797,10 @@ def check_step(path, meta, step):
              f"between its files); resume from an intact set, or start over without --resume")
 
 
-def load_weights_into(model, tensors, path):
-    """Load a checkpoint's tensors into a (possibly FSDP2-sharded) ScoreModel."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    inner = unwrap(model)
-    if _is_sharded(model):
-        full = {f"vlm.{k}": v for k, v in tensors.items()}
-        set_model_state_dict(inner, full, options=StateDictOptions(full_state_dict=True, strict=False))
-        return
-    missing, unexpected = inner.vlm.load_state_dict(tensors, strict=False)
-    inner.vlm.tie_weights()
-    if unexpected or [k for k in missing if "lm_head" not in k]:
-        raise ValueError(f"{path}: weights do not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-
-
 def load_weights(model, meta, path):
     """A checkpoint's weights into `model`: a ScoreModel (refused unless the file holds the same
     architecture and config; under FSDP2 each rank reads its own slices of the file) or a module that
     checks and loads its own, load_trainable_state(meta, tensors, path) (reward_ft.py's generators)."""
-    from model import check_compatible, read_checkpoint
-
     inner = unwrap(model)
     if not hasattr(inner, "vlm"):
         inner.load_trainable_state(meta, read_checkpoint(path)[1], path)
@@ -823,7 +809,7 @@ def load_weights(model, meta, path):
     if _is_sharded(model):  # each rank reads its own slices of the file
         fill_from_files(model, [path], None, path)
     else:
-        load_weights_into(model, read_checkpoint(path)[1], path)
+        model_weights_into(inner.vlm, read_checkpoint(path)[1], path, assign=False)
 
 
 def _is_sharded(model):

@@ -1,5 +1,6 @@
 """
-Data for Z-Reward: JSONL records, same-prompt pairs, test-label aggregation and score levels.
+Data for Z-Reward: JSONL records, same-prompt pairs, test-label aggregation, score levels, and the
+metrics read off them.
 
 Records. One JSON object per line:
   {"id": str, "prompt": str, "image": path relative to the JSONL file, "dimension": one of
@@ -16,7 +17,22 @@ annotation, average the rest (aggregate). The score model reads 9 levels from th
 "1".."9": level = 2 s - 1 (score_to_level), s = (level + 1) / 2 (level_to_score).
 
 The synthetic world that the embedded tiny models train and are evaluated on (its scenes,
-rendering, traces, rubrics and pixel oracle) is world.py's: python world.py render --out FOLDER.
+rendering, traces, rubrics and pixel oracle) is tiny_world.py's: python tiny_world.py render --out FOLDER.
+
+Metrics (the paper's, in numpy; eval.py prints them):
+1. PLCC and SRCC of the predicted expected score mu against the human label s (SRCC: Spearman
+   on average ranks, so ties get the mean of the ranks they span).
+2. HPA (Eq. 17): over all pairs of samples within the same group (the caller's group key combines
+   prompt and dimension) whose labels differ, s_a != s_b, the fraction whose predicted mu order
+   agrees with the human order. A tie in mu does not agree with either order, so it is a miss
+   (a constant predictor scores 0; counting ties as half a hit would reward a scorer for every
+   pair it cannot tell apart, e.g. one that only counts objects). Margin HPA: the same restricted
+   to |s_a - s_b| > 0.5 (margin=0.5).
+3. GSB (Eq. 21) for blind pairwise human comparisons: (G - B) / (G + S + B).
+
+Labels are aggregates of several annotations (data.aggregate: drop the highest and the lowest,
+average the rest), so label differences are not exact in binary: a difference within 1e-9 of the
+margin counts as equal to it, and |s_a - s_b| <= 1e-9 counts as a tie (no pair).
 """
 
 import json
@@ -26,6 +42,7 @@ import re
 import warnings
 from collections import defaultdict
 
+import numpy as np
 from PIL import Image
 
 DIMENSIONS = ("alignment", "realism", "aesthetics", "plausibility")
@@ -150,3 +167,105 @@ def parse_score(text):
     """the level after the last SCORE_MARKER in a generated text, or None (parse-text ablation)"""
     m = re.findall(re.escape(SCORE_MARKER) + r"\s*([1-9])", text)
     return int(m[-1]) if m else None
+
+
+# -----------------------------------------------------------------------------
+# metrics: PLCC, SRCC, HPA (Eq. 17), margin HPA, GSB (Eq. 21), and the per-dimension table
+
+EPS = 1e-9  # tolerance on label differences (aggregated labels such as 11/3 are inexact floats)
+
+
+def _vec(x):
+    return np.asarray(x, dtype=np.float64).ravel()
+
+
+def plcc(x, y):
+    """Pearson linear correlation; nan when either side is constant or has fewer than 2 values"""
+    x, y = _vec(x), _vec(y)
+    assert x.shape == y.shape, f"length mismatch {x.shape} vs {y.shape}"
+    if len(x) < 2:
+        return float("nan")
+    xc, yc = x - x.mean(), y - y.mean()
+    denom = np.sqrt((xc * xc).sum() * (yc * yc).sum())
+    return float((xc * yc).sum() / denom) if denom > 0 else float("nan")
+
+
+def rankdata(x):
+    """1-based ranks; tied values share the average of the ranks they span"""
+    x = _vec(x)
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    starts = np.r_[True, xs[1:] != xs[:-1]]  # first element of each run of equal values
+    run = np.cumsum(starts) - 1  # run index of each sorted element
+    first = np.flatnonzero(starts)
+    count = np.diff(np.r_[first, len(x)])
+    ranks = np.empty(len(x))
+    ranks[order] = (first + (count + 1) / 2)[run]  # ranks first+1 .. first+count, averaged
+    return ranks
+
+
+def srcc(x, y):
+    """Spearman rank correlation = Pearson on average ranks"""
+    return plcc(rankdata(x), rankdata(y))
+
+
+def hpa(mu, s, prompt_ids, margin=0.0):
+    """human preference accuracy (Eq. 17) over same-group pairs with |s_a - s_b| > margin"""
+    mu, s = _vec(mu), _vec(s)
+    index = {}  # any hashable key works: a string, or a (prompt, dimension) tuple
+    group = np.array([index.setdefault(k, len(index)) for k in prompt_ids], dtype=np.int64)
+    assert mu.shape == s.shape == group.shape, "mu, s and prompt_ids must have the same length"
+    order = np.argsort(group, kind="stable")
+    bounds = np.flatnonzero(np.diff(group[order])) + 1
+    hits, total = 0, 0
+    for idx in np.split(order, bounds):  # one group: all its pairs at once
+        ds = s[idx, None] - s[None, idx]  # (n, n) human gap
+        dm = mu[idx, None] - mu[None, idx]  # (n, n) predicted gap
+        upper = np.triu(np.ones_like(ds, dtype=bool), k=1)  # each unordered pair once
+        valid = upper & (np.abs(ds) > max(margin, 0.0) + EPS)
+        agree = np.sign(dm) == np.sign(ds)  # a tie in mu (sign 0) never matches a label gap
+        hits += int(agree[valid].sum())
+        total += int(valid.sum())
+    return hits / total if total else float("nan")
+
+
+def gsb(good, same, bad):
+    """Good-Same-Bad score (Eq. 21) from counts of blind pairwise judgments; nan for no judgments"""
+    n = good + same + bad
+    return (good - bad) / n if n else float("nan")
+
+
+def score_metrics(mu, s, groups):
+    """the table's columns for one set of predictions: PLCC, SRCC, HPA, margin HPA, n"""
+    return {"plcc": plcc(mu, s), "srcc": srcc(mu, s), "hpa": hpa(mu, s, groups),
+            "margin_hpa": hpa(mu, s, groups, margin=0.5), "n": len(_vec(mu))}
+
+
+def table_from_predictions(records, pred):
+    """Per-dimension and overall metrics of predictions (from predict) against the records' labels."""
+    s = np.array([r["score"] for r in records])
+    groups = [(r.get("group", r["prompt"]), r["dimension"]) for r in records]
+    # synthetic world: HPA over pairs whose images hold the same number of objects, where counting
+    # objects (the shortcut a direct scorer finds first in this world) cannot order the pair
+    same_n = [g + (len(r["scene"]["objects"]),) if "scene" in r else None for g, r in zip(groups, records)]
+    dims = np.array([r["dimension"] for r in records])
+    table = {}
+    for dim in [*dict.fromkeys(dims.tolist()), "overall"]:
+        m = np.ones(len(records), dtype=bool) if dim == "overall" else dims == dim
+        row = score_metrics(pred["mu"][m], s[m], [g for g, k in zip(groups, m) if k])
+        keys = [g for g, k in zip(same_n, m) if k]
+        row["hpa_same_n"] = hpa(pred["mu"][m], s[m], keys) if None not in keys else float("nan")
+        row["tokens"] = float(pred["n_tokens"][m].mean())
+        row["valid"] = float(pred["valid"][m].mean())
+        table[dim] = row
+    return table
+
+
+def format_table(table, title=None):
+    cols = ("n", "plcc", "srcc", "hpa", "margin_hpa", "hpa_same_n", "tokens", "valid")
+    lines = [title] if title else []
+    lines.append(f"{'dimension':<14}" + "".join(f"{c:>12}" for c in cols))
+    for dim, row in table.items():
+        cells = "".join(f"{row[c]:>12d}" if c == "n" else f"{row[c]:>12.3f}" for c in cols)
+        lines.append(f"{dim:<14}{cells}")
+    return "\n".join(lines)

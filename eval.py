@@ -1,86 +1,27 @@
 """
-Evaluation for Z-Reward: the paper's metrics, in numpy.
-
-1. PLCC and SRCC of the predicted expected score mu against the human label s (SRCC: Spearman
-   on average ranks, so ties get the mean of the ranks they span).
-2. HPA (Eq. 17): over all pairs of samples within the same group (the caller's group key combines
-   prompt and dimension) whose labels differ, s_a != s_b, the fraction whose predicted mu order
-   agrees with the human order. A tie in mu does not agree with either order, so it is a miss
-   (a constant predictor scores 0; counting ties as half a hit would reward a scorer for every
-   pair it cannot tell apart, e.g. one that only counts objects). Margin HPA: the same restricted
-   to |s_a - s_b| > 0.5 (margin=0.5).
-3. GSB (Eq. 21) for blind pairwise human comparisons: (G - B) / (G + S + B).
-
-Labels are aggregates of several annotations (data.aggregate: drop the highest and the lowest,
-average the rest), so label differences are not exact in binary: a difference within 1e-9 of the
-margin counts as equal to it, and |s_a - s_b| <= 1e-9 counts as a tie (no pair).
+Evaluation for Z-Reward: score a JSONL with a score model and print the paper's metrics per
+dimension (PLCC, SRCC, HPA, margin HPA; data.py computes them), summarize runs into Tables 2 and 3,
+plot learning curves.
 
 `python eval.py rollouts --ckpt M --data D` measures what GRPO's advantages can work with on a
 reasoning model: how many distinct traces a group of G samples holds (rollout_stats).
 """
 
+import argparse
+import json
+import os
+import re
+import sys
+
 import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
 
-EPS = 1e-9  # tolerance on label differences (aggregated labels such as 11/3 are inexact floats)
-
-def _vec(x):
-    return np.asarray(x, dtype=np.float64).ravel()
-
-def plcc(x, y):
-    """Pearson linear correlation; nan when either side is constant or has fewer than 2 values"""
-    x, y = _vec(x), _vec(y)
-    assert x.shape == y.shape, f"length mismatch {x.shape} vs {y.shape}"
-    if len(x) < 2:
-        return float("nan")
-    xc, yc = x - x.mean(), y - y.mean()
-    denom = np.sqrt((xc * xc).sum() * (yc * yc).sum())
-    return float((xc * yc).sum() / denom) if denom > 0 else float("nan")
-
-def rankdata(x):
-    """1-based ranks; tied values share the average of the ranks they span"""
-    x = _vec(x)
-    order = np.argsort(x, kind="stable")
-    xs = x[order]
-    starts = np.r_[True, xs[1:] != xs[:-1]]  # first element of each run of equal values
-    run = np.cumsum(starts) - 1  # run index of each sorted element
-    first = np.flatnonzero(starts)
-    count = np.diff(np.r_[first, len(x)])
-    ranks = np.empty(len(x))
-    ranks[order] = (first + (count + 1) / 2)[run]  # ranks first+1 .. first+count, averaged
-    return ranks
-
-def srcc(x, y):
-    """Spearman rank correlation = Pearson on average ranks"""
-    return plcc(rankdata(x), rankdata(y))
-
-def hpa(mu, s, prompt_ids, margin=0.0):
-    """human preference accuracy (Eq. 17) over same-group pairs with |s_a - s_b| > margin"""
-    mu, s = _vec(mu), _vec(s)
-    index = {}  # any hashable key works: a string, or a (prompt, dimension) tuple
-    group = np.array([index.setdefault(k, len(index)) for k in prompt_ids], dtype=np.int64)
-    assert mu.shape == s.shape == group.shape, "mu, s and prompt_ids must have the same length"
-    order = np.argsort(group, kind="stable")
-    bounds = np.flatnonzero(np.diff(group[order])) + 1
-    hits, total = 0, 0
-    for idx in np.split(order, bounds):  # one group: all its pairs at once
-        ds = s[idx, None] - s[None, idx]  # (n, n) human gap
-        dm = mu[idx, None] - mu[None, idx]  # (n, n) predicted gap
-        upper = np.triu(np.ones_like(ds, dtype=bool), k=1)  # each unordered pair once
-        valid = upper & (np.abs(ds) > max(margin, 0.0) + EPS)
-        agree = np.sign(dm) == np.sign(ds)  # a tie in mu (sign 0) never matches a label gap
-        hits += int(agree[valid].sum())
-        total += int(valid.sum())
-    return hits / total if total else float("nan")
-
-def gsb(good, same, bad):
-    """Good-Same-Bad score (Eq. 21) from counts of blind pairwise judgments; nan for no judgments"""
-    n = good + same + bad
-    return (good - bad) / n if n else float("nan")
-
-def score_metrics(mu, s, groups):
-    """the table's columns for one set of predictions: PLCC, SRCC, HPA, margin HPA, n"""
-    return {"plcc": plcc(mu, s), "srcc": srcc(mu, s), "hpa": hpa(mu, s, groups),
-            "margin_hpa": hpa(mu, s, groups, margin=0.5), "n": len(_vec(mu))}
+import common
+import tiny_world
+from data import SCORE_MARKER, format_table, table_from_predictions
 
 # -----------------------------------------------------------------------------
 # scoring a JSONL with a score model, and the table
@@ -92,10 +33,6 @@ def predict(model, records, mode="direct", batch_size=32, max_new_tokens=64, pro
     mu, sigma, n_tokens (output tokens per scoring call: 1 in direct and rewarddance modes) and
     valid (reasoning traces that reached a score token) as numpy arrays in record order.
     """
-    import torch
-    from PIL import Image
-    from tqdm import tqdm
-
     N = len(records)
     mu, sigma, n_tok, valid = np.zeros(N), np.zeros(N), np.ones(N), np.ones(N, dtype=bool)
     order = sorted(range(N), key=lambda i: records[i]["dimension"])
@@ -121,6 +58,27 @@ def evaluate(model, records, mode="direct", batch_size=32, max_new_tokens=64, pr
     return table_from_predictions(records, pred), pred
 
 
+def evaluate_sharded(model, records, mode, batch_size=32, max_new_tokens=64):
+    """evaluate over all ranks: each scores an interleaved shard, rank 0's table covers all."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = list(range(rank, len(records), world))
+    with common.rollout_mode(model) as inner:
+        pred = predict(inner, [records[i] for i in mine], mode, batch_size, max_new_tokens, progress=False)
+    parts = [None] * world
+    if dist.is_initialized():
+        dist.all_gather_object(parts, (mine, pred))
+    else:
+        parts = [(mine, pred)]
+    full = {k: np.zeros(len(records), dtype=v.dtype) for k, v in pred.items()}
+    for idx, p in parts:
+        for k in full:
+            full[k][idx] = p[k]
+    note = nonfinite_note(records, full)
+    if note:
+        common.print0(f"warning: {note}")
+    return table_from_predictions(records, full), full
+
+
 def spread_subset(records, n):
     """n records evenly spaced through the file (all when n is 0 or at least len(records))."""
     if not n or n >= len(records):
@@ -130,8 +88,6 @@ def spread_subset(records, n):
 
 def _query_batches(records, batch_size):
     """(prompts, images, dimensions) of consecutive batches of records, images read from disk."""
-    from PIL import Image
-
     for a in range(0, len(records), batch_size):
         rs = records[a:a + batch_size]
         yield ([r["prompt"] for r in rs], [Image.open(r["image_path"]).convert("RGB") for r in rs],
@@ -140,8 +96,6 @@ def _query_batches(records, batch_size):
 
 def greedy_traces(model, records, max_new_tokens=96, batch_size=32):
     """Each record's greedy reasoning trace, in record order."""
-    import torch
-
     with torch.no_grad():
         return [t for ps, ims, ds in _query_batches(records, batch_size)
                 for t in model.score_with_reasoning(ps, ims, ds, max_new_tokens, 0.0).traces]
@@ -153,10 +107,6 @@ def rollout_stats(model, records, group=4, temperature=1.0, max_new_tokens=96, b
     of distinct traces in a group, the fraction of samples unlike the greedy trace (in all, and in
     the reasoning before the score line alone), the mean within-group std of mu, and the greedy
     traces. When a group holds one trace G times, every advantage in it is zero."""
-    import torch
-    from tqdm import tqdm
-
-    from data import SCORE_MARKER
 
     reasoning = lambda t: t.split(SCORE_MARKER)[0]  # noqa: E731
     distinct, unlike, unlike_reasoning, mu_std, greedy = [], [], [], [], []
@@ -179,45 +129,6 @@ def rollout_stats(model, records, group=4, temperature=1.0, max_new_tokens=96, b
             "greedy": greedy}
 
 
-def table_from_predictions(records, pred):
-    """Per-dimension and overall metrics of predictions (from predict) against the records' labels."""
-    s = np.array([r["score"] for r in records])
-    groups = [(r.get("group", r["prompt"]), r["dimension"]) for r in records]
-    # synthetic world: HPA over pairs whose images hold the same number of objects, where counting
-    # objects (the shortcut a direct scorer finds first in this world) cannot order the pair
-    same_n = [g + (len(r["scene"]["objects"]),) if "scene" in r else None for g, r in zip(groups, records)]
-    dims = np.array([r["dimension"] for r in records])
-    table = {}
-    for dim in [*dict.fromkeys(dims.tolist()), "overall"]:
-        m = np.ones(len(records), dtype=bool) if dim == "overall" else dims == dim
-        row = score_metrics(pred["mu"][m], s[m], [g for g, k in zip(groups, m) if k])
-        keys = [g for g, k in zip(same_n, m) if k]
-        row["hpa_same_n"] = hpa(pred["mu"][m], s[m], keys) if None not in keys else float("nan")
-        row["tokens"] = float(pred["n_tokens"][m].mean())
-        row["valid"] = float(pred["valid"][m].mean())
-        table[dim] = row
-    return table
-
-
-def count_only_predictions(records):
-    """The shortcut baseline: mu = 5 - |objects drawn - objects named in the prompt| (synthetic world)."""
-    from world import parse_prompt
-
-    mu = np.array([5.0 - abs(len(r["scene"]["objects"]) - len(parse_prompt(r["prompt"]))) for r in records])
-    n = len(records)
-    return {"mu": mu, "sigma": np.zeros(n), "n_tokens": np.zeros(n), "valid": np.ones(n, dtype=bool)}
-
-
-def format_table(table, title=None):
-    cols = ("n", "plcc", "srcc", "hpa", "margin_hpa", "hpa_same_n", "tokens", "valid")
-    lines = [title] if title else []
-    lines.append(f"{'dimension':<14}" + "".join(f"{c:>12}" for c in cols))
-    for dim, row in table.items():
-        cells = "".join(f"{row[c]:>12d}" if c == "n" else f"{row[c]:>12.3f}" for c in cols)
-        lines.append(f"{dim:<14}{cells}")
-    return "\n".join(lines)
-
-
 TABLE2 = ("plcc", "srcc", "hpa", "margin_hpa", "hpa_same_n")  # the paper's Table 2, + same-count HPA
 TABLE3 = ("hpa", "margin_hpa", "tokens")  # Table 3: accuracy against output tokens per scoring call
 ORDER = ("count-only", "zero-shot", "sft", "rewarddance", "grpo", "gdso", "student-zero-shot", "student-sft",
@@ -233,8 +144,6 @@ def run_name(path):
     """(method, seed) of a run from its file name, METHOD-SEED.eval.json or METHOD-SEED.curve.jsonl
     (seed None without one, e.g. zero-shot.eval.json); the name, not the file's own method field,
     tells apart runs of one script with different models (sft-0 and student-sft-0)"""
-    import os
-    import re
 
     m = re.fullmatch(r"(.+?)(?:-(\d+))?\.(?:eval\.json|curve\.jsonl)", os.path.basename(path))
     if m is None:
@@ -244,8 +153,6 @@ def run_name(path):
 
 def load_runs(paths):
     """{method: {seed: overall row}} from *.eval.json files"""
-    import json
-
     runs = {}
     for p in paths:
         with open(p) as f:
@@ -293,8 +200,6 @@ def plot_curves(paths, out, column="hpa"):
     """Test HPA against step, one line per method (mean over seeds, band = min..max), from the
     NAME-SEED.curve.jsonl files the training scripts append to at every evaluation; the zero-shot
     rows found beside them (*zero-shot.eval.json) are dashed lines. Needs matplotlib."""
-    import json
-    import os
 
     import matplotlib
 
@@ -344,9 +249,6 @@ def nonfinite_note(records, pred):
 
 
 def get_args(argv=None):
-    import argparse
-
-    import torch
 
     p = argparse.ArgumentParser(description="score a JSONL with a score model and print PLCC / SRCC / HPA")
     p.add_argument("--ckpt", "--model", dest="ckpt", required=True,
@@ -368,12 +270,6 @@ def get_args(argv=None):
 def rollouts_main(argv):
     """`python eval.py rollouts --ckpt M [--against BASE] --data D`: rollout_stats of M, and with
     --against, how many greedy traces training changed."""
-    import argparse
-    import os
-
-    import torch
-
-    import common
 
     p = argparse.ArgumentParser(prog="eval.py rollouts", description=rollout_stats.__doc__.split(".")[0])
     p.add_argument("--ckpt", required=True, help="a reasoning-mode score-model .safetensors (or HF folder / hub id)")
@@ -419,9 +315,6 @@ def print_summary(paths):
 
 
 def main(argv=None):
-    import json
-    import os
-    import sys
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "summarize":  # python eval.py summarize runs/results/*.eval.json
@@ -434,10 +327,6 @@ def main(argv=None):
         rollouts_main(argv[1:])
         return
 
-    import torch
-
-    import common  # scoring only: the summaries need neither torch nor a model
-
     args = get_args(argv)
     path = args.data if os.path.isfile(args.data) else common.data_files(args.data, "test.jsonl")[0]
     records = common.load_records(path)
@@ -445,7 +334,7 @@ def main(argv=None):
     if args.ckpt == "count-only":
         if not all("scene" in r for r in records):
             common.fail(f"--ckpt count-only reads the synthetic world's scenes; {path} has records without 'scene'")
-        mode, pred = "count-only", count_only_predictions(records)
+        mode, pred = "count-only", tiny_world.count_only_predictions(records)
     else:
         model = common.load_model(args.ckpt, dtype=torch.bfloat16 if args.bf16 else None)
         model.to(args.device)

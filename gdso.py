@@ -39,7 +39,7 @@ Labels off the half-point grid (aggregates of annotations) use their nearest bin
 their exact value for the rewards and L_pw.
 
 Launch:
-    python world.py render --out runs/world --n 200 --seed 0  # the tiny world, once (the default --data)
+    python tiny_world.py render --out runs/world --n 200 --seed 0  # the tiny world, once (the default --data)
     python gdso.py                                            # tiny world, from assets/tiny_base.safetensors
     python gdso.py --method grpo --out runs/grpo.safetensors  # the GRPO baseline
     torchrun --nproc_per_node=8 gdso.py --model Qwen/Qwen3.5-27B --data my_pairs --bf16 --fsdp \\
@@ -52,7 +52,8 @@ from dataclasses import dataclass
 import torch
 
 import common
-from data import S_MAX, S_MIN, score_to_level
+from data import S_MAX, S_MIN, format_table, make_pairs, score_to_level
+from eval import evaluate_sharded
 from zr_kernels import gap_l1, score_ce
 
 SCORE_RANGE = S_MAX - S_MIN  # R of Eqs. 7, 10 and 11
@@ -228,15 +229,12 @@ def teacher_forcing(model, pairs, queries, traces, images, G, device):
     predict the trace's tokens and its score token, which traces are valid, the labels."""
     batch = encode(model, queries, images, traces)
     targets = model.completion_targets(batch, traces)
-    score_at = [model.find_score_index(t) for t in traces]  # the score token's index in each trace, -1: none
-    # the hidden state one position before the score token predicts it; a malformed trace is read
-    # at its end (its reward is the minimum and it gets no direct loss either way)
-    score_index = [batch["prompt_len"] + (s if s >= 0 else len(t)) - 1 for s, t in zip(score_at, traces)]
+    # a malformed trace is read at its end: its reward is the minimum and it gets no direct loss either way
+    score_index, valid = model.score_positions(batch, traces)
     labels = torch.tensor([[w["score"] for w, _ in pairs], [l["score"] for _, l in pairs]], device=device)
     levels = torch.tensor([score_to_level(float(s)) - 1 for s in labels.flatten()], device=device)
     return Rollouts(pairs, G, traces, batch, targets, mask=targets != -100,
-                    score_index=torch.tensor(score_index, device=device),
-                    valid=torch.tensor([s >= 0 for s in score_at], device=device), labels=labels,
+                    score_index=score_index, valid=valid, labels=labels,
                     label_tokens=model.bin_ids[levels].view(2, -1, 1).expand(-1, -1, G).flatten())
 
 
@@ -341,15 +339,23 @@ def get_args(argv=None):
                    help="start from this score-model .safetensors (the tiny base by default)")
     p.add_argument("--model", default="",
                    help="instead of --init: an HF folder / hub id (e.g. Qwen/Qwen3.5-27B), or 'tiny'")
-    p.add_argument("--data", default="runs/world",
-                   help="folder with train.jsonl and test.jsonl (README, Data), or world:n=200,seed=0 to render the "
-                        "synthetic world")
-    p.add_argument("--out", default="runs/gdso.safetensors", help="checkpoint path (.safetensors; .train.pt beside it)")
+    common.add_run_flags(p, {"--data": "runs/world", "--out": "runs/gdso.safetensors", "--steps": 60,
+                         "--lr": 5e-05, "--warmup": 10, "--weight-decay": 0.0, "--clip": 1.0, "--eval-every": 20,
+                         "--eval-limit": 512, "--save-every": 20, "--resume": False, "--stop-after": 0,
+                         "--seed": 0, "--bf16": False, "--fsdp": False, "--checkpointing": False},
+                         notes={
+                             "--data": "train.jsonl and test.jsonl",
+                             "--steps": "N outer iterations x M steps",
+                             "--lr": "the tiny world's; README, Results",
+                             "--warmup": "in optimizer updates",
+                             "--resume": "pi_ref too",
+                             "--seed": "data order and sampling",
+                             "--bf16": "pi_ref: bf16 weights",
+                         })
     p.add_argument("--method", default="gdso", choices=["gdso", "grpo"],
                    help="grpo = expectation reward only, alphas forced to 0")
     p.add_argument("--reward-from", default="expectation", choices=["expectation", "parsed"],
                    help="reward from mu, or from the score written in the trace (ablation)")
-    p.add_argument("--steps", type=int, default=60, help="total optimizer batches (N outer iterations x M steps)")
     p.add_argument("--ref-reset-every", type=int, default=20,
                    help="M: steps per outer iteration; pi_ref <- pi_theta at each start")
     p.add_argument("--pairs", type=int, default=8, help="pairs per step (global)")
@@ -357,11 +363,6 @@ def get_args(argv=None):
     p.add_argument("--inner-steps", type=int, default=2, help="K_gdso: gradient steps per sampled batch")
     p.add_argument("--micro-pairs", type=int, default=8,
                    help="pairs per forward per rank (gradient accumulation over the rest)")
-    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (the tiny world's; README, Results)")
-    p.add_argument("--warmup", type=int, default=10,
-                   help="linear warmup steps (in optimizer updates), then cosine to 0.1x")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     p.add_argument("--clip-eps", type=float, default=0.2, help="PPO ratio clip")
     p.add_argument("--beta", type=float, default=0.02, help="KL(pi || pi_ref) weight; 0 skips the reference model")
     p.add_argument("--adv-eps", type=float, default=1e-4, help="eps in the advantage denominator")
@@ -375,19 +376,6 @@ def get_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
     p.add_argument("--max-new-tokens", type=int, default=64,
                    help="trace length budget; no score token by then = malformed")
-    p.add_argument("--eval-every", type=int, default=20,
-                   help="evaluate on the test split every N steps (0 = only at the end)")
-    p.add_argument("--eval-limit", type=int, default=512, help="test records per evaluation (0 = all)")
-    p.add_argument("--save-every", type=int, default=20, help="write the checkpoint every N steps")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from --out exactly (optimizer, step, RNG, data position, pi_ref)")
-    p.add_argument("--stop-after", type=int, default=0,
-                   help="stop (after saving) at this step, keeping the --steps schedule; --resume continues")
-    p.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
-    p.add_argument("--bf16", action="store_true",
-                   help="bfloat16 compute (policy: fp32 master weights and optimizer state; pi_ref: bf16 weights)")
-    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP replication")
-    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the vision tower frozen (default)")
     args = p.parse_args(argv)
@@ -401,7 +389,6 @@ def get_args(argv=None):
 def load_data(args, rank, world):
     """The data, before any model: a missing file, a bad record or too few pairs stops the run here.
     -> (train records, test records, this rank's stream of pair batches)."""
-    from data import make_pairs
 
     train_file, test_file = common.data_files(args.data, "train.jsonl", "test.jsonl")
     train, test = common.load_records(train_file), common.load_records(test_file)
@@ -441,9 +428,7 @@ def save(args, policy, ref, optimizer, step, batches):
 
 def evaluate(args, policy, test, step):
     """Greedy traces on the test records, read as the deployed teacher reads them; NAME.eval.json."""
-    from eval import format_table
-
-    table, _ = common.evaluate_sharded(policy, test, "reasoning", max_new_tokens=args.max_new_tokens)
+    table, _ = evaluate_sharded(policy, test, "reasoning", max_new_tokens=args.max_new_tokens)
     common.print0(format_table(table, f"step {step} | test (reasoning mode, greedy)"))
     method = args.method + ("-parsed" if args.reward_from == "parsed" else "")
     common.write_json(args.out, "eval", {"step": step, "method": method, "table": table})
@@ -456,12 +441,7 @@ def main(argv=None):
     train, test, batches = load_data(args, rank, world)
     micro_pairs, _ = common.split_batch(args.pairs, args.micro_pairs, world, "--pairs", "--micro-pairs")
     policy, ref, optimizer = load_models(args, device, train, test)
-    step = 0
-    if args.resume:
-        step, _ = common.load_resume(args.out, policy, optimizer, batches)
-        if ref is not None:
-            common.load_frozen(ref, common.ref_path(args.out), step)  # refused unless at the set's step
-        common.print0(f"resumed {args.out} at step {step}")
+    step = common.resume_step(args, policy, optimizer, batches, frozen=ref)
     K = args.inner_steps
     common.print0(f"{args.method} (reward from {args.reward_from}) | {len(batches.items)} train pairs | "
                   f"{args.pairs // world} pairs x 2 sides x G={args.group} per rank x {world} ranks | K={K} | "
@@ -485,12 +465,12 @@ def main(argv=None):
         inner_logs = [update(policy, optimizer, rollouts, args, step, k, valid_per_micro, T) for k in range(K)]
         step += 1
         print_step(step, rollouts, inner_logs, timer, world, device)
-        stopping = step == args.stop_after
-        if step % args.save_every == 0 or step == args.steps or stopping:
+        do_save, stop, do_eval = common.after_step(step, args)
+        if do_save:
             save(args, policy, ref, optimizer, step, batches)
-        if stopping:
+        if stop:
             break
-        if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
+        if do_eval:
             evaluate(args, policy, test, step)
     common.dist_cleanup()
 

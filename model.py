@@ -17,8 +17,8 @@ spread. This is Q-Align's reading of a score from token logits, applied to Z-Rew
   only; "caption" exists only to pretrain the tiny world's base model.
 - checkpoints: one safetensors file with the weights and everything needed to rebuild the model
   offline (HF config, tokenizer, image-processor settings, chat template, bins, prompt version).
-- the embedded default, ScoreModel.tiny(): a ~0.5M-parameter Qwen3.5-architecture VLM built from
-  a config, with a byte-level BPE tokenizer made in code; both come from world.py, the tiny world's
+- the embedded default, tiny_world.tiny_score_model(): a ~0.5M-parameter Qwen3.5-architecture VLM built from
+  a config, with a byte-level BPE tokenizer made in code; both come from tiny_world.py, the tiny world's
   file, imported only when the tiny model is built. Nothing is downloaded.
 
 References: Z-Reward (Jin, Cai et al., arXiv 2606.09076), Q-Align (Wu et al., arXiv 2312.17090),
@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from data import DIMENSIONS, S_MAX, S_MIN, SCORE_MARKER
+from zr_kernels import score_stats as fused_score_stats, token_logprobs
 
 # without flash-linear-attention / causal-conv1d (CPU, or a bare GPU box) Qwen3.5's linear-attention
 # layers run transformers' torch fallback, which is correct; drop the once-per-op notice about it
@@ -61,6 +62,7 @@ PROMPT_VERSIONS = ("zr-rubric-v1",  # the image, then the text
                    "zr-rubric-v3")  # the image first to reason or caption, the text first to answer in one token
 PROMPT_VERSION = PROMPT_VERSIONS[-1]
 CHECKPOINT_FORMAT = "zreward-score-model-v1"
+GENERATOR_FORMAT = "zreward-generator-v1"  # reward_ft.py's generators: the tiny DiT, or a LoRA of a diffusers one
 
 RUBRICS = {
     "alignment": "Rate text-image alignment: are the objects, colors, counts and positions of the prompt in the "
@@ -162,17 +164,9 @@ class ScoreOutput:
 
 
 def score_stats(logits, values):
-    """probs, mu and sigma of the score distribution (zr_kernels/score.py fuses this on GPU)."""
-    try:
-        from zr_kernels import score_stats as fused
-    except ImportError:
-        fused = None
-    if fused is not None:
-        return fused(logits, values)
-    probs = logits.float().softmax(-1)
-    mu = probs @ values
-    var = (probs * (values - mu[:, None]) ** 2).sum(-1)
-    return probs, mu, var.clamp_min(0).sqrt()
+    """probs, mu and sigma of the score distribution: zr_kernels' fused kernel on a GPU, its PyTorch
+    reference on a CPU."""
+    return fused_score_stats(logits, values)
 
 
 def _pad(seqs, value, left):
@@ -223,21 +217,6 @@ class ScoreModel(nn.Module):
         self._takes_mm_types = "mm_token_type_ids" in inspect.signature(vlm.model.forward).parameters
 
     # --- constructors ------------------------------------------------------------------------
-
-    @classmethod
-    def tiny(cls, seed=0, **sizes):
-        """The embedded default: deterministic given the seed, nothing downloaded. Its tokenizer,
-        config and image processor are the tiny world's (world.py), imported only here."""
-        from transformers import Qwen3_5ForConditionalGeneration
-
-        from world import build_tiny_tokenizer, tiny_config, tiny_image_processor
-
-        tokenizer = build_tiny_tokenizer()
-        config = tiny_config(tokenizer, **sizes)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            vlm = Qwen3_5ForConditionalGeneration(config)
-        return cls(vlm.eval(), tokenizer, tiny_image_processor(), source="tiny")
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=None, **kwargs):
@@ -416,13 +395,9 @@ class ScoreModel(nn.Module):
         if score_targets is not None:
             # log p(score_targets) against the whole vocabulary at the score position: the bin
             # distribution's log q plus log P(the token is a bin at all); (B,)
-            from zr_kernels import token_logprobs
-
             out["score_target_logprob"] = token_logprobs(h_score, self.vlm.get_output_embeddings().weight,
                                                          score_targets)
         if targets is not None:
-            from zr_kernels import token_logprobs
-
             keep = targets != -100
             lp = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
             weight = self.vlm.get_output_embeddings().weight
@@ -522,6 +497,15 @@ class ScoreModel(nn.Module):
                     return i
         return -1
 
+    def score_positions(self, batch, completions):
+        """Where q is read in a teacher-forced batch of traces: the position whose hidden state predicts
+        each trace's score token (one before it), (B,), and which traces have one, (B,) bool. A trace
+        without a score is read at its last token, so the output stays defined (callers mask it)."""
+        at = [self.find_score_index(c) for c in completions]
+        idx = [batch["prompt_len"] + (a if a >= 0 else len(c)) - 1 for a, c in zip(at, completions)]
+        return (torch.tensor(idx, device=batch["input_ids"].device),
+                torch.tensor([a >= 0 for a in at], device=batch["input_ids"].device))
+
     def parsed_score(self, completion):
         """The score the trace's text states (the parse-text ablation), or None if it has none."""
         i = self.find_score_index(completion)
@@ -535,12 +519,7 @@ class ScoreModel(nn.Module):
             completions = self.generate(self.encode(prompts, images, dims, "reasoning"), max_new_tokens, temperature)
             self.train(was_training)
         batch = self.encode(prompts, images, dims, "reasoning", completions=completions)
-        pos = [self.find_score_index(c) for c in completions]
-        valid = torch.tensor([p >= 0 for p in pos], device=self.device)
-        # the hidden state one position before the score token predicts it; an invalid trace is
-        # read at its last token so the output stays defined (callers mask it by `valid`)
-        idx = torch.tensor([batch["prompt_len"] + (p if p >= 0 else len(c)) - 1 for p, c in zip(pos, completions)],
-                           device=self.device)
+        idx, valid = self.score_positions(batch, completions)
         out = self.distribution(self(batch, idx)["score_logits"])
         out.traces = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
         out.valid = valid
@@ -673,11 +652,14 @@ def params_on_meta():
         nn.Module.register_parameter = register
 
 
-def load_weights(vlm, tensors, path):
-    """Assign the file's tensors as the parameters; only a tied LM head may be absent from the file."""
-    missing, unexpected = vlm.load_state_dict(tensors, strict=False, assign=True)
+def load_weights(vlm, tensors, path, assign=True):
+    """The file's tensors into `vlm`, the one weights-loading path of the repository (common.load_weights
+    calls it for a model that is not sharded). assign=True (building from a file) makes the tensors
+    the parameters; assign=False (a model already wrapped for training) copies into them. Only a tied
+    LM head may be absent from the file; anything else missing or unexpected is a ValueError."""
+    missing, unexpected = vlm.load_state_dict(tensors, strict=False, assign=assign)
     vlm.tie_weights()
-    missing = [k for k in missing if _param(vlm, k).device.type == "meta"]
+    missing = [k for k in missing if "lm_head" not in k or _param(vlm, k).device.type == "meta"]
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
 

@@ -9,7 +9,7 @@ Differentiable reward fine-tuning of a text-to-image generator with the Z-Reward
    so that "top left" carries "red circle"), predicting the clean image from which v follows; and
    DiffusersGenerator, any diffusers flow-matching pipeline with a peft LoRA (optional imports).
 2. --stage pretrain (the tiny world only) trains the TinyGenerator with the flow-matching loss on
-   images rendered on the fly by world.py for fresh prompts (never a held-out one): by default the
+   images rendered on the fly by tiny_world.py for fresh prompts (never a held-out one): by default the
    candidates whose objects are the prompt's, with every other defect of the world (noise, blur,
    blocky artifacts, clutter, low contrast, off-center, hovering, floating or sunk objects) at the
    world's rates; --pretrain-data world also keeps the near misses and random candidates. It is
@@ -52,217 +52,26 @@ Launch:
 """
 
 import argparse
-import copy
-import functools
 import hashlib
 import json
-import math
 import os
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import common
-from data import DIMENSIONS
-from eval import gsb
+import tiny_world
+from data import DIMENSIONS, gsb
+from model import GENERATOR_FORMAT, ScoreModel, read_checkpoint
 
-GENERATOR_FORMAT = "zreward-generator-v1"
 DEFAULT_INIT = "assets/tiny_gen.safetensors"  # the shipped tiny generator (--stage pretrain makes it)
 STAGE_DEFAULTS = {"finetune": dict(steps=60, batch_size=16, lr=2e-4, warmup=5, grid_every=20),
                   "pretrain": dict(steps=2000, batch_size=32, lr=2e-3, warmup=20, grid_every=100)}
 # pretraining noise levels: logit-normal(0.5, 1), tilted toward the noisy end where the prompt decides the layout
 SIGMA_SHIFT = 0.5
-SIGMA_MIN = 0.05  # x-prediction: the velocity's 1 / sigma is clamped here
-
-# -----------------------------------------------------------------------------
-# the embedded generator: a small DiT over 8x8 patches of a 64x64 image, prompt tokens as a prefix
-
-
-def modulate(x, shift, scale):
-    return x * (1 + scale[:, None]) + shift[:, None]  # adaLN: per-sample shift / scale over all tokens
-
-
-def sigma_embedding(sigma, dim):
-    """Sinusoidal features of the noise level, (B,) -> (B, dim), as DiT embeds its timestep."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half)
-    args = 1000.0 * sigma.float()[:, None] * freqs[None]
-    return torch.cat([args.sin(), args.cos()], -1)
-
-
-def sincos_2d(grid, dim):
-    """(grid * grid, dim) fixed position features: half the channels encode the row, half the column."""
-    q = dim // 4
-    freqs = 1.0 / 100.0 ** (torch.arange(q, dtype=torch.float32) / q)
-    pos = torch.arange(grid, dtype=torch.float32)[:, None] * freqs[None]  # (grid, q)
-    row, col = torch.cat([pos.sin(), pos.cos()], -1), torch.cat([pos.sin(), pos.cos()], -1)
-    both = torch.cat([row[:, None].expand(grid, grid, 2 * q), col[None].expand(grid, grid, 2 * q)], -1)
-    return both.reshape(grid * grid, 4 * q)
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block over text + image tokens, adaLN-Zero on the noise level."""
-
-    def __init__(self, width, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.fc, self.out = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
-        self.ada = nn.Linear(width, 6 * width)
-        nn.init.zeros_(self.ada.weight)  # adaLN-Zero: every block starts as the identity
-        nn.init.zeros_(self.ada.bias)
-
-    def forward(self, x, c, keep):
-        B, T, W = x.shape
-        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, -1)  # (B, W) each
-        h = modulate(F.layer_norm(x, (W,)), sh1, sc1)
-        q, k, v = self.qkv(h).view(B, T, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, T, W/H)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).reshape(B, T, W)
-        x = x + g1[:, None] * self.proj(a)
-        h = modulate(F.layer_norm(x, (W,)), sh2, sc2)
-        return x + g2[:, None] * self.out(F.gelu(self.fc(h), approximate="tanh"))
-
-
-@functools.lru_cache(maxsize=1)
-def tiny_tokenizer_json():
-    """The tiny world's tokenizer (world.py), serialized; the generator keeps it in its checkpoint."""
-    from world import build_tiny_tokenizer
-
-    return build_tiny_tokenizer().backend_tokenizer.to_str()
-
-
-class TinyGenerator(nn.Module):
-    """The embedded text-to-image generator: velocity v(x, sigma, prompt) over 64x64 RGB in [-1, 1].
-
-    The prompt's tokens (the tiny world's tokenizer) are a prefix that every image token attends to;
-    the noise level enters through adaLN. The network predicts the clean image, from which the
-    velocity is derived. Pixel space, so decode() is only a rescale.
-    """
-
-    def __init__(self, tokenizer_json, width=128, depth=4, heads=4, patch=8, size=64, max_text=32):
-        super().__init__()
-        from tokenizers import Tokenizer
-
-        self.config = dict(width=width, depth=depth, heads=heads, patch=patch, size=size, max_text=max_text)
-        self.tokenizer_json = tokenizer_json
-        self.tokenizer = Tokenizer.from_str(tokenizer_json)
-        self.grid = size // patch
-        n_img, vocab = self.grid ** 2, self.tokenizer.get_vocab_size(with_added_tokens=True)
-        self.patch_in = nn.Linear(3 * patch * patch, width)
-        # fixed 2-D sin-cos positions (as DiT) plus a learned part: where a token sits is known from step 0
-        self.register_buffer("img_sincos", sincos_2d(self.grid, width), persistent=False)
-        self.img_pos = nn.Parameter(torch.zeros(n_img, width))
-        self.tok = nn.Embedding(vocab, width)
-        self.txt_pos = nn.Parameter(torch.randn(max_text, width) * 0.02)
-        # a small convolutional text encoder: each token sees its neighbours, so "left" in "a red
-        # circle top left" already carries "red circle" when an image token attends to it
-        self.txt_conv = nn.ModuleList([nn.Conv1d(width, width, 5, padding=2) for _ in range(2)])
-        self.nn_sigma = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
-        self.blocks = nn.ModuleList([Block(width, heads) for _ in range(depth)])
-        self.final_ada = nn.Linear(width, 2 * width)
-        self.patch_out = nn.Linear(width, 3 * patch * patch)
-        for m in (self.final_ada, self.patch_out):  # the untrained model predicts x0 = 0 (gray)
-            nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    @classmethod
-    def fresh(cls, seed=0, **config):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return cls(tiny_tokenizer_json(), **config)
-
-    @property
-    def device(self):
-        return self.img_pos.device
-
-    @property
-    def latent_shape(self):
-        return (3, self.config["size"], self.config["size"])
-
-    def sigmas(self, n):
-        return torch.linspace(1.0, 0.0, n + 1)  # uniform in sigma: the tiny world needs no shift
-
-    def encode(self, prompts):
-        """Prompts -> condition: token ids (B, L) and a mask (B, L); longer prompts are truncated."""
-        L = self.config["max_text"]
-        rows = [e.ids[:L] for e in self.tokenizer.encode_batch(list(prompts), add_special_tokens=False)]
-        n = max(1, max(len(r) for r in rows))
-        ids = torch.zeros(len(rows), n, dtype=torch.long)
-        mask = torch.zeros(len(rows), n, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r, dtype=torch.long), True
-        return {"ids": ids.to(self.device), "mask": mask.to(self.device)}
-
-    def forward(self, x, sigma, cond):
-        """x (B, 3, S, S) at noise level sigma (B,) -> velocity (B, 3, S, S)."""
-        B, p, g = x.shape[0], self.config["patch"], self.grid
-        ids, mask = cond["ids"], cond["mask"]
-        # the network runs in its weights' dtype (bf16 with --bf16); x, the ODE state, keeps its own (fp32)
-        patches = x.reshape(B, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, 3 * p * p)
-        patches = patches.to(self.patch_in.weight.dtype)
-        t = (self.tok(ids) + self.txt_pos[:ids.shape[1]]) * mask[..., None]  # (B, L, W), padding zeroed
-        for conv in self.txt_conv:
-            t = t + F.gelu(conv(F.layer_norm(t, t.shape[-1:]).transpose(1, 2)).transpose(1, 2)) * mask[..., None]
-        h = torch.cat([t, self.patch_in(patches) + self.img_sincos + self.img_pos], 1)  # (B, L + g*g, W)
-        c = F.silu(self.nn_sigma(sigma_embedding(sigma, h.shape[-1]).to(h.dtype)))  # (B, W)
-        keep = torch.cat([mask, mask.new_ones(B, g * g)], 1)[:, None, None, :]  # padded text is never attended to
-        for block in self.blocks:
-            h = block(h, c, keep)
-        shift, scale = self.final_ada(c).chunk(2, -1)
-        h = modulate(F.layer_norm(h[:, ids.shape[1]:], (h.shape[-1],)), shift, scale)
-        x0 = self.patch_out(h).reshape(B, g, g, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, 3, g * p, g * p)
-        # x-prediction: the network outputs the clean image and the velocity follows from it,
-        # v = (x_sigma - x0) / sigma; a 128-wide token cannot carry a 192-dim patch of noise, but it
-        # can carry a clean patch (Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise")
-        return (x - x0.to(x.dtype)) / sigma.clamp_min(SIGMA_MIN).to(x.dtype).view(B, 1, 1, 1)
-
-    def decode(self, x):
-        return ((x + 1) / 2).clamp(0, 1)  # [-1, 1] -> [0, 1] pixels, differentiable inside the range
-
-    def to_latent(self, images):
-        return images * 2 - 1  # pretraining targets: [0, 1] pixels -> the model's [-1, 1]
-
-    def frozen_copy(self):
-        return copy.deepcopy(self).requires_grad_(False).eval()
-
-    def trainable_state(self):
-        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-
-    def metadata(self, **extra):
-        meta = {"format": GENERATOR_FORMAT, "kind": "tiny-dit", "config": json.dumps(self.config),
-                "tokenizer": self.tokenizer_json}
-        return {**meta, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()}}
-
-    def load_trainable_state(self, meta, tensors, path):
-        """--resume (common.load_resume): the weights of a tiny-generator checkpoint of this config."""
-        check_tiny_generator(meta, path)
-        missing, unexpected = self.load_state_dict(tensors, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path}: weights do not fit this generator (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]})")
-
-    @classmethod
-    def load(cls, path):
-        from model import params_on_meta, read_checkpoint
-
-        meta, tensors = read_checkpoint(path)
-        check_tiny_generator(meta, path)
-        with params_on_meta():  # as ScoreModel.load: no init work, the caller's RNG stream left alone
-            gen = cls(meta["tokenizer"], **json.loads(meta["config"]))
-        gen.load_state_dict(tensors, assign=True)
-        gen.metadata_read = meta
-        return gen
-
-
-def check_tiny_generator(meta, path):
-    if meta.get("format") != GENERATOR_FORMAT or meta.get("kind") != "tiny-dit":
-        raise ValueError(f"{path} is not a tiny generator checkpoint (format {meta.get('format')!r}, "
-                         f"kind {meta.get('kind')!r}; expected {GENERATOR_FORMAT!r}, 'tiny-dit')")
-
 
 # -----------------------------------------------------------------------------
 # a real generator: any diffusers flow-matching pipeline, LoRA through peft (optional imports)
@@ -419,8 +228,6 @@ class DiffusersGenerator(nn.Module):
 
     def read_lora(self, path):
         """-> the LoRA tensors of a file written for this base pipeline (check_lora)."""
-        from model import read_checkpoint
-
         meta, tensors = read_checkpoint(path)
         self.check_lora(meta, tensors, path)
         return tensors
@@ -480,9 +287,9 @@ def build_generator(args, device):
     """-> (generator being trained, frozen starting generator or None)."""
     if args.generator == "tiny":
         if args.stage == "pretrain":
-            gen = TinyGenerator.fresh(args.seed, width=args.width, depth=args.depth, heads=args.heads, patch=args.patch)
+            gen = tiny_world.TinyGenerator.fresh(args.seed, width=args.width, depth=args.depth, heads=args.heads, patch=args.patch)
         else:
-            gen = TinyGenerator.load(args.init)
+            gen = tiny_world.TinyGenerator.load(args.init)
             if args.train_params == "blocks":
                 # only the transformer blocks move: the pixel-facing layers stay frozen, else a
                 # universal adversarial texture for the student is one output bias away
@@ -616,9 +423,7 @@ def judge_scores(images, prompts, weights, teacher=None, student=None, oracle=Tr
     w = np.array([weights[d] for d in dims])
     out, per_dim = {}, {}
     if oracle:
-        from world import oracle_scores
-
-        orc = np.array([[oracle_scores(im, p)[d] for d in dims] for im, p in zip(to_uint8(images), prompts)])  # (B, D)
+        orc = np.array([[tiny_world.oracle_scores(im, p)[d] for d in dims] for im, p in zip(to_uint8(images), prompts)])  # (B, D)
         out["oracle"], per_dim = orc @ w / w.sum(), {d: orc[:, j] for j, d in enumerate(dims)}
     for name, model in (("teacher", teacher), ("student", student)):
         if model is not None:
@@ -775,12 +580,10 @@ def bf16_compute(device, enabled):
 def pretrain_losses(ddp, gen, args, step, rank, micro, accum, exclude, device):
     """Pretraining: the flow-matching loss on images rendered on the fly for prompts outside `exclude`,
     backward per micro-batch; -> the step's mean loss."""
-    from world import generator_batch
-
     logs = {"loss": 0.0}
     for m in range(accum):
         rng = np.random.default_rng([args.seed, rank, step, m])  # a pure function of the step: exact resume
-        prompts, images = generator_batch(rng, micro, exclude, clean=args.pretrain_data == "clean")
+        prompts, images = tiny_world.generator_batch(rng, micro, exclude, clean=args.pretrain_data == "clean")
         x = gen.to_latent(images.to(device))
         # gradients are reduced across ranks on the last micro-batch only
         with common.grad_sync(ddp, m == accum - 1), bf16_compute(device, args.bf16):
@@ -846,21 +649,21 @@ def get_args(argv=None):
     p.add_argument("--dimensions", default="alignment,realism,aesthetics,plausibility",
                    help="comma-separated rubric dimensions of the reward")
     p.add_argument("--weights", default="", help="comma-separated weights of the dimensions in R (default: all 1)")
-    p.add_argument("--data", default="runs/world", help="folder with train.jsonl / test.jsonl (README, Data): train "
-                                                        "prompts for fine-tuning, test prompts held out; or "
-                                                        "world:n=200,seed=0")
-    p.add_argument("--out", default="runs/gen_rft.safetensors",
-                   help="checkpoint path (.safetensors; .train.pt and grid PNGs beside it)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: finetune 60, pretrain 2000)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="global batch, prompts per optimizer step (default: finetune 16, pretrain 32)")
-    p.add_argument("--micro-batch", type=int, default=32,
-                   help="prompts per forward per rank (gradient accumulation fills the rest)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: finetune 2e-4, pretrain 2e-3)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="linear warmup steps, then cosine to 0.1x (default: finetune 5, pretrain 20)")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    common.add_run_flags(p, {"--data": "runs/world", "--out": "runs/gen_rft.safetensors", "--steps": None,
+                         "--batch-size": None, "--micro-batch": 32, "--lr": None, "--weight-decay": 0.0,
+                         "--warmup": None, "--clip": 1.0, "--eval-every": 0, "--save-every": 50, "--resume": False,
+                         "--stop-after": 0, "--seed": 0, "--bf16": False},
+                         notes={
+                             "--data": "train prompts for fine-tuning, test prompts held out",
+                             "--out": "grid PNGs beside it too",
+                             "--steps": "default: finetune 60, pretrain 2000",
+                             "--batch-size": "prompts; default: finetune 16, pretrain 32",
+                             "--lr": "default: finetune 2e-4, pretrain 2e-3",
+                             "--warmup": "default: finetune 5, pretrain 20",
+                             "--eval-every": "held-out GSB",
+                             "--seed": "init, prompts, noise and data order",
+                             "--bf16": "the generator's compute; the frozen student and judge: bf16 weights; the ODE state stays fp32",
+                         })
     p.add_argument("--sample-steps", type=int, default=10, help="Euler steps from noise to image")
     p.add_argument("--grad-steps", type=int, default=2, help="K: denoising steps that keep the graph (1 = ReFL)")
     p.add_argument("--stop-range", type=int, default=2,
@@ -880,7 +683,6 @@ def get_args(argv=None):
                    help="tiny generator, finetune: train only the transformer blocks, or every parameter")
     p.add_argument("--lora-rank", type=int, default=16, help="diffusers generator: LoRA rank")
     p.add_argument("--resolution", type=int, default=512, help="diffusers generator: image side in pixels")
-    p.add_argument("--eval-every", type=int, default=0, help="held-out GSB every N steps (0 = only at the end)")
     p.add_argument("--eval-prompts", type=int, default=0,
                    help="held-out prompts per evaluation (0 = all of the test split)")
     p.add_argument("--eval-samples", type=int, default=4, help="noise seeds per held-out prompt")
@@ -889,14 +691,6 @@ def get_args(argv=None):
     p.add_argument("--grid-every", type=int, default=None, help="write the before/after grid every N steps and at "
                                                                 "the end (default: finetune 20, pretrain 100)")
     p.add_argument("--grid-prompts", type=int, default=8, help="fixed held-out prompts in the grid")
-    p.add_argument("--save-every", type=int, default=50, help="write the checkpoint every N steps")
-    p.add_argument("--resume", action="store_true", help="continue from --out (+ .train.pt) exactly")
-    p.add_argument("--stop-after", type=int, default=0,
-                   help="stop (after saving) at this step, keeping the --steps schedule; --resume continues")
-    p.add_argument("--seed", type=int, default=0, help="seed for init, prompts, noise and data order")
-    p.add_argument("--bf16", action="store_true",
-                   help="bfloat16 compute for the generator (fp32 trainable weights and optimizer state), bf16 "
-                        "weights for the frozen student and judge (the ODE state stays fp32)")
     args = p.parse_args(argv)
     for k, v in STAGE_DEFAULTS[args.stage].items():  # what was not given takes its stage's default
         if getattr(args, k) is None:
@@ -917,7 +711,7 @@ def load_baseline(args, gen, ref, device):
     if args.stage != "finetune" or not args.baseline:
         return ref
     if args.generator == "tiny":
-        baseline = TinyGenerator.load(args.baseline)
+        baseline = tiny_world.TinyGenerator.load(args.baseline)
     else:  # a LoRA baseline runs on the trained generator's own pipeline, with its adapter swapped in
         baseline = gen.frozen_copy(gen.read_lora(args.baseline))
     return baseline.to(device).eval().requires_grad_(False)
@@ -927,8 +721,6 @@ def load_score_models(args, device):
     """Fine-tuning: (the student that gives the reward, the teacher that judges or None), frozen; else None, None."""
     if args.stage != "finetune":
         return None, None
-    from model import ScoreModel
-
     if not args.reward:
         raise SystemExit("--reward: the student score-model .safetensors that gives the reward is required")
     dtype = torch.bfloat16 if args.bf16 else None
@@ -980,10 +772,7 @@ def main(argv=None):
     batches = None
     if args.stage == "finetune":
         batches = common.Batches(train_prompts, args.batch_size, rank, world, seed=args.seed)
-    step = 0
-    if args.resume:
-        step, _ = common.load_resume(args.out, gen, optimizer, batches)
-        common.print0(f"resumed {args.out} at step {step}")
+    step = common.resume_step(args, gen, optimizer, batches)
     sigmas = gen.sigmas(args.sample_steps)
     print_header(args, gen, weights, world, micro, accum)
     grid = BeforeAfterGrid(args, gen, baseline, test_prompts[:args.grid_prompts], sigmas)
@@ -1007,14 +796,14 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         step += 1
         log_step(step, logs, lr, timer, args, device)
-        stopping = step == args.stop_after
-        if step % args.save_every == 0 or step == args.steps or stopping:
+        do_save, stop, do_eval = common.after_step(step, args)
+        if do_save:
             common.save_checkpoint(args.out, gen, optimizer, step, batches, args, stage=args.stage)
-        if stopping:
+        if stop:
             break
         if step % args.grid_every == 0 or step == args.steps:
             grid.write(step)
-        if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
+        if do_eval:
             common.print0(f"step {step} | evaluation\n" + evaluation.report(final=step == args.steps))
     if args.steps == 0:  # evaluation only: --init against --baseline
         common.print0("evaluation\n" + evaluation.report(final=True))

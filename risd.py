@@ -53,8 +53,10 @@ import torch
 import torch.distributed as dist
 
 import common
+from data import format_table
+from eval import evaluate_sharded
 from zr_kernels import score_kl
-from model import BINS, PROMPT_VERSION
+from model import BINS, PROMPT_VERSION, write_checkpoint
 
 # -----------------------------------------------------------------------------
 # the RISD and OPD terms (pure functions of tensors; tests check them on toys)
@@ -120,8 +122,6 @@ def cache_key(teacher_sha256, ids, traces, temperature, max_new_tokens, teacher_
 
 def write_cache(path, q, valid, key):
     """q (N, K) float32 and valid (N,) written atomically, with the key as JSON metadata."""
-    from model import write_checkpoint
-
     tensors = {"q_teacher": q.float().cpu().contiguous(), "valid": valid.to(torch.uint8).cpu().contiguous()}
     write_checkpoint(path, tensors, {"format": "zreward-teacher-cache-v1", "key": json.dumps(key)})
 
@@ -356,16 +356,23 @@ def get_args(argv=None):
     p.add_argument("--student", default="assets/tiny_student_base.safetensors",
                    help="student init: a score-model .safetensors (default: the tiny student base, a third of the "
                         "teacher's size), 'tiny', or an HF folder / hub id")
-    p.add_argument("--data", default="runs/world",
-                   help="folder with test.jsonl and unlabeled.jsonl (or train.jsonl, labels ignored) (README, Data), "
-                        "or world:n=200,seed=0 to render the synthetic world")
+    common.add_run_flags(p, {"--data": "runs/world", "--out": "", "--steps": 300, "--batch-size": 32,
+                         "--micro-batch": 32, "--lr": None, "--warmup": 30, "--weight-decay": 0.01, "--clip": 1.0,
+                         "--eval-every": 100, "--eval-limit": 512, "--save-every": 100, "--resume": False,
+                         "--stop-after": 0, "--seed": 0, "--bf16": False, "--fsdp": False,
+                         "--checkpointing": False},
+                         notes={
+                             "--data": "test.jsonl and unlabeled.jsonl, or train.jsonl with its labels ignored",
+                             "--out": "default runs/risd.safetensors, or runs/opd.safetensors with --opd",
+                             "--batch-size": "records",
+                             "--lr": "default 1e-3 for RISD, 2e-4 for OPD",
+                             "--seed": "data order and online sampling",
+                             "--bf16": "the teacher: bf16 weights",
+                         })
     p.add_argument("--unlabeled", default="",
                    help="JSONL of (id, prompt, image, dimension) to distill on (default: --data's unlabeled.jsonl, "
                         "else its train.jsonl, labels ignored)")
     p.add_argument("--limit", type=int, default=0, help="use only the first N unlabeled records (0 = all)")
-    p.add_argument("--out", default="",
-                   help="student checkpoint (.safetensors; .train.pt beside it); default runs/risd.safetensors or "
-                        "runs/opd.safetensors")
     p.add_argument("--opd", action="store_true",
                    help="the on-policy distillation baseline (Eqs. 18-19) instead of RISD")
     p.add_argument("--cache", default="",
@@ -380,31 +387,10 @@ def get_args(argv=None):
                    help="seed of the teacher's sampling when building --cache (part of its key)")
     p.add_argument("--temperature", type=float, default=1.0, help="OPD: student rollout sampling temperature")
     p.add_argument("--max-new-tokens", type=int, default=64, help="trace length budget (teacher traces; OPD rollouts)")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=32, help="global batch (records per optimizer step)")
-    p.add_argument("--micro-batch", type=int, default=32,
-                   help="records per forward per rank (gradient accumulation fills the rest)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 for RISD, 2e-4 for OPD)")
-    p.add_argument("--warmup", type=int, default=30, help="linear warmup steps, then cosine to 0.1x")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
-    p.add_argument("--eval-every", type=int, default=100,
-                   help="evaluate on the test split every N steps (0 = only at the end)")
-    p.add_argument("--eval-limit", type=int, default=512, help="test records per evaluation (0 = all)")
     p.add_argument("--eval-teacher", action="store_true",
                    help="also evaluate the teacher (reasoning, greedy) once at the start")
     p.add_argument("--throughput", action="store_true",
                    help="only measure images/s of the student (direct) vs the teacher (reasoning) and exit")
-    p.add_argument("--save-every", type=int, default=100, help="write the checkpoint every N steps")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from --out exactly (optimizer, step, RNG, data position)")
-    p.add_argument("--stop-after", type=int, default=0,
-                   help="stop (after saving) at this step, keeping the --steps schedule; --resume continues")
-    p.add_argument("--seed", type=int, default=0, help="seed for data order and online sampling")
-    p.add_argument("--bf16", action="store_true",
-                   help="bfloat16 compute (student: fp32 master weights and optimizer state; teacher: bf16 weights)")
-    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP replication")
-    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the student's vision tower frozen (default)")
     args = p.parse_args(argv)
@@ -453,7 +439,7 @@ def load_teacher(path, dtype=None, meta=False):
     mode = teacher.metadata.get("mode")
     if mode != "reasoning":
         raise SystemExit(f"--teacher {path} is a {mode!r}-mode checkpoint; RISD / OPD distill a reasoning-mode "
-                         f"teacher (one written by gdso.py or sft.py --stage base)")
+                         f"teacher (one written by gdso.py or tiny_base.py)")
     return teacher
 
 
@@ -488,9 +474,7 @@ def print_throughput(student, teacher, test, args, device):
 
 def evaluate(model, test, mode, args, kind, title, **entry):
     """eval.py's table of `model` on the test records, printed and written to NAME.KIND.json."""
-    from eval import format_table
-
-    table, _ = common.evaluate_sharded(model, test, mode, max_new_tokens=args.max_new_tokens)
+    table, _ = evaluate_sharded(model, test, mode, max_new_tokens=args.max_new_tokens)
     common.print0(format_table(table, title))
     common.write_json(args.out, kind, {**entry, "table": table})
 
@@ -523,10 +507,7 @@ def main(argv=None):
         student.vision_tower().requires_grad_(False)
     model = common.wrap(student, device, fsdp=args.fsdp, bf16=args.bf16, checkpointing=args.checkpointing)
     optimizer = common.build_optimizer(model, args.lr, args.weight_decay)
-    step = 0
-    if args.resume:
-        step, _ = common.load_resume(args.out, model, optimizer, batches)
-        common.print0(f"resumed {args.out} at step {step}")
+    step = common.resume_step(args, model, optimizer, batches)
     common.print0(f"{args.method} | teacher {args.teacher} | student {args.student} ({student_mode} mode) | "
                   f"{len(items)} unlabeled records | world {world} x micro {micro} x accum {accum} = "
                   f"{args.batch_size} | targets {'cache ' + args.cache if args.cache else 'online'} | M={args.traces}")
@@ -546,14 +527,14 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         step += 1
         print_step(args, step, logs, grad_norm, lr, timer, world, device)
-        stopping = step == args.stop_after
-        if step % args.save_every == 0 or step == args.steps or stopping:
+        do_save, stop, do_eval = common.after_step(step, args)
+        if do_save:
             common.save_checkpoint(args.out, model, optimizer, step, batches, args, mode=student_mode,
                                    stage=args.method, teacher=args.teacher,
                                    **({"teacher_sha256": teacher_sha} if teacher_sha else {}))
-        if stopping:
+        if stop:
             break
-        if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
+        if do_eval:
             evaluate(model, test, student_mode, args, "eval", f"step {step} | test ({student_mode} mode)",
                      step=step, method=args.method)
     common.dist_cleanup()

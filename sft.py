@@ -1,5 +1,5 @@
 """
-Supervised training of the score model, three stages.
+Supervised training of the score model: the paper's two baselines without reasoning.
 
 1. --stage sft (the paper's SFT baseline): the direct score token is trained with cross-entropy on
    the human label's bin, -log q(s) (Eq. 8 without reasoning); the label is the aggregate of the
@@ -13,21 +13,11 @@ Supervised training of the score model, three stages.
    `scene`) without one uses the world's own item-by-item trace for it, without its
    "Score:" line (the paper distilled its rationales from a stronger model given the label; the
    world's trace is what such a model would write). A record with neither stops the run.
-3. --stage base (the tiny world only): the language model of a tiny VLM whose vision tower was
-   trained first (world.py tower) learns image captions and the templated item-by-item traces of a
-   pretraining world of its own (not the labeled world the methods train on, and without its test
-   prompts), with the tower frozen. The traces' score lines follow a generic rubric (every defect
-   one point, world.generic_scores), not the annotators': the result reads images well and scores
-   on the wrong scale, the tiny world's stand-in for a pretrained VLM before it learns a rubric
-   (the paper starts from a pretrained Qwen3.5 with a system prompt instead). --direct-items adds
-   one-token items (K per record, or K per record of a dimension), whose target is the trace's own
-   score line; --direct-only trains those alone (the first one-token run of make base-v2 and
-   base-v3: alignment on one-item prompts, README). Zero-shot, GRPO and GDSO start from the
-   result; `make base` regenerates the shipped assets/tiny_base.safetensors and
-   assets/tiny_student_base.safetensors.
+Each stage is a `Stage` (what it trains on, the loss, how its model scores) on one training loop,
+`train`; tiny_base.py runs the tiny world's base pretraining as a third stage on the same loop.
 
 Loss normalization: the score CE is summed over a rank's samples and divided by the step's global
-number of samples; the token loss (base: the answer; rewarddance: the rationale) is summed over a
+number of samples; the token loss (rewarddance: the rationale; tiny_base.py: the answer) is summed over a
 rank's tokens and divided by the step's global number of those tokens (all ranks, all
 micro-batches), i.e. a per-token mean over the step, so a long rationale weighs more than a short
 one. Any world size and accumulation then gives the same update as one process with the whole
@@ -36,8 +26,7 @@ so each micro-batch runs forward and backward at once and only one micro-batch's
 alive at a time; gradients are reduced across ranks on the last micro-batch only.
 
 Launch:
-    make base                                                                     # the tiny bases, ~50 min on a CPU
-    python world.py render --out runs/world --n 200 --seed 0                      # the tiny world (the default --data)
+    python tiny_world.py render --out runs/world --n 200 --seed 0                 # the tiny world (the default --data)
     python sft.py --init assets/tiny_base.safetensors --out runs/sft.safetensors  # SFT baseline
     python sft.py --stage rewarddance --init assets/tiny_base.safetensors --out runs/rewarddance.safetensors
     torchrun --nproc_per_node=8 sft.py --model Qwen/Qwen3.5-27B --data my_data --bf16 --fsdp \\
@@ -49,93 +38,64 @@ import argparse
 import torch
 
 import common
-from data import DIMENSIONS, SCORE_MARKER, parse_score, score_to_level
-from eval import format_table
-from zr_kernels import score_ce
+import tiny_world
+from data import SCORE_MARKER, format_table, score_to_level
+from eval import evaluate_sharded
 from model import BIN_TOKENS
-
-EVAL_MODES = {"sft": "direct", "rewarddance": "rewarddance", "base": "reasoning"}  # how each stage's model scores
-TRACE_TOKENS = 96  # the base's answers (captions, traces): the context check's length and the evaluation's budget
+from zr_kernels import score_ce
 
 
-def direct_counts(text):
-    """--direct-items: "K" (every dimension) or "dimension=K,..." -> {dimension: K}."""
-    try:
-        if "=" not in text:
-            return dict.fromkeys(DIMENSIONS, int(text))
-        counts = {d.strip(): int(k) for d, k in (part.split("=") for part in text.split(","))}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected K or dimension=K,... with whole numbers K")
-    unknown = sorted(set(counts) - set(DIMENSIONS))
-    if unknown or min(counts.values()) < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: " + (f"unknown dimension {unknown[0]!r}; expected some of "
-                                         f"{', '.join(DIMENSIONS)}" if unknown else "a count below 0"))
-    return counts
-
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description="SFT baseline (direct score token), the RewardDance baseline and the "
-                                            "tiny world's base pretraining")
-    p.add_argument("--stage", default="sft", choices=["sft", "rewarddance", "base"],
-                   help="sft: direct score CE; rewarddance: score CE + post-hoc rationale loss; "
-                        "base: tiny-world captions + traces")
-    p.add_argument("--rationale-weight", type=float, default=1.0,
-                   help="rewarddance: weight of the rationale's per-token loss beside the score CE")
+def build_parser(description, stage_flag=True):
+    """The flags of the supervised loop, for sft.py and for tiny_base.py (stage_flag=False: it is one stage)."""
+    p = argparse.ArgumentParser(description=description)
+    if stage_flag:
+        p.add_argument("--stage", default="sft", choices=list(STAGES),
+                       help="sft: direct score CE; rewarddance: score CE + post-hoc rationale loss")
+        p.add_argument("--rationale-weight", type=float, default=1.0,
+                       help="rewarddance: weight of the rationale's per-token loss beside the score CE")
     p.add_argument("--model", default="tiny", help="'tiny', an HF folder / hub id, or a score-model .safetensors")
     p.add_argument("--init", default="", help="start from this score-model .safetensors (overrides --model)")
-    p.add_argument("--data", default="runs/world", help="folder with train.jsonl and test.jsonl (README, Data), "
-                                                        "or world:n=200,seed=0 to render the synthetic world")
+    common.add_run_flags(p, {"--data": "runs/world", "--out": "runs/sft.safetensors", "--steps": 300,
+                         "--batch-size": 32, "--micro-batch": 32, "--lr": 1e-3, "--weight-decay": 0.01,
+                         "--warmup": 30, "--clip": 1.0, "--eval-every": 100, "--eval-limit": 512,
+                         "--save-every": 100, "--resume": False, "--stop-after": 0, "--seed": 0, "--bf16": False,
+                         "--fsdp": False, "--checkpointing": False},
+                         notes={"--data": "train.jsonl and test.jsonl", "--batch-size": "samples"})
     p.add_argument("--holdout", default="", help="a JSONL whose prompts are dropped from the training data "
-                                                 "(base stage: the labeled world's test split)")
-    p.add_argument("--out", default="runs/sft.safetensors", help="checkpoint path (.safetensors; .train.pt beside it)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300; base stage 2400)")
-    p.add_argument("--batch-size", type=int, default=32, help="global batch (samples per optimizer step)")
-    p.add_argument("--micro-batch", type=int, default=32,
-                   help="samples per forward per rank (gradient accumulation fills the rest)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default 1e-3; base stage, a language model from scratch: 3e-3)")
+                                                 "(e.g. a test split whose prompts must stay unseen)")
     p.add_argument("--vision-lr-mult", type=float, default=1.0,
                    help="lr multiplier for the vision tower (with --no-freeze-vision)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    p.add_argument("--warmup", type=int, default=30, help="linear warmup steps, then cosine to 0.1x")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
-    p.add_argument("--eval-every", type=int, default=100,
-                   help="evaluate on the test split every N steps (0 = only at the end)")
-    p.add_argument("--eval-limit", type=int, default=512, help="test records per periodic evaluation (0 = all)")
-    p.add_argument("--save-every", type=int, default=100, help="write the checkpoint every N steps")
-    p.add_argument("--resume", action="store_true", help="continue from --out (+ .train.pt) exactly")
-    p.add_argument("--stop-after", type=int, default=0,
-                   help="stop (after saving) at this step, keeping the --steps schedule; --resume continues")
-    p.add_argument("--seed", type=int, default=0, help="seed for init, data order and sampling")
-    p.add_argument("--bf16", action="store_true",
-                   help="bfloat16 compute (fp32 master weights and optimizer state)")
-    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP replication")
-    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
-    p.add_argument("--direct-items", type=direct_counts, nargs="?", const=dict.fromkeys(DIMENSIONS, 1), default="0",
-                   metavar="K|D=K,...",
-                   help="base stage: also train the one-token direct answer on the trace's own (generic-rubric) "
-                        "score, so that the base can score without reasoning as a pretrained VLM can: K items per "
-                        "record and epoch (K = 1 without a value), or per dimension, e.g. alignment=4,realism=1 "
-                        "(a dimension not named gets none)")
-    p.add_argument("--direct-only", action="store_true",
-                   help="base stage: train the one-token items alone, no captions or traces (the first "
-                        "one-token run of make base-v2 and base-v3: alignment on one-item prompts)")
     p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep the vision tower frozen (default; the tiny base's tower is trained in a stage of its "
-                        "own, world.py)")
-    args = p.parse_args(argv)
-    # a language model from scratch (base stage) wants a larger lr and more steps; an explicit value always wins
-    args.lr = args.lr if args.lr is not None else (3e-3 if args.stage == "base" else 1e-3)
-    args.steps = args.steps if args.steps is not None else (2400 if args.stage == "base" else 300)
+                   help="keep the vision tower frozen (default)")
+    return p
+
+
+def check_args(p, args):
     if args.steps < 1:
         p.error(f"--steps must be at least 1 (got {args.steps}): a run of no steps would write nothing")
-    if args.rationale_weight < 0:
+    if getattr(args, "rationale_weight", 0) < 0:
         p.error(f"--rationale-weight must be >= 0 (got {args.rationale_weight})")
     return args
 
 
+def get_args(argv=None):
+    p = build_parser("SFT baseline (direct score token) and the RewardDance baseline")
+    return check_args(p, p.parse_args(argv))
+
+
 # -----------------------------------------------------------------------------
 # what each stage trains on: (kind, record, text) items
+
+
+def answer_ids(tokenizer, text, score=None):
+    """The answer's tokens: `text` then the end of the turn; with a score (rewarddance), the score's bin
+    token first and the text (the rationale) on the next line."""
+    ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    if score is None:
+        return ids
+    # the label's bin token first (one token, model.py checks it), the rationale on the next line
+    head = tokenizer.encode(BIN_TOKENS[score_to_level(score) - 1], add_special_tokens=False)
+    return head + tokenizer.encode("\n", add_special_tokens=False) + ids
 
 
 def rationale_of(r):
@@ -145,9 +105,7 @@ def rationale_of(r):
         return r["rationale"] if isinstance(r["rationale"], str) and r["rationale"].strip() else None
     if "scene" not in r:
         return None
-    from world import make_trace, parse_prompt
-
-    trace = r.get("trace") or make_trace(r["scene"], parse_prompt(r["prompt"]), r["dimension"])
+    trace = r.get("trace") or tiny_world.make_trace(r["scene"], tiny_world.parse_prompt(r["prompt"]), r["dimension"])
     lines = trace.split("\n")
     return "\n".join(lines[:-1] if lines[-1].startswith(SCORE_MARKER) else lines)
 
@@ -165,61 +123,18 @@ def load_data(args):
     return train_file, train, test
 
 
-def training_items(args, train, train_file):
-    """(kind, record, text) per training item. kind "direct": the score token's CE on the label (sft; base with
-    --direct-items, on the trace's own score); "rewarddance": the label's score token, then `text`, the
-    rationale; "caption" / "reasoning" (base): the next-token loss on `text`, the caption or the trace."""
-    if args.stage == "sft":
-        return [("direct", r, None) for r in train]
-    if args.stage == "rewarddance":
-        items = [("rewarddance", r, rationale_of(r)) for r in train]
-        bad = next((r for _, r, text in items if text is None), None)
-        if bad is not None:
-            common.fail(f"{train_file}: record {bad['id']!r} has no 'rationale' (a non-empty string): "
-                        f"--stage rewarddance trains on the score followed by its rationale (README, Data)")
-        return items
-    # base: one captioning item per image, one reasoning item per (image, dimension) with its trace,
-    # and --direct-items one-token items per record (--direct-only: those alone)
-    if not all("trace" in r for r in train):
-        raise SystemExit(f"{train_file} has records without a 'trace': --stage base needs the synthetic world")
-    if args.direct_only and not any(args.direct_items.values()):
-        common.fail("--direct-only trains the one-token items alone: give --direct-items K (K >= 1)")
-    items = [("direct", r, None) for r in train for _ in range(args.direct_items.get(r["dimension"], 0))]
-    if not args.direct_only:
-        images = {r["image_path"]: r for r in train}
-        items += [("caption", r, r["caption"]) for r in images.values() if "caption" in r]
-        items += [("reasoning", r, r["trace"]) for r in train]
-    return items
-
-
-def answer_ids(tokenizer, stage, text, r=None):
-    """The answer tokens: the caption or trace (base), or the score token then the rationale
-    (rewarddance), then the end of the turn."""
-    ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    if stage != "rewarddance":
-        return ids
-    # the label's bin token first (one token, model.py checks it), the rationale on the next line
-    score = tokenizer.encode(BIN_TOKENS[score_to_level(r["score"]) - 1], add_special_tokens=False)
-    return score + tokenizer.encode("\n", add_special_tokens=False) + ids
-
-
 # -----------------------------------------------------------------------------
 # the model
 
 
-def load_checked_model(args, items, train, test):
+def load_checked_model(args, stage, items, train, test):
     """The score model to train, checked against the data: every training answer and test query fits its context."""
     # fp32 master weights (--bf16 is compute only); under FSDP2 built on meta, each rank reads only its shard
     model = common.load_model(args.init or args.model, seed=args.seed, meta=common.sharded(args.fsdp))
-    if args.stage == "base" and model.source != "tiny":
-        raise SystemExit("--stage base pretrains the embedded tiny model; real models start from their own pretraining")
-    # the longest answer must fit when training; scoring reads one token (sft, rewarddance) or a trace (base)
-    if args.stage == "rewarddance":
-        answer_len = max(len(answer_ids(model.tokenizer, args.stage, t, r)) for _, r, t in items)
-    else:
-        answer_len = TRACE_TOKENS if args.stage == "base" else 1
-    common.check_context(model, train, EVAL_MODES[args.stage], answer_len)
-    common.check_context(model, test, EVAL_MODES[args.stage], TRACE_TOKENS if args.stage == "base" else 1)
+    stage.check_model(model)
+    # the longest answer must fit when training; scoring reads one token, or a trace (tiny_base.py)
+    common.check_context(model, train, stage.mode, stage.answer_len(model, items))
+    common.check_context(model, test, stage.mode, stage.eval_tokens)
     if args.freeze_vision:
         model.vision_tower().requires_grad_(False)
     return model
@@ -229,26 +144,15 @@ def load_checked_model(args, items, train, test):
 # the loss
 
 
-def target_counts(chunk, stage, tokenizer):
-    """What normalizes the loss, before any forward: (samples with a score CE, tokens with a
-    next-token loss). rewarddance's tokens are the answer's after the score token."""
-    if stage == "base":
-        return (sum(kind == "direct" for kind, _, _ in chunk),
-                sum(len(answer_ids(tokenizer, stage, text)) for kind, _, text in chunk if kind != "direct"))
-    if stage == "rewarddance":
-        return len(chunk), sum(len(answer_ids(tokenizer, stage, text, r)) - 1 for _, r, text in chunk)
-    return len(chunk), 0
-
-
-def score_losses(ddp_model, chunk, stage, device, bins=None):
+def score_losses(ddp_model, chunk, mode, device, bins=None):
     """sft / rewarddance: (the score token's CE summed over samples, the rationale's next-token loss summed over
     its tokens; 0 for sft). The CE's target is each label's nearest bin unless `bins` gives others."""
     inner = common.unwrap(ddp_model)
     records = [r for _, r, _ in chunk]
     # rewarddance teacher-forces score + rationale; the score is read before the answer either way
-    answers = [answer_ids(inner.tokenizer, stage, text, r) for _, r, text in chunk] if stage == "rewarddance" else None
+    answers = [answer_ids(inner.tokenizer, text, r["score"]) for _, r, text in chunk] if mode == "rewarddance" else None
     batch = inner.encode([r["prompt"] for r in records], common.open_images(records),
-                         [r["dimension"] for r in records], EVAL_MODES[stage], completions=answers)
+                         [r["dimension"] for r in records], mode, completions=answers)
     score_index = torch.full((len(records),), batch["prompt_len"] - 1, device=device)
     targets = None
     if answers is not None:
@@ -263,70 +167,107 @@ def score_losses(ddp_model, chunk, stage, device, bins=None):
     return score_ce(out["score_logits"], bins).sum(), nll
 
 
-def base_losses(ddp_model, chunk, device):
-    """base: (the direct score token's CE on the trace's own score, --direct-items; the next-token loss of
-    the captions and traces, each answer followed by the end of the turn), summed."""
-    inner = common.unwrap(ddp_model)
-    nll = ce = torch.zeros((), device=device)
-    direct = [item for item in chunk if item[0] == "direct"]
-    if direct:
-        # the SFT stage's one-token forward and CE, on the trace's own score instead of the label
-        trace_bins = torch.tensor([parse_score(r["trace"]) - 1 for _, r, _ in direct], device=device)
-        ce, _ = score_losses(ddp_model, direct, "sft", device, bins=trace_bins)
-    for mode in ("caption", "reasoning"):
-        sub = [(r, text) for kind, r, text in chunk if kind == mode]
-        if not sub:
-            continue
-        answers = [answer_ids(inner.tokenizer, "base", text) for _, text in sub]
-        records = [r for r, _ in sub]
-        batch = inner.encode([r["prompt"] for r in records], common.open_images(records),
-                             [r["dimension"] for r in records], mode, completions=answers)
-        targets = inner.completion_targets(batch, answers)
-        score_index = torch.full((len(records),), batch["prompt_len"] - 1, device=device)
-        nll = nll - ddp_model(batch, score_index, targets=targets)["token_logprobs"].sum()
-    return ce, nll
+# -----------------------------------------------------------------------------
+# the stages
 
 
-def accumulate_gradients(ddp_model, chunks, args, world, device):
+class Stage:
+    """One supervised stage on the loop below: its items, what normalizes their loss, the loss and how
+    its model scores. This one is the SFT baseline: the direct score token's CE on the label."""
+    name, mode = "sft", "direct"
+    eval_tokens = 1  # output tokens per scored record: the context check's length and the evaluation's budget
+
+    def items(self, args, train, train_file):
+        """(kind, record, text) per training item: ("direct", record, None), the score CE on its label."""
+        return [("direct", r, None) for r in train]
+
+    def check_model(self, model):
+        """Refuse a model this stage cannot train (any model will do for SFT)."""
+
+    def answer_len(self, model, items):
+        """The longest answer a training item teacher-forces: the score token."""
+        return 1
+
+    def counts(self, chunk, tokenizer):
+        """What normalizes the loss, before any forward: (samples with a score CE, tokens with a
+        next-token loss)."""
+        return len(chunk), 0
+
+    def losses(self, ddp_model, chunk, device):
+        """(the score CE summed over samples, the next-token loss summed over tokens)."""
+        return score_losses(ddp_model, chunk, self.mode, device)
+
+    def token_weight(self, args):
+        """The weight of the next-token loss beside the score CE."""
+        return 0.0
+
+    def eval_mode(self, args):
+        """How the trained model scores (it goes into the checkpoint)."""
+        return self.mode
+
+
+class RewardDance(Stage):
+    """The RewardDance baseline: the label's score token, then its rationale, then the end of the turn;
+    the score CE plus --rationale-weight x the rationale's per-token loss. It scores in one token."""
+    name, mode = "rewarddance", "rewarddance"
+
+    def items(self, args, train, train_file):
+        items = [("rewarddance", r, rationale_of(r)) for r in train]
+        bad = next((r for _, r, text in items if text is None), None)
+        if bad is not None:
+            common.fail(f"{train_file}: record {bad['id']!r} has no 'rationale' (a non-empty string): "
+                        f"--stage rewarddance trains on the score followed by its rationale (README, Data)")
+        return items
+
+    def answer_len(self, model, items):
+        return max(len(answer_ids(model.tokenizer, text, r["score"])) for _, r, text in items)
+
+    def counts(self, chunk, tokenizer):
+        # the tokens after the score token: the score's own loss is the bin CE (Eq. 8)
+        return len(chunk), sum(len(answer_ids(tokenizer, text, r["score"])) - 1 for _, r, text in chunk)
+
+    def token_weight(self, args):
+        return args.rationale_weight
+
+
+STAGES = {"sft": Stage(), "rewarddance": RewardDance()}
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+def accumulate_gradients(ddp_model, chunks, args, stage, world, device):
     """Forward and backward of every micro-batch, normalized by the step's global counts; -> this rank's
     share of the step's mean (score CE, next-token loss)."""
     tokenizer = common.unwrap(ddp_model).tokenizer
     # the step's global counts (samples, tokens; all ranks and micro-batches), counted first; a
     # count of 0 has no loss term to normalize (max 1)
-    counts = [target_counts(c, args.stage, tokenizer) for c in chunks]
+    counts = [stage.counts(c, tokenizer) for c in chunks]
     n_samples = max(common.all_sum(sum(n for n, _ in counts)), 1.0)
     n_tokens = max(common.all_sum(sum(n for _, n in counts)), 1.0)
-    weight = token_loss_weight(args)
+    weight = stage.token_weight(args)
     ce_sum, nll_sum = 0.0, 0.0
     for i, chunk in enumerate(chunks):
         # one micro-batch's graph alive at a time; gradients reduced across ranks on the last one only
         with common.grad_sync(ddp_model, i == len(chunks) - 1):
-            if args.stage == "base":
-                ce, nll = base_losses(ddp_model, chunk, device)
-            else:
-                ce, nll = score_losses(ddp_model, chunk, args.stage, device)
+            ce, nll = stage.losses(ddp_model, chunk, device)
             # DDP / FSDP average over ranks; x world makes each term its global sum over its count
             (ce * world / n_samples + weight * nll * world / n_tokens).backward()
         ce_sum, nll_sum = ce_sum + float(ce.detach()), nll_sum + float(nll.detach())
     return ce_sum * world / n_samples, nll_sum * world / n_tokens
 
 
-def token_loss_weight(args):
-    """The weight of the next-token loss beside the score CE: the whole loss (base), the rationale's
-    (rewarddance), none (sft)."""
-    return {"sft": 0.0, "base": 1.0, "rewarddance": args.rationale_weight}[args.stage]
-
-
-def train_step(ddp_model, optimizer, batches, step, args, micro, world, device):
+def train_step(ddp_model, optimizer, batches, step, args, stage, micro, world, device):
     """One optimizer step on the next global batch; -> (metrics averaged over ranks, lr)."""
     lr = common.lr_at(step, args.steps, args.lr, args.warmup)
     common.set_lr(optimizer, lr)
     mine = batches.next()
     chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
     ddp_model.train()
-    ce_mean, nll_mean = accumulate_gradients(ddp_model, chunks, args, world, device)
+    ce_mean, nll_mean = accumulate_gradients(ddp_model, chunks, args, stage, world, device)
     # this rank's share of the step's mean loss (x world): all_mean over ranks gives the global mean
-    loss = ce_mean + token_loss_weight(args) * nll_mean
+    loss = ce_mean + stage.token_weight(args) * nll_mean
     grad_norm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), args.clip)
     common.check_finite_step(step, grad_norm, loss)  # stop, before a NaN update
     optimizer.step()
@@ -352,54 +293,51 @@ def log_step(step, metrics, lr, timer, args, device):
                   f"{common.peak_memory(device)}")
 
 
-def eval_mode(args):
-    """How the trained model scores: its stage's mode; a --direct-only base stage's model, in one token."""
-    return "direct" if args.stage == "base" and args.direct_only else EVAL_MODES[args.stage]
-
-
-def evaluate(ddp_model, test, step, args):
+def evaluate(ddp_model, test, step, args, stage):
     """Score the test split (all ranks), print the table, write NAME.eval.json and a NAME.curve.jsonl line."""
-    mode = eval_mode(args)
-    table, _ = common.evaluate_sharded(ddp_model, test, mode, max_new_tokens=TRACE_TOKENS)
+    mode = stage.eval_mode(args)
+    table, _ = evaluate_sharded(ddp_model, test, mode, max_new_tokens=stage.eval_tokens)
     common.print0(format_table(table, f"step {step} | test ({mode} mode)"))
     common.write_json(args.out, "eval", {"step": step, "method": args.stage, "table": table})
 
 
-def main(argv=None):
-    args = get_args(argv)
+def train(args, stage):
+    """The supervised loop: data, model, then --steps optimizer steps of `stage`, with checkpoints and evaluations."""
     rank, world, device = common.dist_init()
     common.seed_all(args.seed + rank)
     # the data first: a missing file, a bad record or a batch larger than the data stops the run before
     # any model is loaded
     train_file, train, test = load_data(args)
-    items = training_items(args, train, train_file)
+    items = stage.items(args, train, train_file)
     micro, accum = common.split_batch(args.batch_size, args.micro_batch, world)
     common.check_batch(len(items), args.batch_size, "--batch-size", "training items", world)
     batches = common.Batches(items, args.batch_size, rank, world, seed=args.seed)
-    model = load_checked_model(args, items, train, test)
+    model = load_checked_model(args, stage, items, train, test)
     ddp_model = common.wrap(model, device, fsdp=args.fsdp, bf16=args.bf16, checkpointing=args.checkpointing)
     optimizer = common.build_optimizer(ddp_model, args.lr, args.weight_decay, vision_lr_mult=args.vision_lr_mult)
-    step = 0
-    if args.resume:
-        step, _ = common.load_resume(args.out, ddp_model, optimizer, batches)
-        common.print0(f"resumed {args.out} at step {step}")
+    step = common.resume_step(args, ddp_model, optimizer, batches)
     common.print0(f"{args.stage} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | "
                   f"{len(items)} items | world {world} x micro {micro} x accum {accum} = {args.batch_size} | "
                   f"{args.steps} steps")
     timer = common.Timer()
     while step < args.steps:
-        metrics, lr = train_step(ddp_model, optimizer, batches, step, args, micro, world, device)
+        metrics, lr = train_step(ddp_model, optimizer, batches, step, args, stage, micro, world, device)
         step += 1
         log_step(step, metrics, lr, timer, args, device)
-        stopping = step == args.stop_after
-        if step % args.save_every == 0 or step == args.steps or stopping:
+        do_save, stop, do_eval = common.after_step(step, args)
+        if do_save:
             common.save_checkpoint(args.out, ddp_model, optimizer, step, batches, args,
-                                   mode=eval_mode(args), stage=args.stage)
-        if stopping:
+                                   mode=stage.eval_mode(args), stage=args.stage)
+        if stop:
             break
-        if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            evaluate(ddp_model, test, step, args)
+        if do_eval:
+            evaluate(ddp_model, test, step, args, stage)
     common.dist_cleanup()
+
+
+def main(argv=None):
+    args = get_args(argv)
+    train(args, STAGES[args.stage])
 
 
 if __name__ == "__main__":

@@ -35,8 +35,9 @@ def test_one_process_returns_and_exits_normally():
 WRAP_SCRIPT = """
 import torch, common, data
 from PIL import Image
+import tiny_world
 from model import ScoreModel
-from world import make_world
+from tiny_world import make_world
 rank, world, device = common.dist_init(timeout_s=60)
 make_world(WORLD, n=4, seed=0)
 recs = data.load_jsonl(WORLD + '/train.jsonl')[:4]
@@ -45,7 +46,7 @@ def loss_of(w, sl):
     b = common.unwrap(w).encode([r['prompt'] for r in recs[sl]], ims[sl], [r['dimension'] for r in recs[sl]], 'direct')
     return w(b, torch.full((len(recs[sl]),), b['prompt_len'] - 1))['score_logits'].logsumexp(-1).sum()
 for fsdp in (True, False):
-    m = ScoreModel.tiny().to(torch.bfloat16)  # a bf16 checkpoint: wrap makes fp32 master weights of it
+    m = tiny_world.tiny_score_model().to(torch.bfloat16)  # a bf16 checkpoint: wrap makes fp32 master weights of it
     m.vision_tower().requires_grad_(False)
     w = common.wrap(m, device, fsdp=fsdp, bf16=True)
     seen = []
@@ -88,12 +89,13 @@ def test_wrap_keeps_fp32_master_weights_computes_in_bf16_and_syncs_on_the_last_m
 
 # loading at scale: an 8-rank FSDP2 sharding simulated on one CPU (fake process group), rank 3
 META_SCRIPT = """
+import tiny_world
 import torch, torch.distributed as dist, common
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from model import ScoreModel
 import tempfile
 folder = tempfile.mkdtemp()  # an HF folder, written before the process group (save_pretrained writes on rank 0 only)
-src = ScoreModel.tiny(seed=3)
+src = tiny_world.tiny_score_model(seed=3)
 for part in (src.vlm, src.tokenizer, src.image_processor):
     part.save_pretrained(folder)
 dist.init_process_group('fake', store=FakeStore(), rank=3, world_size=8)

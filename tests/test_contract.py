@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import torch
 
+import tiny_world
 import common
 import data
-from world import make_world
+from tiny_world import make_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "assets", "tiny_base.safetensors")
@@ -193,10 +194,8 @@ def test_a_prompt_longer_than_the_context_is_named(tmp_path, world, capsys):
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     """The tiny model as a Hugging Face folder, written by save_pretrained."""
-    from model import ScoreModel
-
     out = str(tmp_path_factory.mktemp("hf"))
-    m = ScoreModel.tiny(seed=3)
+    m = tiny_world.tiny_score_model(seed=3)
     m.vlm.save_pretrained(out)
     m.tokenizer.save_pretrained(out)
     m.image_processor.save_pretrained(out)
@@ -205,15 +204,13 @@ def hf_folder(tmp_path_factory):
 
 def test_eval_scores_a_hugging_face_folder_zero_shot(hf_folder, world, tmp_path, capsys):
     import eval as evaluation
-    from model import ScoreModel
-
     test = os.path.join(world, "test.jsonl")
     out = str(tmp_path / "zs.eval.json")
     evaluation.main(["--ckpt", hf_folder, "--data", test, "--limit", "8", "--json", out])
     assert "(direct mode)" in capsys.readouterr().out
     records = data.load_jsonl(test)[:8]
     want = evaluation.table_from_predictions(records,
-                                             evaluation.predict(ScoreModel.tiny(seed=3), records, progress=False))
+                                             evaluation.predict(tiny_world.tiny_score_model(seed=3), records, progress=False))
     with open(out) as f:
         got = json.load(f)["table"]
     assert got["overall"]["plcc"] == pytest.approx(want["overall"]["plcc"], abs=1e-6)
@@ -288,9 +285,7 @@ def test_non_finite_predictions_are_counted_and_fail_the_eval(world, tmp_path, m
 
 
 def _tiny_run():
-    from model import ScoreModel
-
-    model = ScoreModel.tiny()
+    model = tiny_world.tiny_score_model()
     return model, common.build_optimizer(model, 1e-3)
 
 

@@ -1,5 +1,5 @@
 """
-Tests for data.py (record validation, label aggregation, pairs) and the synthetic world of world.py.
+Tests for data.py (record validation, label aggregation, pairs) and the synthetic world of tiny_world.py.
 
 Run: python -m pytest tests/test_data.py -q   (a few seconds, CPU only)
 """
@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
 from data import (DIMENSIONS, SCORE_MARKER, aggregate, level_to_score, load_jsonl, make_pairs,  # noqa: E402
                   parse_score, score_to_level)
-from world import VOCAB, make_caption, make_trace, make_world, parse_prompt, render_scene, true_scores  # noqa: E402
+from tiny_world import VOCAB, make_caption, make_trace, make_world, parse_prompt, render_scene, true_scores  # noqa: E402
 
 GOOD = {"id": "a", "prompt": "a red circle top left", "image": "img.png", "dimension": "realism",
         "scores": [3.0, 3.5, 4.0], "score": 3.5}
@@ -197,7 +197,7 @@ def test_cli(tmp_path):
     # the script entry point writes the files a consumer expects
     import subprocess
     root = os.path.join(os.path.dirname(__file__), "..")
-    subprocess.run([sys.executable, os.path.join(root, "world.py"), "render", "--out", str(tmp_path), "--n", "5",
+    subprocess.run([sys.executable, os.path.join(root, "tiny_world.py"), "render", "--out", str(tmp_path), "--n", "5",
                     "--seed", "1", "--candidates", "3", "--annotators", "3", "--test-frac", "0.4"], check=True)
     train, test = load_jsonl(str(tmp_path / "train.jsonl")), load_jsonl(str(tmp_path / "test.jsonl"))
     assert len(train) == 3 * 3 * 4 and len(test) == 2 * 3 * 4

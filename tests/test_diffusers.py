@@ -32,7 +32,8 @@ pytest.importorskip("peft", reason="peft is optional (only reward_ft.py --genera
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
-from world import make_world  # noqa: E402
+from tiny_world import make_world  # noqa: E402
+import tiny_world  # noqa: E402
 import reward_ft  # noqa: E402
 from reward_ft import DiffusersGenerator, Rollout, reward  # noqa: E402
 
@@ -127,7 +128,7 @@ def tiny_pipeline(family, seed=0):
         from diffusers import ZImagePipeline, ZImageTransformer2DModel
         from transformers import Qwen3Config, Qwen3Model
 
-        from world import build_tiny_tokenizer
+        from tiny_world import build_tiny_tokenizer
 
         tok = build_tiny_tokenizer()  # a Qwen tokenizer with a ChatML template, as Z-Image's prompt encoding needs
         transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2,
@@ -161,9 +162,7 @@ def family(request):
 
 @pytest.fixture(scope="module")
 def student():
-    from model import ScoreModel
-
-    return ScoreModel.tiny(seed=0).eval().requires_grad_(False)
+    return tiny_world.tiny_score_model(seed=0).eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from eval import gsb, hpa, plcc, rankdata, score_metrics, srcc  # noqa: E402
+import tiny_world  # noqa: E402
+from data import gsb, hpa, plcc, rankdata, score_metrics, srcc  # noqa: E402
 
 def test_hpa_two_groups():
     # group p1: s = [1, 2, 3], mu = [.1, .3, .2]
@@ -111,13 +112,12 @@ def test_rollout_stats_count_what_a_group_holds(tmp_path):
 
     import common
     from eval import rollout_stats, spread_subset
-    from model import ScoreModel
-    from world import make_world
+    from tiny_world import make_world
 
     make_world(str(tmp_path), n=4, seed=0)
     records = spread_subset(common.load_records(str(tmp_path / "test.jsonl")), 4)
     assert len(records) == 4 and spread_subset(records, 0) == records
-    model = ScoreModel.tiny().eval()
+    model = tiny_world.tiny_score_model().eval()
     same = rollout_stats(model, records, group=3, temperature=0.0, max_new_tokens=6, progress=False)
     assert same["distinct"] == 1.0 and same["unlike_greedy"] == 0.0 and same["mu_std"] < 1e-6
     assert len(same["greedy"]) == 4
@@ -132,11 +132,10 @@ def test_scoring_and_rollouts_from_the_command_line_in_bf16(tmp_path, capsys):
     import json
 
     import eval as ev
-    from model import ScoreModel
-    from world import make_world
+    from tiny_world import make_world
 
     make_world(str(tmp_path / "w"), n=4, seed=0)
-    ScoreModel.tiny().save(str(tmp_path / "m.safetensors"))
+    tiny_world.tiny_score_model().save(str(tmp_path / "m.safetensors"))
     ev.main(["--ckpt", str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "w"), "--bf16", "--limit", "8",
              "--json", str(tmp_path / "t.json")])
     assert set(json.load(open(tmp_path / "t.json"))["table"]) >= {"overall"}

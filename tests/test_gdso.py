@@ -199,7 +199,7 @@ needs_base = pytest.mark.skipif(not os.path.exists(BASE), reason="assets/tiny_ba
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from world import make_world
+    from tiny_world import make_world
 
     out = tmp_path_factory.mktemp("world")
     make_world(str(out), n=12, seed=0)

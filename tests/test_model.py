@@ -14,13 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
+import tiny_world
 from model import BINS, DIMENSIONS, ScoreModel, preprocess_differentiable, read_checkpoint, write_checkpoint
-from world import build_tiny_tokenizer, tiny_image_processor
+from tiny_world import build_tiny_tokenizer, tiny_image_processor
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return ScoreModel.tiny(seed=0)
+    return tiny_world.tiny_score_model(seed=0)
 
 
 def _images(n, size=(64, 64), seed=0):
@@ -37,11 +38,11 @@ def test_bins_are_the_half_point_grid():
 
 
 def test_tiny_is_deterministic_and_small(tiny):
-    other = ScoreModel.tiny(seed=0)
+    other = tiny_world.tiny_score_model(seed=0)
     for (k, a), (_, b) in zip(tiny.state_dict().items(), other.state_dict().items()):
         assert torch.equal(a, b), k
     assert sum(p.numel() for p in tiny.parameters()) < 1_000_000
-    assert not torch.equal(ScoreModel.tiny(seed=1).vlm.lm_head.weight, tiny.vlm.lm_head.weight)
+    assert not torch.equal(tiny_world.tiny_score_model(seed=1).vlm.lm_head.weight, tiny.vlm.lm_head.weight)
 
 
 def test_a_tokenizer_that_splits_a_bin_is_refused(tiny):
@@ -221,7 +222,7 @@ def test_prompt_v3_reasons_with_the_image_first_and_answers_with_the_text_first(
 
 
 def test_load_refuses_other_models(tiny, tmp_path):
-    other = ScoreModel.tiny(seed=0, hidden=128)
+    other = tiny_world.tiny_score_model(seed=0, hidden=128)
     path = tmp_path / "big.safetensors"
     other.save(path)
     with pytest.raises(ValueError, match="another config"):

@@ -1,5 +1,5 @@
 """
-Tests for reward_ft.py (differentiable reward fine-tuning) and the pixel oracle of world.py.
+Tests for reward_ft.py (differentiable reward fine-tuning) and the pixel oracle of tiny_world.py.
 
 Run: python -m pytest tests/test_reward_ft.py -q   (well under a minute on 2 CPU cores)
 
@@ -19,10 +19,12 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import tiny_world  # noqa: E402
 from data import DIMENSIONS  # noqa: E402
 import reward_ft  # noqa: E402
-from reward_ft import Rollout, TinyGenerator, reward  # noqa: E402
-from world import (estimate_scene, generator_batch, make_world, oracle_scores, parse_prompt,  # noqa: E402
+from reward_ft import Rollout, reward  # noqa: E402
+from tiny_world import TinyGenerator  # noqa: E402
+from tiny_world import (estimate_scene, generator_batch, make_world, oracle_scores, parse_prompt,  # noqa: E402
                    prompt_text, render_scene, sample_candidates, sample_items, true_scores)
 
 PROMPTS = ["a red circle top left", "a blue square bottom right and a green cross top right"]
@@ -42,9 +44,7 @@ def small_generator(seed=0):
 
 @pytest.fixture(scope="module")
 def student():
-    from model import ScoreModel
-
-    return ScoreModel.tiny(seed=0).eval().requires_grad_(False)
+    return tiny_world.tiny_score_model(seed=0).eval().requires_grad_(False)
 
 
 class Recorder(torch.nn.Module):

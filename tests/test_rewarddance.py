@@ -37,7 +37,7 @@ FAST = ["--init", BASE, "--steps", "1", "--batch-size", "4", "--micro-batch", "2
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from world import make_world
+    from tiny_world import make_world
 
     out = tmp_path_factory.mktemp("world")
     make_world(str(out), n=8, seed=0)

@@ -39,7 +39,7 @@ K = len(BINS)
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from world import make_world
+    from tiny_world import make_world
 
     out = tmp_path_factory.mktemp("world")
     make_world(str(out), n=12, seed=0)

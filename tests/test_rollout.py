@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+import tiny_world
 from model import ScoreModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,7 +21,7 @@ needs_base = pytest.mark.skipif(not os.path.exists(BASE), reason="assets/tiny_ba
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     import data
-    from world import make_world
+    from tiny_world import make_world
 
     out = tmp_path_factory.mktemp("world")
     make_world(str(out), n=8, seed=0)
@@ -30,7 +31,7 @@ def world(tmp_path_factory):
 def test_generate_samples_pi_at_temperature_whatever_the_generation_config(world):
     from PIL import Image
 
-    m = ScoreModel.tiny()
+    m = tiny_world.tiny_score_model()
     norm = m.vlm.model.language_model.norm  # (1 + w) x RMSNorm: x5 sharpens the random model's next token
     with torch.no_grad():
         norm.weight.copy_((1 + norm.weight) * 5 - 1)

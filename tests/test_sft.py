@@ -16,22 +16,23 @@ import sys
 import pytest
 
 from conftest import assert_same_update
+import tiny_world
 from model import ScoreModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "assets", "tiny_base.safetensors")
 
 
-def _run(args):
+def _run(args, script="sft.py"):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), *args], cwd=ROOT, env=env,
+    res = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     return res
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from world import make_world
+    from tiny_world import make_world
 
     out = tmp_path_factory.mktemp("world")
     make_world(str(out), n=16, seed=1)
@@ -83,11 +84,11 @@ def test_stop_after_then_resume_equals_an_uninterrupted_run(world, tmp_path, cap
 
 
 def test_base_stage_refuses_a_real_model(world, tmp_path):
-    model = ScoreModel.tiny()
+    model = tiny_world.tiny_score_model()
     model.source = "Qwen/Qwen3.5-9B"  # as if it came from from_pretrained
     model.save(tmp_path / "x.safetensors")
-    res = _run(["--stage", "base", "--init", str(tmp_path / "x.safetensors"), "--data", world,
-                "--out", str(tmp_path / "b.safetensors"), "--steps", "1"])
+    res = _run(["--init", str(tmp_path / "x.safetensors"), "--data", world,
+                "--out", str(tmp_path / "b.safetensors"), "--steps", "1"], script="tiny_base.py")
     assert res.returncode != 0 and "pretrains the embedded tiny model" in res.stdout + res.stderr
 
 
@@ -116,14 +117,14 @@ def test_torchrun_two_ranks_match_one_process(world, tmp_path, fsdp):
 
 @pytest.mark.skipif(not os.path.exists(BASE), reason="assets/tiny_base.safetensors not built")
 def test_base_direct_items_train_the_one_token_answer_on_the_traces_score(tmp_path):
-    """--stage base --direct-items 2 adds two one-token items per record whose target is the score
+    """tiny_base.py --direct-items 2 adds two one-token items per record whose target is the score
     line of the record's own trace (here the generic rubric's, not the label): a short run makes
     the direct answer more likely to be that score, and the header counts the added items."""
     import torch
     from PIL import Image
 
     from data import load_jsonl, parse_score, score_to_level
-    from world import make_world
+    from tiny_world import make_world
 
     data = tmp_path / "generic"
     make_world(str(data), n=8, seed=2, trace_rubric="generic")
@@ -139,9 +140,9 @@ def test_base_direct_items_train_the_one_token_answer_on_the_traces_score(tmp_pa
         return -out.probs.clamp_min(1e-12).log().gather(1, target[:, None]).mean().item()
 
     out = tmp_path / "base.safetensors"
-    res = _run(["--stage", "base", "--direct-items", "2", "--init", BASE, "--data", str(data), "--out", str(out),
+    res = _run(["--direct-items", "2", "--init", BASE, "--data", str(data), "--out", str(out),
                 "--steps", "20", "--lr", "3e-3", "--warmup", "1", "--batch-size", "16", "--micro-batch", "16",
-                "--eval-every", "0", "--eval-limit", "4"])
+                "--eval-every", "0", "--eval-limit", "4"], script="tiny_base.py")
     assert res.returncode == 0, res.stderr[-2000:]
     images = len({r["image_path"] for r in recs})
     assert f"| {images + 3 * len(recs)} items |" in res.stdout, res.stdout[:500]  # caption, trace, 2 x direct
@@ -154,9 +155,9 @@ def test_base_direct_items_per_dimension_and_direct_only(tmp_path):
     one; --direct-only drops the captions and traces (the bases' first run); a bad spec names the problem."""
     import argparse
 
-    import sft
+    import tiny_base
     from data import load_jsonl
-    from world import make_world
+    from tiny_world import make_world
 
     make_world(str(tmp_path), n=4, seed=0, trace_rubric="generic")
     train = load_jsonl(str(tmp_path / "train.jsonl"))
@@ -164,7 +165,7 @@ def test_base_direct_items_per_dimension_and_direct_only(tmp_path):
     n_images = len({r["image_path"] for r in train})
 
     def kinds(*argv):
-        items = sft.training_items(sft.get_args(["--stage", "base", *argv]), train, "train.jsonl")
+        items = tiny_base.Base().items(tiny_base.get_args(list(argv)), train, "train.jsonl")
         return {k: sum(kind == k for kind, _, _ in items) for k in ("direct", "caption", "reasoning")}
 
     assert kinds("--direct-items", "alignment=3") == {"direct": 3 * n_align, "caption": n_images, "reasoning": len(train)}
@@ -176,4 +177,4 @@ def test_base_direct_items_per_dimension_and_direct_only(tmp_path):
         kinds("--direct-only")  # nothing to train
     for bad in ("align=2", "alignment=-1", "two"):
         with pytest.raises(argparse.ArgumentTypeError):
-            sft.direct_counts(bad)
+            tiny_base.direct_counts(bad)

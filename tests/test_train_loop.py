@@ -18,6 +18,7 @@ import torch
 from transformers.models.qwen3_5 import modeling_qwen3_5 as qwen
 
 import common
+import tiny_world
 from model import ScoreModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.skipif(not (os.path.exists(BASE) and os.path.exists(GEN
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from world import make_world
+    from tiny_world import make_world
 
     out = tmp_path_factory.mktemp("world")
     make_world(str(out), n=8, seed=0)
@@ -137,7 +138,7 @@ def test_opd_checkpoints_and_recomputes_at_the_sampling_temperature(world, tmp_p
 def test_reward_ft_checkpoints_and_syncs_once(world, tmp_path, monkeypatch):
     import reward_ft
 
-    probe = Probe(monkeypatch, layer_cls=reward_ft.Block)
+    probe = Probe(monkeypatch, layer_cls=tiny_world.Block)
     reward_ft.main(["--reward", BASE, "--init", GEN, "--data", world, "--out", str(tmp_path / "gen.safetensors"),
                     "--steps", "1", "--batch-size", "4", "--micro-batch", "2", "--eval-prompts", "1",
                     "--eval-samples", "1", "--grid-prompts", "1", "--bf16"])

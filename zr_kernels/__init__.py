@@ -10,6 +10,15 @@ Dispatch: the public functions run Triton on CUDA tensors and the PyTorch refere
 tensors, unless TRITON_INTERPRET=1, in which case the Triton path runs on CPU through Triton's
 interpreter (slow; for tests). The variable must be set before this package is imported, because
 @triton.jit decides at decoration time whether it builds an interpreted function.
+
+Each file is self-contained on purpose, its few helpers (`_use_triton`, `_acc_dtype`, the
+`_round_bf16_nearest_even` device function) included: the CPU tests load a private copy of each
+file under TRITON_INTERPRET=1 so that its kernels become interpreted functions, and a @triton.jit
+helper imported from a shared module would stay compiled, which an interpreted kernel cannot call.
+
+The package is named zr_kernels, not kernels: since transformers 5.25 Hugging Face's `kernels`
+package is one of its requirements, and a top-level `kernels/` here would be imported in its place
+by every script run from the repository root.
 """
 
 from zr_kernels.gap import gap_l1, gap_l1_ref

@@ -40,7 +40,7 @@ generator's pretraining stream (reward_ft.py --stage pretrain). The oracle (esti
 oracle_scores) reads a scene back from the pixels of any 64x64 image, without learning: the
 blind judge of reward_ft.py.
 
-The tiny models. ScoreModel.tiny() builds a Qwen3.5-architecture VLM from tiny_config, with a
+The tiny models. tiny_world.tiny_score_model() builds a Qwen3.5-architecture VLM from tiny_config, with a
 byte-level BPE tokenizer made in code whose merges make the world's words single tokens
 (build_tiny_tokenizer) and Qwen's image processor at 64x64 (tiny_image_processor). A real VLM
 arrives with a pretrained vision tower and a language model that can describe an image; the tiny
@@ -52,20 +52,13 @@ VLM ("sees well, does not know the annotators' rubric"):
    and their mean (noise, blur, artifacts, clutter, contrast); cross-entropy on labels known from
    how each image was drawn, fresh images every step. This is how real towers are pretrained
    (supervised or contrastive, before the language model), and it is what the tiny world lacked:
-   a random frozen tower, read by the language model, misses the subtle cues (README, "The
-   embedded tiny default").
-2. base (sft.py --stage base --init TOWER): a fresh language model on the frozen trained tower
+   a random frozen tower, read by the language model, misses the subtle cues (docs/LOG.md).
+2. base (tiny_base.py --init TOWER): a fresh language model on the frozen trained tower
    learns captions and item-by-item traces whose score lines follow a generic rubric (every
    defect costs one point; generic_scores), not the annotators' rubric: zero-shot it reasons
    right and scores on the wrong scale, which is the room GDSO, GRPO and SFT have to learn in.
-   The shipped bases (make base) do this on prompts v1, the image first. make base-v2 builds
-   prompt-v2 bases (the text first) that also learn one-token answers, alignment first on
-   one-item prompts (a world rendered with --items-p 1,0,0 --repeat-prompts), then on one to
-   three items: they score alignment in one token, and lose the traces' alignment verdict
-   (README, "Prompt v2 bases"). make base-v3 keeps make base's captions and traces (prompts v3
-   read the image first there, as v1) and then adds one-token answers with the text first: the
-   traces keep their verdict and the models score alignment in one token (README, "Prompt v3
-   bases").
+   The shipped bases (make base) do this on prompts v1, the image first. Bases on prompts v2 and
+   v3 that also learn one-token answers were built and measured, not shipped (docs/LOG.md).
 3. check: greedy traces of a checkpoint compared line by line with the world's own traces, per
    dimension and per kind of line, and its score lines against both rubrics; then HPA of its own
    score beside that of its lines priced by the annotators' rubric (rubric_on_lines), which
@@ -74,15 +67,15 @@ VLM ("sees well, does not know the annotators' rubric"):
 The teacher and the student are built the same way at two sizes (TINY_SIZES), as the paper's
 27B teacher and 9B student come from one family.
 
-    python world.py render --out runs/world --n 200 --seed 0                         # the labeled world
-    python world.py render --out runs/pretrain --n 4000 --seed 1 --trace-rubric generic --test-frac 0.02
-    python world.py render --out runs/pretrain-one --n 3000 --seed 1 --items-p 1,0,0 --repeat-prompts \
-        --trace-rubric generic --test-frac 0.02                                      # make base-v2/v3's first one-token run
-    python world.py tower --size teacher --out runs/base/tower-teacher.safetensors   # ~3 min on a CPU
-    python world.py check --ckpt assets/tiny_base.safetensors --data runs/world/test.jsonl
+    python tiny_world.py render --out runs/world --n 200 --seed 0                         # the labeled world
+    python tiny_world.py render --out runs/pretrain --n 4000 --seed 1 --trace-rubric generic --test-frac 0.02
+    python tiny_world.py tower --size teacher --out runs/base/tower-teacher.safetensors   # ~3 min on a CPU
+    python tiny_world.py check --ckpt assets/tiny_base.safetensors --data runs/world/test.jsonl
 """
 
 import argparse
+import copy
+import functools
 import json
 import math
 import os
@@ -95,10 +88,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
+from tokenizers import Tokenizer
+from transformers import Qwen3_5ForConditionalGeneration
 
-from data import DIMENSIONS, S_MAX, S_MIN, SCORE_MARKER, aggregate, load_jsonl, parse_score, score_to_level
-from eval import table_from_predictions
-from model import INSTRUCTIONS, PROMPT_VERSION, PROMPT_VERSIONS, RUBRICS, ScoreModel
+from data import (DIMENSIONS, S_MAX, S_MIN, SCORE_MARKER, aggregate, load_jsonl, parse_score, score_to_level,
+                  table_from_predictions)
+from model import (GENERATOR_FORMAT, INSTRUCTIONS, PROMPT_VERSION, PROMPT_VERSIONS, RUBRICS, ScoreModel, params_on_meta,
+                   read_checkpoint)
 
 
 # -----------------------------------------------------------------------------
@@ -286,7 +282,7 @@ def rubric_on_lines(trace, dimension, items, rubric="true"):
     as the defects it names, priced by the annotators' penalties (rubric="true", as true_scores) or
     one point each ("generic", as generic_scores). On the world's own traces this is the scene's
     score; on a checkpoint's, it is what a score line calibrated to that rubric would say after
-    those lines, which separates the model's reading from its scale (world.py check). A line
+    those lines, which separates the model's reading from its scale (tiny_world.py check). A line
     that names nothing known costs nothing; the score line itself is not read."""
     penalty = 0.0
     for line in trace.strip().split("\n"):
@@ -352,7 +348,7 @@ def render_scene(scene):
 
 
 # -----------------------------------------------------------------------------
-# the labeled world: prompts, candidates and annotators, make_world and its CLI (world.py render),
+# the labeled world: prompts, candidates and annotators, make_world and its CLI (tiny_world.py render),
 # and the same draws as a stream for the tiny generator
 
 def _pick(rng, options, p=None):
@@ -484,8 +480,52 @@ def make_world(out, n, seed=0, candidates=4, annotators=5, test_frac=0.2, noise=
     return records
 
 
+def render_on_request(spec, write=True, log=print):
+    """--data world:n=N,seed=S[,dir=FOLDER] of every script: the folder of that world, rendered unless
+    the same request rendered it there before (default dir runs/world-nN-seedS). Under torchrun only
+    rank 0 writes (write=True); the others get the folder and wait at the caller's barrier. A bad
+    spec, or a folder that holds other data, is a ValueError."""
+    opts = {"n": "200", "seed": "0", "dir": ""}
+    for kv in filter(None, spec.partition(":")[2].split(",")):
+        k, _, v = kv.partition("=")
+        if k not in opts or not v:
+            raise ValueError(f"--data {spec}: expected world:n=N,seed=S[,dir=FOLDER], got {kv!r}")
+        opts[k] = v
+    try:
+        n, seed = int(opts["n"]), int(opts["seed"])
+    except ValueError:
+        raise ValueError(f"--data {spec}: n and seed must be integers") from None
+    folder = opts["dir"] or f"runs/world-n{n}-seed{seed}"
+    if not write:
+        return folder
+    stamp, want = os.path.join(folder, "world.json"), {"n": n, "seed": seed}
+    if os.path.exists(stamp):  # rendered before by this same request: reuse it
+        with open(stamp) as f:
+            have = json.load(f)
+        if have != want:
+            raise ValueError(f"--data {spec}: {folder} holds a world rendered with {have}; pick another dir=")
+        return folder
+    if os.path.exists(os.path.join(folder, "train.jsonl")):
+        raise ValueError(f"--data {spec}: {folder} already holds data that --data world did not render; "
+                         "pick another dir=")
+    log(f"rendering the synthetic world into {folder} (n={n}, seed={seed})")
+    make_world(folder, n=n, seed=seed)
+    # the stamp last: a render cut short is not mistaken for a finished one
+    with open(stamp + ".tmp", "w") as f:
+        json.dump(want, f)
+    os.replace(stamp + ".tmp", stamp)
+    return folder
+
+
+def count_only_predictions(records):
+    """The shortcut baseline: mu = 5 - |objects drawn - objects named in the prompt| (synthetic world)."""
+    mu = np.array([5.0 - abs(len(r["scene"]["objects"]) - len(parse_prompt(r["prompt"]))) for r in records])
+    n = len(records)
+    return {"mu": mu, "sigma": np.zeros(n), "n_tokens": np.zeros(n), "valid": np.ones(n, dtype=bool)}
+
+
 def render(args):
-    """python world.py render: make_world with the CLI's options, and one line about what it wrote."""
+    """python tiny_world.py render: make_world with the CLI's options, and one line about what it wrote."""
     t0 = time.time()
     records = make_world(args.out, args.n, args.seed, args.candidates, args.annotators, args.test_frac,
                          args.noise, args.trace_rubric, args.items_p, args.repeat_prompts)
@@ -754,6 +794,17 @@ def tiny_config(tokenizer, hidden=64, layers=2, vision_depth=2, vision_hidden=No
         tie_word_embeddings=True)
 
 
+def tiny_score_model(seed=0, **sizes):
+    """The embedded default: a ScoreModel on a tiny Qwen3.5-architecture VLM built from tiny_config,
+    deterministic given the seed, nothing downloaded (TINY_SIZES names the teacher and student sizes)."""
+    tokenizer = build_tiny_tokenizer()
+    config = tiny_config(tokenizer, **sizes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vlm = Qwen3_5ForConditionalGeneration(config)
+    return ScoreModel(vlm.eval(), tokenizer, tiny_image_processor(), source="tiny")
+
+
 # -----------------------------------------------------------------------------
 # the tower stage: the vision tower, supervised on the scene's own labels
 
@@ -943,6 +994,187 @@ def format_check(table, kinds):
 
 
 # -----------------------------------------------------------------------------
+# the embedded generator (reward_ft.py's default): a small DiT over 8x8 patches of a 64x64 image, prompt tokens as a prefix
+SIGMA_MIN = 0.05  # x-prediction: the velocity's 1 / sigma is clamped here
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]  # adaLN: per-sample shift / scale over all tokens
+
+
+def sigma_embedding(sigma, dim):
+    """Sinusoidal features of the noise level, (B,) -> (B, dim), as DiT embeds its timestep."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half)
+    args = 1000.0 * sigma.float()[:, None] * freqs[None]
+    return torch.cat([args.sin(), args.cos()], -1)
+
+
+def sincos_2d(grid, dim):
+    """(grid * grid, dim) fixed position features: half the channels encode the row, half the column."""
+    q = dim // 4
+    freqs = 1.0 / 100.0 ** (torch.arange(q, dtype=torch.float32) / q)
+    pos = torch.arange(grid, dtype=torch.float32)[:, None] * freqs[None]  # (grid, q)
+    row, col = torch.cat([pos.sin(), pos.cos()], -1), torch.cat([pos.sin(), pos.cos()], -1)
+    both = torch.cat([row[:, None].expand(grid, grid, 2 * q), col[None].expand(grid, grid, 2 * q)], -1)
+    return both.reshape(grid * grid, 4 * q)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block over text + image tokens, adaLN-Zero on the noise level."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.fc, self.out = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+        self.ada = nn.Linear(width, 6 * width)
+        nn.init.zeros_(self.ada.weight)  # adaLN-Zero: every block starts as the identity
+        nn.init.zeros_(self.ada.bias)
+
+    def forward(self, x, c, keep):
+        B, T, W = x.shape
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, -1)  # (B, W) each
+        h = modulate(F.layer_norm(x, (W,)), sh1, sc1)
+        q, k, v = self.qkv(h).view(B, T, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, T, W/H)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).reshape(B, T, W)
+        x = x + g1[:, None] * self.proj(a)
+        h = modulate(F.layer_norm(x, (W,)), sh2, sc2)
+        return x + g2[:, None] * self.out(F.gelu(self.fc(h), approximate="tanh"))
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer_json():
+    """The tiny world's tokenizer, serialized; the generator keeps it in its checkpoint."""
+    return build_tiny_tokenizer().backend_tokenizer.to_str()
+
+
+class TinyGenerator(nn.Module):
+    """The embedded text-to-image generator: velocity v(x, sigma, prompt) over 64x64 RGB in [-1, 1].
+
+    The prompt's tokens (the tiny world's tokenizer) are a prefix that every image token attends to;
+    the noise level enters through adaLN. The network predicts the clean image, from which the
+    velocity is derived. Pixel space, so decode() is only a rescale.
+    """
+
+    def __init__(self, tokenizer_json, width=128, depth=4, heads=4, patch=8, size=64, max_text=32):
+        super().__init__()
+        self.config = dict(width=width, depth=depth, heads=heads, patch=patch, size=size, max_text=max_text)
+        self.tokenizer_json = tokenizer_json
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.grid = size // patch
+        n_img, vocab = self.grid ** 2, self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.patch_in = nn.Linear(3 * patch * patch, width)
+        # fixed 2-D sin-cos positions (as DiT) plus a learned part: where a token sits is known from step 0
+        self.register_buffer("img_sincos", sincos_2d(self.grid, width), persistent=False)
+        self.img_pos = nn.Parameter(torch.zeros(n_img, width))
+        self.tok = nn.Embedding(vocab, width)
+        self.txt_pos = nn.Parameter(torch.randn(max_text, width) * 0.02)
+        # a small convolutional text encoder: each token sees its neighbours, so "left" in "a red
+        # circle top left" already carries "red circle" when an image token attends to it
+        self.txt_conv = nn.ModuleList([nn.Conv1d(width, width, 5, padding=2) for _ in range(2)])
+        self.nn_sigma = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.blocks = nn.ModuleList([Block(width, heads) for _ in range(depth)])
+        self.final_ada = nn.Linear(width, 2 * width)
+        self.patch_out = nn.Linear(width, 3 * patch * patch)
+        for m in (self.final_ada, self.patch_out):  # the untrained model predicts x0 = 0 (gray)
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @classmethod
+    def fresh(cls, seed=0, **config):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(tiny_tokenizer_json(), **config)
+
+    @property
+    def device(self):
+        return self.img_pos.device
+
+    @property
+    def latent_shape(self):
+        return (3, self.config["size"], self.config["size"])
+
+    def sigmas(self, n):
+        return torch.linspace(1.0, 0.0, n + 1)  # uniform in sigma: the tiny world needs no shift
+
+    def encode(self, prompts):
+        """Prompts -> condition: token ids (B, L) and a mask (B, L); longer prompts are truncated."""
+        L = self.config["max_text"]
+        rows = [e.ids[:L] for e in self.tokenizer.encode_batch(list(prompts), add_special_tokens=False)]
+        n = max(1, max(len(r) for r in rows))
+        ids = torch.zeros(len(rows), n, dtype=torch.long)
+        mask = torch.zeros(len(rows), n, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r, dtype=torch.long), True
+        return {"ids": ids.to(self.device), "mask": mask.to(self.device)}
+
+    def forward(self, x, sigma, cond):
+        """x (B, 3, S, S) at noise level sigma (B,) -> velocity (B, 3, S, S)."""
+        B, p, g = x.shape[0], self.config["patch"], self.grid
+        ids, mask = cond["ids"], cond["mask"]
+        # the network runs in its weights' dtype (bf16 with --bf16); x, the ODE state, keeps its own (fp32)
+        patches = x.reshape(B, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, 3 * p * p)
+        patches = patches.to(self.patch_in.weight.dtype)
+        t = (self.tok(ids) + self.txt_pos[:ids.shape[1]]) * mask[..., None]  # (B, L, W), padding zeroed
+        for conv in self.txt_conv:
+            t = t + F.gelu(conv(F.layer_norm(t, t.shape[-1:]).transpose(1, 2)).transpose(1, 2)) * mask[..., None]
+        h = torch.cat([t, self.patch_in(patches) + self.img_sincos + self.img_pos], 1)  # (B, L + g*g, W)
+        c = F.silu(self.nn_sigma(sigma_embedding(sigma, h.shape[-1]).to(h.dtype)))  # (B, W)
+        keep = torch.cat([mask, mask.new_ones(B, g * g)], 1)[:, None, None, :]  # padded text is never attended to
+        for block in self.blocks:
+            h = block(h, c, keep)
+        shift, scale = self.final_ada(c).chunk(2, -1)
+        h = modulate(F.layer_norm(h[:, ids.shape[1]:], (h.shape[-1],)), shift, scale)
+        x0 = self.patch_out(h).reshape(B, g, g, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, 3, g * p, g * p)
+        # x-prediction: the network outputs the clean image and the velocity follows from it,
+        # v = (x_sigma - x0) / sigma; a 128-wide token cannot carry a 192-dim patch of noise, but it
+        # can carry a clean patch (Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise")
+        return (x - x0.to(x.dtype)) / sigma.clamp_min(SIGMA_MIN).to(x.dtype).view(B, 1, 1, 1)
+
+    def decode(self, x):
+        return ((x + 1) / 2).clamp(0, 1)  # [-1, 1] -> [0, 1] pixels, differentiable inside the range
+
+    def to_latent(self, images):
+        return images * 2 - 1  # pretraining targets: [0, 1] pixels -> the model's [-1, 1]
+
+    def frozen_copy(self):
+        return copy.deepcopy(self).requires_grad_(False).eval()
+
+    def trainable_state(self):
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+
+    def metadata(self, **extra):
+        meta = {"format": GENERATOR_FORMAT, "kind": "tiny-dit", "config": json.dumps(self.config),
+                "tokenizer": self.tokenizer_json}
+        return {**meta, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()}}
+
+    def load_trainable_state(self, meta, tensors, path):
+        """--resume (common.load_resume): the weights of a tiny-generator checkpoint of this config."""
+        check_tiny_generator(meta, path)
+        missing, unexpected = self.load_state_dict(tensors, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not fit this generator (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]})")
+
+    @classmethod
+    def load(cls, path):
+        meta, tensors = read_checkpoint(path)
+        check_tiny_generator(meta, path)
+        with params_on_meta():  # as ScoreModel.load: no init work, the caller's RNG stream left alone
+            gen = cls(meta["tokenizer"], **json.loads(meta["config"]))
+        gen.load_state_dict(tensors, assign=True)
+        gen.metadata_read = meta
+        return gen
+
+
+def check_tiny_generator(meta, path):
+    if meta.get("format") != GENERATOR_FORMAT or meta.get("kind") != "tiny-dit":
+        raise ValueError(f"{path} is not a tiny generator checkpoint (format {meta.get('format')!r}, "
+                         f"kind {meta.get('kind')!r}; expected {GENERATOR_FORMAT!r}, 'tiny-dit')")
+
+
+# -----------------------------------------------------------------------------
 # the command line: render, tower, check
 
 
@@ -991,8 +1223,8 @@ def get_args(argv=None):
 
 
 def tower_stage(args):
-    """python world.py tower: a tiny score model whose vision tower is trained on scene labels, saved."""
-    model = ScoreModel.tiny(seed=args.seed, **TINY_SIZES[args.size])
+    """python tiny_world.py tower: a tiny score model whose vision tower is trained on scene labels, saved."""
+    model = tiny_score_model(seed=args.seed, **TINY_SIZES[args.size])
     model.prompt_version = args.prompt_version
     torch.manual_seed(args.seed)
     acc = train_tower(model, steps=args.steps, lr=args.lr, seed=args.seed)
@@ -1001,7 +1233,7 @@ def tower_stage(args):
 
 
 def check_checkpoint(args):
-    """python world.py check: a checkpoint's greedy traces against the world's, printed as a table."""
+    """python tiny_world.py check: a checkpoint's greedy traces against the world's, printed as a table."""
     records = load_jsonl(args.data)
     records = records[:args.limit] if args.limit else records
     model = ScoreModel.load(args.ckpt)

@@ -1,7 +1,7 @@
 """
-Tests for world.py: the generic rubric, the tower stage's labels and training, the trace check.
+Tests for tiny_world.py: the generic rubric, the tower stage's labels and training, the trace check.
 
-Run: python -m pytest tests/test_world.py -q   (about half a minute, CPU only)
+Run: python -m pytest tests/test_tiny_world.py -q   (about half a minute, CPU only)
 """
 
 import os
@@ -13,8 +13,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
-import eval as eval_lib  # noqa: E402
-import world  # noqa: E402
+import data as metrics  # noqa: E402
+import tiny_world  # noqa: E402
 
 
 def scene(objects, **defects):
@@ -24,7 +24,7 @@ def scene(objects, **defects):
 
 
 def test_generic_rubric_counts_defects_not_their_weight():
-    items = world.parse_prompt("a red circle top left and a blue square bottom right")
+    items = tiny_world.parse_prompt("a red circle top left and a blue square bottom right")
     s = scene([("top left", "red", "circle", 1, "floating"), ("bottom right", "green", "square", 0, "hovering"),
                ("top right", "blue", "cross", 0, "grounded")],
               noise="strong", blur="mild", clutter="strong", contrast="low")
@@ -32,64 +32,62 @@ def test_generic_rubric_counts_defects_not_their_weight():
     # realism: strong noise + mild blur = 2 defects; annotators 2.5 + 1 = 3.5
     # aesthetics: off center + clutter + low contrast = 3; annotators 1 + 2 + 1.5 = 4.5
     # plausibility: floating + hovering = 2; annotators 2 + 0.5 = 2.5
-    assert world.defect_counts(s, items) == {"alignment": 2, "realism": 2, "aesthetics": 3, "plausibility": 2}
-    assert world.generic_scores(s, items) == {"alignment": 3.0, "realism": 3.0, "aesthetics": 2.0, "plausibility": 3.0}
-    assert world.true_scores(s, items) == {"alignment": 2.5, "realism": 1.5, "aesthetics": 1.0, "plausibility": 2.5}
+    assert tiny_world.defect_counts(s, items) == {"alignment": 2, "realism": 2, "aesthetics": 3, "plausibility": 2}
+    assert tiny_world.generic_scores(s, items) == {"alignment": 3.0, "realism": 3.0, "aesthetics": 2.0, "plausibility": 3.0}
+    assert tiny_world.true_scores(s, items) == {"alignment": 2.5, "realism": 1.5, "aesthetics": 1.0, "plausibility": 2.5}
     # four defects or more reach the floor, 1
     many = scene([("top left", "red", "circle", 0, "floating")] + [(q, "red", "cross", 0, "sunk") for q in
                   ("top right", "bottom left", "bottom right")])
-    assert world.generic_scores(many, items)["plausibility"] == 1.0
+    assert tiny_world.generic_scores(many, items)["plausibility"] == 1.0
 
 
 def test_pretraining_world_traces_end_on_the_generic_rubric(tmp_path):
-    recs = world.make_world(str(tmp_path), n=6, seed=3, trace_rubric="generic")
+    recs = tiny_world.make_world(str(tmp_path), n=6, seed=3, trace_rubric="generic")
     for r in recs:
-        items = world.parse_prompt(r["prompt"])
-        assert data.parse_score(r["trace"]) == data.score_to_level(world.generic_scores(r["scene"], items)[r["dimension"]])
+        items = tiny_world.parse_prompt(r["prompt"])
+        assert data.parse_score(r["trace"]) == data.score_to_level(tiny_world.generic_scores(r["scene"], items)[r["dimension"]])
         assert r["score"] == data.aggregate(r["scores"])  # the labels stay the annotators'
-    assert any(world.generic_scores(r["scene"], world.parse_prompt(r["prompt"]))[r["dimension"]] != r["true_score"]
+    assert any(tiny_world.generic_scores(r["scene"], tiny_world.parse_prompt(r["prompt"]))[r["dimension"]] != r["true_score"]
                for r in recs)
     with pytest.raises(ValueError, match="trace_rubric"):
-        world.make_world(str(tmp_path), n=2, trace_rubric="annotators")
+        tiny_world.make_world(str(tmp_path), n=2, trace_rubric="annotators")
 
 
 def test_a_world_of_repeated_one_item_prompts_keeps_its_test_prompts_out_of_train(tmp_path):
     """items_p=(1, 0, 0) with repeat_prompts: more prompts than the 100 one-item ones that exist,
     every one naming one object, and the split still by prompt text (the base's first stage)."""
-    recs = world.make_world(str(tmp_path), n=120, seed=4, candidates=1, items_p=(1, 0, 0), repeat_prompts=True,
+    recs = tiny_world.make_world(str(tmp_path), n=120, seed=4, candidates=1, items_p=(1, 0, 0), repeat_prompts=True,
                             test_frac=0.1, trace_rubric="generic")
-    assert len(recs) == 120 * len(world.DIMENSIONS)
-    assert all(len(world.parse_prompt(r["prompt"])) == 1 for r in recs)
+    assert len(recs) == 120 * len(tiny_world.DIMENSIONS)
+    assert all(len(tiny_world.parse_prompt(r["prompt"])) == 1 for r in recs)
     train = {r["prompt"] for r in recs if r["split"] == "train"}
     test = {r["prompt"] for r in recs if r["split"] == "test"}
     assert test and train and not train & test
     assert len(train | test) < 120  # prompts did repeat
     with pytest.raises(ValueError, match="items_p"):
-        world.make_world(str(tmp_path), n=2, items_p=(0.5, 0.5, 0.5))
+        tiny_world.make_world(str(tmp_path), n=2, items_p=(0.5, 0.5, 0.5))
     with pytest.raises(SystemExit):
-        world.get_args(["render", "--out", str(tmp_path), "--items-p", "1,0"])
+        tiny_world.get_args(["render", "--out", str(tmp_path), "--items-p", "1,0"])
 
 
 def test_scene_labels():
     s = scene([("top right", "blue", "diamond", -1, "sunk")], noise="mild", clutter="strong", contrast="low")
-    y = world.scene_labels(s)
+    y = tiny_world.scene_labels(s)
     # quadrants in reading order; only top right holds an object
-    assert y["color"] == [0, 1 + list(world.COLORS).index("blue"), 0, 0]
-    assert y["shape"] == [0, 1 + world.SHAPES.index("diamond"), 0, 0]
-    assert y["offset"] == [-100, 0, -100, -100] and y["support"] == [-100, world.SUPPORTS.index("sunk"), -100, -100]
+    assert y["color"] == [0, 1 + list(tiny_world.COLORS).index("blue"), 0, 0]
+    assert y["shape"] == [0, 1 + tiny_world.SHAPES.index("diamond"), 0, 0]
+    assert y["offset"] == [-100, 0, -100, -100] and y["support"] == [-100, tiny_world.SUPPORTS.index("sunk"), -100, -100]
     assert (y["noise"], y["blur"], y["artifacts"], y["clutter"], y["contrast"]) == (1, 0, 0, 2, 1)
 
 
 def test_tower_stage_learns_the_scene_labels():
-    from model import ScoreModel
-
     torch.manual_seed(0)
-    model = ScoreModel.tiny(seed=0, **world.TINY_SIZES["student"])
-    images, labels = world.batch_of_scenes(np.random.default_rng(99), 64)
-    tokens = world.tower_tokens(model, images)
+    model = tiny_world.tiny_score_model(seed=0, **tiny_world.TINY_SIZES["student"])
+    images, labels = tiny_world.batch_of_scenes(np.random.default_rng(99), 64)
+    tokens = tiny_world.tower_tokens(model, images)
     assert tokens.shape == (64, 4, model.vlm.config.text_config.hidden_size)  # one token per quadrant
     before = model.vision_tower().patch_embed.proj.weight.detach().clone()
-    acc = world.train_tower(model, steps=150, batch=32, lr=3e-3, seed=0, log_every=1000, eval_images=64)
+    acc = tiny_world.train_tower(model, steps=150, batch=32, lr=3e-3, seed=0, log_every=1000, eval_images=64)
     assert not torch.equal(before, model.vision_tower().patch_embed.proj.weight)  # the tower itself trained
     # majority-class rates: ~0.5 for colour (empty quadrants), ~0.7 for blur (none); 150 steps are
     # a fraction of the stage (3,000), enough to be clearly above both
@@ -110,53 +108,53 @@ class _WorldTraces:
 
         traces, mean = [], []
         for p, d, r in zip(prompts, dims, self.records):
-            t = world.make_trace(r["scene"], world.parse_prompt(p), d)
+            t = tiny_world.make_trace(r["scene"], tiny_world.parse_prompt(p), d)
             traces.append(t.replace(", no.", ", yes.") if self.wrong else t)
-            mean.append(world.generic_scores(r["scene"], world.parse_prompt(p))[d])  # its score: the generic scale
+            mean.append(tiny_world.generic_scores(r["scene"], tiny_world.parse_prompt(p))[d])  # its score: the generic scale
         return SimpleNamespace(traces=traces, mean=torch.tensor(mean))
 
 
 def test_rubric_on_lines_prices_the_worlds_own_traces_as_the_scene(tmp_path):
-    world.make_world(str(tmp_path), n=40, seed=2)
+    tiny_world.make_world(str(tmp_path), n=40, seed=2)
     recs = data.load_jsonl(str(tmp_path / "train.jsonl"))
     for r in recs:
-        items, d = world.parse_prompt(r["prompt"]), r["dimension"]
-        trace = world.make_trace(r["scene"], items, d)
-        assert world.rubric_on_lines(trace, d, items) == world.true_scores(r["scene"], items)[d], trace
-        assert world.rubric_on_lines(trace, d, items, "generic") == world.generic_scores(r["scene"], items)[d]
+        items, d = tiny_world.parse_prompt(r["prompt"]), r["dimension"]
+        trace = tiny_world.make_trace(r["scene"], items, d)
+        assert tiny_world.rubric_on_lines(trace, d, items) == tiny_world.true_scores(r["scene"], items)[d], trace
+        assert tiny_world.rubric_on_lines(trace, d, items, "generic") == tiny_world.generic_scores(r["scene"], items)[d]
     # it reads the lines, not the scene: a trace that calls a wrong colour right costs nothing
     line = "top left red circle: blue circle, no."
-    items = world.parse_prompt("a red circle top left")
-    assert world.rubric_on_lines(line + "\nextra: none.\nScore: 9", "alignment", items) == 5 - world.ALIGN_PENALTY["color"]
-    assert world.rubric_on_lines(line.replace("no.", "yes.") + "\nextra: none.", "alignment", items) == 5.0
-    assert world.rubric_on_lines("noise: strong.\nblur: mild.\nartifacts: none.", "realism", []) == 1.5
-    assert world.rubric_on_lines("noise: strong.\nblur: mild.\nartifacts: none.", "realism", [], "generic") == 3.0
+    items = tiny_world.parse_prompt("a red circle top left")
+    assert tiny_world.rubric_on_lines(line + "\nextra: none.\nScore: 9", "alignment", items) == 5 - tiny_world.ALIGN_PENALTY["color"]
+    assert tiny_world.rubric_on_lines(line.replace("no.", "yes.") + "\nextra: none.", "alignment", items) == 5.0
+    assert tiny_world.rubric_on_lines("noise: strong.\nblur: mild.\nartifacts: none.", "realism", []) == 1.5
+    assert tiny_world.rubric_on_lines("noise: strong.\nblur: mild.\nartifacts: none.", "realism", [], "generic") == 3.0
 
 
 def test_check_traces_scores_the_worlds_own_traces_perfectly(tmp_path):
-    world.make_world(str(tmp_path), n=8, seed=1)
+    tiny_world.make_world(str(tmp_path), n=8, seed=1)
     recs = data.load_jsonl(str(tmp_path / "train.jsonl"))
     fake = _WorldTraces()
     fake.records = recs
-    table, kinds = world.check_traces(fake, recs, batch_size=len(recs))
+    table, kinds = tiny_world.check_traces(fake, recs, batch_size=len(recs))
     for d in data.DIMENSIONS:
         assert table[d]["lines"] == 1.0 and table[d]["trace"] == 1.0 and table[d]["score_true"] == 1.0
     # HPA: its own score is the generic rubric's, its lines priced by the annotators' are the true scores
     labels, groups = [r["score"] for r in recs], [(r["prompt"], r["dimension"]) for r in recs]
-    true = [world.true_scores(r["scene"], world.parse_prompt(r["prompt"]))[r["dimension"]] for r in recs]
-    generic = [world.generic_scores(r["scene"], world.parse_prompt(r["prompt"]))[r["dimension"]] for r in recs]
-    assert table["overall"]["hpa"] == pytest.approx(eval_lib.hpa(generic, labels, groups))
-    assert table["overall"]["hpa_lines"] == pytest.approx(eval_lib.hpa(true, labels, groups))
+    true = [tiny_world.true_scores(r["scene"], tiny_world.parse_prompt(r["prompt"]))[r["dimension"]] for r in recs]
+    generic = [tiny_world.generic_scores(r["scene"], tiny_world.parse_prompt(r["prompt"]))[r["dimension"]] for r in recs]
+    assert table["overall"]["hpa"] == pytest.approx(metrics.hpa(generic, labels, groups))
+    assert table["overall"]["hpa_lines"] == pytest.approx(metrics.hpa(true, labels, groups))
     assert table["overall"]["hpa_lines"] != table["overall"]["hpa"]
     # a model that says "yes" where the world says "no" loses exactly those alignment lines
     liar = _WorldTraces(wrong_verdicts=True)
     liar.records = recs
-    table, kinds = world.check_traces(liar, recs, batch_size=len(recs))
+    table, kinds = tiny_world.check_traces(liar, recs, batch_size=len(recs))
     n_no = sum(l.endswith(", no.") for r in recs if r["dimension"] == "alignment" for l in r["trace"].split("\n"))
     n_lines = sum(len(r["trace"].split("\n")) - 1 for r in recs if r["dimension"] == "alignment")
     assert n_no > 0 and table["alignment"]["lines"] == pytest.approx(1 - n_no / n_lines)
     # the item lines' split: every quadrant read right, only the "no" verdicts wrong
-    n_items = sum(world.line_kind("alignment", l) == "item"
+    n_items = sum(tiny_world.line_kind("alignment", l) == "item"
                   for r in recs if r["dimension"] == "alignment" for l in r["trace"].split("\n")[:-1])
     assert kinds["item: read"] == 1.0 and kinds["item: verdict"] == pytest.approx(1 - n_no / n_items)
     assert table["realism"]["lines"] == 1.0
@@ -171,20 +169,20 @@ def test_the_shipped_bases_carry_the_tokenizer_the_code_builds():
     paths = [os.path.join(root, "assets", f) for f in ("tiny_base.safetensors", "tiny_student_base.safetensors")]
     if not all(os.path.exists(p) for p in paths):
         pytest.skip("tiny bases not built")
-    built = world.build_tiny_tokenizer().backend_tokenizer.to_str()
+    built = tiny_world.build_tiny_tokenizer().backend_tokenizer.to_str()
     for p in paths:
         meta, _ = read_checkpoint(p)
         assert meta["tokenizer"] == built, f"{p} was built with another tokenizer: rerun `make base`"
 
 
 def test_tower_stage_writes_the_prompt_version_asked_for(tmp_path, monkeypatch):
-    """world.py tower --prompt-version zr-rubric-v1 (make base: the shipped bases) saves a model that keeps
+    """tiny_world.py tower --prompt-version zr-rubric-v1 (make base: the shipped bases) saves a model that keeps
     scoring with the image first; the default is the latest prompts. (The training itself is tested above.)"""
     from model import PROMPT_VERSION, ScoreModel
 
-    monkeypatch.setattr(world, "train_tower", lambda model, **kw: {})
+    monkeypatch.setattr(tiny_world, "train_tower", lambda model, **kw: {})
     for version in ("zr-rubric-v1", None):
         out = tmp_path / f"{version}.safetensors"
         argv = ["tower", "--size", "student", "--steps", "1", "--out", str(out)]
-        world.tower_stage(world.get_args(argv + (["--prompt-version", version] if version else [])))
+        tiny_world.tower_stage(tiny_world.get_args(argv + (["--prompt-version", version] if version else [])))
         assert ScoreModel.load(out).prompt_version == (version or PROMPT_VERSION)
