@@ -96,7 +96,7 @@ results-rl-seed-%: $(WORLD)/test.jsonl
 
 # the shipped tiny bases (assets/): vision tower on scene labels, then captions and traces whose score
 # lines follow the generic rubric, on a pretraining world without the labeled world's test prompts;
-# prompts v1, the image first (README, "The embedded tiny default")
+# prompts v1, the image first (docs/TINY_WORLD.md)
 base:
 	$(PY) tiny_world.py render --out $(WORLD) --n 200 --seed 0
 	$(PY) tiny_world.py render --out runs/pretrain --n 4000 --seed 1 --trace-rubric generic --test-frac 0.02

@@ -21,7 +21,9 @@ from tqdm import tqdm
 
 import common
 import tiny_world
-from data import SCORE_MARKER, format_table, table_from_predictions
+from data import DIMENSIONS, SCORE_MARKER, format_table, table_from_predictions
+from model import BINS
+from rating_sets.pairs import aggregate_mu, load_pairs, pair_accuracy
 
 # -----------------------------------------------------------------------------
 # scoring a JSONL with a score model, and the table
@@ -250,7 +252,8 @@ def nonfinite_note(records, pred):
 
 def get_args(argv=None):
 
-    p = argparse.ArgumentParser(description="score a JSONL with a score model and print PLCC / SRCC / HPA")
+    p = argparse.ArgumentParser(description="score a JSONL with a score model and print PLCC / SRCC / HPA "
+                                            "(also: eval.py score | pairs | rollouts | summarize | curves)")
     p.add_argument("--ckpt", "--model", dest="ckpt", required=True,
                    help="a score-model .safetensors, a Hugging Face model folder or hub id (zero-shot), 'tiny' "
                         "(the untrained embedded model) or 'count-only' (the synthetic world's shortcut baseline)")
@@ -303,6 +306,192 @@ def rollouts_main(argv):
         print(f"greedy traces unlike {args.against}'s: {changed:.2f} of {len(records)} records")
 
 
+# -----------------------------------------------------------------------------
+# scoring images from the command line, and accuracy on pairwise preference benchmarks
+
+
+def open_image(path, what="image"):
+    """An RGB image, or a one-line error naming the file."""
+    if not os.path.isfile(path):
+        common.fail(f"{what} {path}: no such file")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises several kinds for a file that is not an image
+        common.fail(f"{what} {path}: not a readable image ({type(e).__name__}: {e})")
+
+
+def read_queries(path):
+    """{"prompt", "image"} per line of a JSONL (image relative to the file; other keys ignored) ->
+    [{"prompt", "path"}]; a bad line is a one-line error naming the file and the line."""
+    if not os.path.isfile(path):
+        common.fail(f"--jsonl {path}: no such file")
+    root, queries = os.path.dirname(os.path.abspath(path)), []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                r = json.loads(raw.decode("utf-8")) if raw.strip() else None
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                common.fail(f"{path}:{n}: not a JSON line ({err})")
+            if r is None:
+                continue
+            if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not isinstance(r.get("image"), str):
+                common.fail(f"{path}:{n}: a record needs \"prompt\" and \"image\" (strings)")
+            queries.append({"prompt": r["prompt"], "path": os.path.join(root, r["image"])})
+    if not queries:
+        common.fail(f"--jsonl {path}: no records")
+    return queries
+
+
+def score_records(model, queries, dimensions, mode, batch_size=32, max_new_tokens=96):
+    """mu, sigma, the nine-bin distribution and valid of every (prompt, image) query on each dimension:
+    {dimension: {"mu": (N,), "sigma": (N,), "probs": (N, 9), "valid": (N,)}}; queries carry
+    "prompt" and "image" (an RGB image)."""
+    out = {}
+    prompts, images = [q["prompt"] for q in queries], [q["image"] for q in queries]
+    with torch.no_grad():
+        for dim in dimensions:
+            o = model.score(prompts, images, dim, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens)
+            valid = o.valid if o.valid is not None else torch.ones(len(queries), dtype=torch.bool)
+            out[dim] = {"mu": o.mean.float().cpu().numpy(), "sigma": o.std.float().cpu().numpy(),
+                        "probs": o.probs.float().cpu().numpy(), "valid": valid.cpu().numpy()}
+    return out
+
+
+def scoring_parser(prog, description):
+    """The flags `score` and `pairs` share: which model, how it scores, where."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--ckpt", "--model", dest="ckpt", required=True,
+                   help="a score-model .safetensors, or a Hugging Face model folder or hub id (zero-shot)")
+    p.add_argument("--dimensions", default="all",
+                   help=f"comma-separated dimensions to score, or 'all' ({', '.join(DIMENSIONS)})")
+    p.add_argument("--mode", default=None, choices=["direct", "reasoning", "rewarddance"],
+                   help="prompt mode; default: the checkpoint's own (direct for an HF model)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="reasoning mode: trace length budget")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--bf16", action="store_true", help="load the model in bfloat16")
+    p.add_argument("--json", default="", help="also write the results to this JSON file")
+    return p
+
+
+def parse_dimensions(text):
+    dims = list(DIMENSIONS) if text == "all" else [d.strip() for d in text.split(",") if d.strip()]
+    unknown = [d for d in dims if d not in DIMENSIONS]
+    if unknown or not dims:
+        common.fail(f"--dimensions {text}: expected 'all' or some of {', '.join(DIMENSIONS)}")
+    return dims
+
+
+def load_scorer(args):
+    """The model of --ckpt on --device, and the mode it scores in."""
+    if args.batch_size < 1:
+        common.fail(f"--batch-size must be at least 1 (got {args.batch_size})")
+    model = common.load_model(args.ckpt, dtype=torch.bfloat16 if args.bf16 else None).to(args.device).eval()
+    return model, args.mode or getattr(model, "metadata", {}).get("mode", "direct")
+
+
+def score_main(argv):
+    """`python eval.py score --ckpt CKPT --prompt "..." a.png b.png` (or --jsonl FILE of prompt / image
+    records): per image and dimension, mu, sigma and the nine-bin distribution."""
+    p = scoring_parser("eval.py score", "score images with a score model: mu, sigma and the distribution over "
+                                        f"the nine bins {', '.join(f'{b:g}' for b in BINS)}")
+    p.add_argument("images", nargs="*", help="image files, all scored against --prompt")
+    p.add_argument("--prompt", default=None, help="the generation prompt of the images given on the command line")
+    p.add_argument("--jsonl", default="", help="a JSONL of {\"prompt\", \"image\"} records (image relative to the "
+                                               "file) instead of --prompt and image arguments")
+    args = p.parse_args(argv)
+    dims = parse_dimensions(args.dimensions)
+    if args.jsonl:
+        if args.images or args.prompt is not None:
+            common.fail("give either --jsonl FILE, or --prompt and image files, not both")
+        queries = read_queries(args.jsonl)
+    else:
+        if args.prompt is None or not args.images:
+            common.fail("give --prompt \"...\" and one or more image files (or --jsonl FILE)")
+        queries = [{"prompt": args.prompt, "path": path} for path in args.images]
+    for q in queries:  # every image opened before the model loads: a bad file stops here
+        q["image"] = open_image(q["path"])
+    model, mode = load_scorer(args)
+    res = score_records(model, queries, dims, mode, args.batch_size, args.max_new_tokens)
+    bins = " ".join(f"{b:>5g}" for b in BINS)
+    print(f"{args.ckpt} ({mode} mode): mu and sigma on the 1-5 scale; q over the bins {bins}")
+    rows = []
+    for i, q in enumerate(queries):
+        for dim in dims:
+            r = {k: v[i] for k, v in res[dim].items()}
+            flag = "" if r["valid"] else "  (no score in the trace)"
+            print(f"{q['path']} | {dim:<12} | mu {r['mu']:.3f} | sigma {r['sigma']:.3f} | q "
+                  + " ".join(f"{x:.3f}" for x in r["probs"]) + flag)
+            rows.append({"image": q["path"], "prompt": q["prompt"], "dimension": dim, "mu": float(r["mu"]),
+                         "sigma": float(r["sigma"]), "probs": [float(x) for x in r["probs"]],
+                         "valid": bool(r["valid"])})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ckpt": args.ckpt, "mode": mode, "bins": list(BINS), "scores": rows}, f, indent=1)
+
+
+def parse_weights(text, dims):
+    """--weights alignment=2,realism=1 -> {dimension: weight} over `dims` (default: equal)."""
+    if not text:
+        return None
+    try:
+        weights = {d.strip(): float(w) for d, w in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        common.fail(f"--weights {text}: expected dimension=weight,... with numbers")
+    if set(weights) - set(dims) or any(not np.isfinite(w) or w < 0 for w in weights.values()) \
+            or sum(weights.values()) <= 0:
+        common.fail(f"--weights {text}: non-negative weights with a positive sum, for some of {', '.join(dims)}")
+    return weights
+
+
+def pairs_main(argv):
+    """`python eval.py pairs --ckpt CKPT --pairs FILE`: accuracy on a pairwise preference benchmark
+    (python -m rating_sets.pairs writes one), per dimension and for their aggregate."""
+    p = scoring_parser("eval.py pairs", "accuracy of a score model on a pair JSONL (prompt, image_a, image_b, "
+                                        "preferred): the share of pairs whose preferred image gets the higher mu "
+                                        "(equal mu: half a pair), per dimension and for the weighted mean of the "
+                                        "dimensions' mu (the aggregate)")
+    p.add_argument("--pairs", required=True, help="a pair JSONL (python -m rating_sets.pairs)")
+    p.add_argument("--weights", default="", help="the aggregate's weights, e.g. alignment=2,aesthetics=1 "
+                                                 "(default: the scored dimensions, equally)")
+    p.add_argument("--limit", type=int, default=0, help="the first N pairs only (0 = all)")
+    args = p.parse_args(argv)
+    dims = parse_dimensions(args.dimensions)
+    weights = parse_weights(args.weights, dims)
+    if args.limit < 0:
+        common.fail(f"--limit must be 0 (all) or more (got {args.limit})")
+    try:
+        pairs = load_pairs(args.pairs)
+    except (ValueError, OSError) as e:
+        common.fail(str(e))
+    pairs = pairs[:args.limit] if args.limit else pairs
+    queries, prompts = [], {}
+    for pr in pairs:  # one query per (prompt, image): an image shared by pairs of one prompt is scored once
+        for k in ("image_a_path", "image_b_path"):
+            key = (pr["prompt"], pr[k])
+            if key not in prompts:
+                prompts[key] = len(queries)
+                queries.append({"prompt": pr["prompt"], "path": pr[k], "image": open_image(pr[k])})
+    model, mode = load_scorer(args)
+    res = score_records(model, queries, dims, mode, args.batch_size, args.max_new_tokens)
+    a = [prompts[(pr["prompt"], pr["image_a_path"])] for pr in pairs]
+    b = [prompts[(pr["prompt"], pr["image_b_path"])] for pr in pairs]
+    preferred = [pr["preferred"] for pr in pairs]
+    per_dim = {d: res[d]["mu"] for d in dims}
+    table = {d: pair_accuracy(mu[a], mu[b], preferred) for d, mu in per_dim.items()}
+    if len(dims) > 1:
+        agg = aggregate_mu(per_dim, weights)
+        table["aggregate"] = pair_accuracy(agg[a], agg[b], preferred)
+    print(f"{args.ckpt} on {args.pairs} ({len(pairs)} pairs, {mode} mode): pairwise accuracy")
+    for k, v in table.items():
+        print(f"{k:<14}{v:>8.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ckpt": args.ckpt, "pairs": args.pairs, "n": len(pairs), "mode": mode,
+                       "weights": weights, "accuracy": table}, f, indent=1)
+
+
 def print_summary(paths):
     """`python eval.py summarize runs/results/*.eval.json`: Tables 2 and 3 and the paired differences."""
     print("Table 2 (overall test split; mean ± std over seeds)")
@@ -325,6 +514,12 @@ def main(argv=None):
         return
     if argv and argv[0] == "rollouts":  # python eval.py rollouts --ckpt M [--against BASE] --data D
         rollouts_main(argv[1:])
+        return
+    if argv and argv[0] == "score":  # python eval.py score --ckpt M --prompt "..." a.png b.png
+        score_main(argv[1:])
+        return
+    if argv and argv[0] == "pairs":  # python eval.py pairs --ckpt M --pairs PAIRS.jsonl
+        pairs_main(argv[1:])
         return
 
     args = get_args(argv)

@@ -25,7 +25,7 @@ distribution q_{j,i} at the score token gives mu_{j,i}. Then, with R = S_max - S
    i.e. -log q(s) - log P(the score token is a bin). The second term is ~0 while the format holds;
    without it (--no-full-vocab-ce, Eq. 8 over the K bins only) the CE is blind to the mass the
    score position gives to non-bin tokens, so nothing stops Adam from moving that mass off the
-   bins, and the traces stop reaching a score token (README, Results in the tiny world).
+   bins, and the traces stop reaching a score token (docs/LOG.md).
 5. Baselines from the same script: --method grpo (expectation reward, alphas = 0), and
    --reward-from parsed, the ablation that rewards the score written in the trace instead of mu.
 
@@ -34,7 +34,7 @@ updates. Its log line gives the rollouts' reward, valid fraction and length, the
 quantities once per inner step k = 0 .. K_gdso - 1, joined by "/" (at k = 0 pi_theta = pi_old:
 the ratio is 1, nothing is clipped and the KL to pi_old is 0).
 
-Hyperparameters are not published; the defaults are what worked in the tiny world (see README).
+Hyperparameters are not published; the defaults are what worked in the tiny world (docs/LOG.md).
 Labels off the half-point grid (aggregates of annotations) use their nearest bin for L_pt and
 their exact value for the rewards and L_pw.
 
@@ -346,7 +346,7 @@ def get_args(argv=None):
                          notes={
                              "--data": "train.jsonl and test.jsonl",
                              "--steps": "N outer iterations x M steps",
-                             "--lr": "the tiny world's; README, Results",
+                             "--lr": "the tiny world's; docs/LOG.md",
                              "--warmup": "in optimizer updates",
                              "--resume": "pi_ref too",
                              "--seed": "data order and sampling",

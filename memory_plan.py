@@ -23,7 +23,7 @@ its bf16 input for the recompute, and one layer at a time holds its intermediate
 12 H + 3 I values per token); the token log-probs never form (T, V) logits (zr_kernels/logprob.py).
 Sequence length: --image-tokens + --prompt-tokens, plus --max-new-tokens for a trace.
 
-    python memory_plan.py                 # the table the README shows
+    python memory_plan.py                 # the table of docs/REAL_SCALE.md
     python memory_plan.py --world 16 --max-new-tokens 2048
 """
 

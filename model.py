@@ -95,7 +95,7 @@ def rubric_messages(prompt, dimension, mode, version=PROMPT_VERSION):
     text first. In a causal model, text before the image lets every image token look its part of the
     prompt up as it is read, so a one-token scorer's single forward can compare the two; a trace
     compares them on its own lines instead, and there the text first cost the tiny world's traces their
-    alignment verdicts (README, "The embedded tiny default"). v1 puts the image first in every mode, v2
+    alignment verdicts (docs/LOG.md). v1 puts the image first in every mode, v2
     the text."""
     if mode not in INSTRUCTIONS:
         raise ValueError(f"unknown prompt mode {mode!r}; expected one of {tuple(INSTRUCTIONS)}")

@@ -38,7 +38,7 @@ Changed from the paper, and why: a tiny pixel-space DiT instead of a latent 6B m
 no classifier-free guidance (one forward per step; the tiny SFT generator is imperfect without it);
 the KL regulariser made explicit (the paper names none). In the tiny world only the transformer
 blocks are fine-tuned (--train-params; LoRA on attention plays that role for a real model) and
-beta is 20, against reward hacking (README, Reward fine-tuning).
+beta is 20, against reward hacking (docs/LOG.md).
 
 Launch:
     python reward_ft.py --stage pretrain --out assets/tiny_gen.safetensors                  # one CPU, ~5 min

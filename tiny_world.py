@@ -224,7 +224,7 @@ def make_trace(scene, items, dimension, level=None):
         lines = []
         for it, (s, o) in zip(items, status):
             # what the quadrant holds first, then the verdict: reading before judging makes the
-            # comparison one of two phrases already written (README, "The embedded tiny default")
+            # comparison one of two phrases already written (docs/TINY_WORLD.md)
             seen = "empty" if s in ("missing", "moved") else f"{o['color']} {o['shape']}"
             verdict = "yes" if s == "ok" else f"at {o['quadrant']}" if s == "moved" else "no"
             lines.append(f"{_name(it)}: {seen}, {verdict}.")
@@ -704,7 +704,7 @@ def oracle_scores(image, prompt):
 # teacher's tower is as narrow as the student's: under towers as wide as themselves, the 64- and
 # 48-wide language models tried read the quadrants (.76-.98) and left the alignment verdict near
 # always-yes (.58-.66); under the 32-wide tower the 64-wide one learns it (.92). Measured, not
-# explained (README, "The embedded tiny default")
+# explained (docs/TINY_WORLD.md)
 TINY_SIZES = {"teacher": dict(hidden=64, layers=2, vision_hidden=32), "student": dict(hidden=32, layers=2)}
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",

@@ -660,9 +660,13 @@ def test_cli_converts_and_reports_errors_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_sft_trains_two_steps_on_a_converted_set(tmp_path):
-    out = str(tmp_path / "agiqa")
-    agiqa3k.convert(agiqa_src(tmp_path), out, test_frac=0.5)
+@pytest.mark.parametrize("name", ["agiqa3k", "evalmuse"])
+def test_sft_trains_two_steps_on_a_converted_set(tmp_path, name):
+    out = str(tmp_path / name)
+    if name == "agiqa3k":
+        agiqa3k.convert(agiqa_src(tmp_path), out, test_frac=0.5)
+    else:
+        evalmuse.convert(evalmuse_src(tmp_path), out, test_frac=0.5)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     res = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), "--data", out, "--out",
                           str(tmp_path / "x.safetensors"), "--steps", "2", "--batch-size", "2", "--micro-batch", "2",
