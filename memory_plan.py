@@ -25,6 +25,21 @@ Sequence length: --image-tokens + --prompt-tokens, plus --max-new-tokens for a t
 
     python memory_plan.py                 # the table of docs/REAL_SCALE.md
     python memory_plan.py --world 16 --max-new-tokens 2048
+    rs         FSDP2's fp32 reduce-scatter buffer: a decoder unit's gradient cast to the reduce dtype
+    end        the end of the backward, activations freed: the root's bf16 parameters and gradient and
+               the fp32 reduce-scatter copy of that gradient (embeddings and LM head: 10 GiB at 27B,
+               unless they are units of their own). The training peak is the state (params ... teacher)
+               plus the larger of units + rs + activations and end.
+
+Each GDSO row adds one move of issue-30's plan to the row above it. `--micro-samples S` exists
+(gdso.py: a micro-batch's 2 x G sequences go through forward and backward S at a time; the
+activations scale with S; cost: one extra no-grad forward per micro-batch for L_pw's gradient).
+The rows marked "planned" are projections of moves not built yet, computed the same way:
+embeddings and LM head as FSDP units of their own (untied models), AdamW state offloaded to pinned
+CPU memory around the rollout, and a rollout that gathers one unit at a time instead of the
+whole policy. What the estimate leaves out: the CUDA context and NCCL buffers (the 4 GiB margin),
+allocator fragmentation, the linear-attention layers' fp32 fallback without flash-linear-attention,
+and backward-time buffers beyond the reduce-scatter one.
 """
 
 import argparse
@@ -60,11 +75,23 @@ CONFIGS = {
 VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, num_position_embeddings=2304,
               patch_size=16, spatial_merge_size=2, temporal_patch_size=2)
 
-# the README's launch lines: (script, trained model, frozen models, sequences per micro-batch, trace?)
+# the README's launch lines: (label, trained model, frozen models, sequences per micro-batch, trace?,
+# flags, moves) with moves: micro_samples (sequences per forward), and the planned split_embed,
+# offload_adam, layerwise_rollout
+G8 = "--micro-pairs 1 --group 8"
 RECIPES = [
-    ("sft.py 27B", "Qwen/Qwen3.5-27B", [], 4, False, "--micro-batch 4"),
-    ("gdso.py 27B", "Qwen/Qwen3.5-27B", [("pi_ref", "Qwen/Qwen3.5-27B")], 2 * 8, True, "--micro-pairs 1 --group 8"),
-    ("risd.py 9B <- 27B", "Qwen/Qwen3.5-9B", [("teacher", "Qwen/Qwen3.5-27B")], 8, False, "--micro-batch 8"),
+    ("sft.py 27B", "Qwen/Qwen3.5-27B", [], 4, False, "--micro-batch 4", {}),
+    ("gdso.py 27B", "Qwen/Qwen3.5-27B", [("pi_ref", "Qwen/Qwen3.5-27B")], 2 * 8, True, G8, {}),
+    ("gdso.py 27B", "Qwen/Qwen3.5-27B", [("pi_ref", "Qwen/Qwen3.5-27B")], 2 * 8, True, G8 + " --micro-samples 2",
+     {"micro_samples": 2}),
+    ("gdso.py 27B (planned)", "Qwen/Qwen3.5-27B", [("pi_ref", "Qwen/Qwen3.5-27B")], 2 * 8, True,
+     "+ embeddings and LM head as units", {"micro_samples": 2, "split_embed": True}),
+    ("gdso.py 27B (planned)", "Qwen/Qwen3.5-27B", [("pi_ref", "Qwen/Qwen3.5-27B")], 2 * 8, True,
+     "+ AdamW state offloaded around the rollout", {"micro_samples": 2, "split_embed": True, "offload_adam": True}),
+    ("gdso.py 27B (planned)", "Qwen/Qwen3.5-27B", [("pi_ref", "Qwen/Qwen3.5-27B")], 2 * 8, True,
+     "+ a rollout one unit at a time", {"micro_samples": 2, "split_embed": True, "offload_adam": True,
+                                        "layerwise_rollout": True}),
+    ("risd.py 9B <- 27B", "Qwen/Qwen3.5-9B", [("teacher", "Qwen/Qwen3.5-27B")], 8, False, "--micro-batch 8", {}),
 ]
 GIB = 2 ** 30
 
@@ -103,7 +130,10 @@ def shard(holder, mesh, dtype, mp=True):
         trainable += n if ".visual." not in name else 0  # --freeze-vision (default)
     # the root (embeddings, LM head, final norm, vision merger) is a unit of its own, and FSDP2 keeps
     # the root's parameters gathered from its forward to the end of the backward
+    vlm = holder.vlm
+    embed = vlm.get_input_embeddings().weight.numel() + vlm.get_output_embeddings().weight.numel()
     return {"total": total, "local": local, "trainable": trainable, "unit": max(sizes), "root": total - sum(sizes),
+            "vocab_unit": vlm.get_output_embeddings().weight.numel(), "root_embed": embed,
             "trainable_total": sum(p.numel() for n, p in holder.named_parameters() if ".visual." not in n)}
 
 
@@ -141,22 +171,37 @@ def recipe_bytes(args, trained, frozen):
     """Per recipe: (label, flags, bytes per column, training peak, rollout peak or None)."""
     prompt = args.image_tokens + args.prompt_tokens
     rows = []
-    for label, name, frozen_models, seqs, trace, flags in RECIPES:
+    for label, name, frozen_models, seqs, trace, flags, moves in RECIPES:
         t = trained[name]
         b = {"params": 4 * t["local"], "grads": 4 * t["trainable"], "adam": 8 * t["trainable"]}
         for role, fname in frozen_models:
             b[role] = 2 * frozen[fname]["local"]
-        b["units"] = 2 * 2 * t["root"] + 2 * 2 * t["unit"] + 2 * t["unit"]
+        root, biggest = t["root"], t["unit"]
+        if moves.get("split_embed"):  # embeddings and LM head gathered only while they compute
+            root, biggest = t["root"] - t["root_embed"], max(t["unit"], t["vocab_unit"])
+        # through the backward of the decoder: the root's bf16 parameters and gradient, two units
+        # gathered (computing, prefetched), one unit's bf16 gradient and its fp32 reduce-scatter copy
+        b["units"] = 2 * 2 * root + 2 * (biggest + t["unit"]) + 2 * biggest
+        b["rs"] = 4 * biggest
         tokens = prompt + (args.max_new_tokens if trace else 1)
-        b["activations"] = activations(name, seqs, tokens)
-        train_peak = sum(b.values())
+        b["activations"] = activations(name, min(seqs, moves.get("micro_samples") or seqs), tokens)
+        # at the end of the backward, the activations freed: the root's parameters, gradient and the
+        # fp32 reduce-scatter copy of that gradient (with embeddings as units: the larger of the two)
+        end_unit = max(root, biggest)
+        b["end"] = 2 * 2 * end_unit + 4 * end_unit
+        state = sum(v for k, v in b.items() if k not in ("units", "rs", "activations", "end"))
+        train_peak = state + max(b["units"] + b["rs"] + b["activations"], b["end"])
         # rollouts: GDSO samples from the policy, RISD's teacher writes its traces (grads are freed by then)
         gen = name if label.startswith("gdso") else dict(frozen_models).get("teacher")
         rollout = None
         if gen is not None:
-            kept = b["params"] + b["adam"] + sum(b.get(r, 0) for r, _ in frozen_models)
-            gen_tokens = prompt + args.max_new_tokens
-            rollout = kept + 2 * trained[gen]["total"] + rollout_cache(gen, seqs, gen_tokens)
+            kept = b["params"] + (0 if moves.get("offload_adam") else b["adam"])
+            kept += sum(b.get(r, 0) for r, _ in frozen_models)
+            gathered = 2 * trained[gen]["total"]  # the whole generating model, bf16
+            if moves.get("layerwise_rollout"):  # the root and two units at a time
+                g = trained[gen]
+                gathered = 2 * (g["root"] - g["root_embed"] + 2 * max(g["unit"], g["vocab_unit"]))
+            rollout = kept + gathered + rollout_cache(gen, seqs, prompt + args.max_new_tokens)
         rows.append((label, flags, b, train_peak, rollout))
     return rows
 
@@ -168,8 +213,8 @@ def print_plan(args, trained, rows):
         print(f"{n}: {trained[n]['total'] / 1e9:.2f}B parameters ({trained[n]['trainable_total'] / 1e9:.2f}B "
               f"trainable without the vision tower); rank 0 holds {trained[n]['local'] / 1e9:.3f}B; largest decoder "
               f"unit {trained[n]['unit'] / 1e6:.0f}M, root {trained[n]['root'] / 1e6:.0f}M")
-    cols = ["params", "grads", "adam", "pi_ref", "teacher", "units", "activations"]
-    print("\n| recipe | micro-batch | " + " | ".join(cols) + " | training peak | rollout peak | fits |")
+    cols = ["params", "grads", "adam", "pi_ref", "teacher", "units", "rs", "activations", "end"]
+    print("\n| recipe | flags | " + " | ".join(cols) + " | training peak | rollout peak | fits |")
     print("| --- | --- |" + " ---: |" * (len(cols) + 2) + " --- |")
     for label, flags, b, train_peak, rollout in rows:
         peak = max(train_peak, rollout or 0)
