@@ -434,22 +434,51 @@ def fill_from_files(model, files, device, path=None):
         for n, b in inner.named_buffers():
             b.copy_(buffers[n])
     handles = [safe_open(f, framework="pt") for f in files]
-    where = {k: h for h in handles for k in h.keys()}
     params = dict(inner.vlm.named_parameters())  # a tied LM head appears once, as the embedding
+    rename = file_key_renamer(inner.vlm, params)
+    where = {rename(k): (h, k) for h in handles for k in h.keys()}  # parameter name -> (file, key in it)
     missing = [n for n in params if n not in where]
-    unexpected = [k for k in where
-                  if k not in params and not k.endswith("lm_head.weight") and not k.startswith("mtp.")]
+    unexpected = [key for name, (_, key) in where.items()
+                  if name not in params and not name.endswith("lm_head.weight") and not key.startswith("mtp.")]
     if missing or unexpected:
         raise ValueError(f"{path or files[0]}: weights do not fit this model "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     for name, p in params.items():
+        h, key = where[name]
         if type(p).__name__ == "DTensor":
             shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
             local = p.to_local()
             if local.numel():
-                local.copy_(where[name].get_slice(name)[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
+                local.copy_(h.get_slice(key)[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
         else:
-            p.copy_(where[name].get_tensor(name))
+            p.copy_(h.get_tensor(key))
+
+
+def file_key_renamer(vlm, params):
+    """A function from a weight file's key to the parameter name of `vlm` it loads into. transformers
+    writes some families in a legacy layout (Qwen2.5-VL: `model.embed_tokens`, `visual.*`) that its
+    own from_pretrained renames on load with the model's conversion mapping; sharded loading reads
+    the raw keys, so it renames them the same way. A key that a conversion would merge or split
+    (not a rename) is refused: no rank could read its slice of it from the file."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without conversion mappings: file keys are parameter names
+        return lambda key: key
+    transforms = get_model_conversion_mapping(vlm)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+
+    def rename(key):
+        if key in params:
+            return key
+        name, converted_by = rename_source_key(key, renamings, converters, vlm.base_model_prefix, params)
+        if converted_by is not None:
+            raise ValueError(f"{key}: this checkpoint's layout needs a tensor conversion ({converted_by}) that "
+                             "sharded loading cannot slice; load it once without --fsdp and save it again")
+        return name
+
+    return rename
 
 
 @contextmanager
