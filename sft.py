@@ -13,12 +13,13 @@ Supervised training of the score model: the paper's two baselines without reason
    `scene`) without one uses the world's own item-by-item trace for it, without its
    "Score:" line (the paper distilled its rationales from a stronger model given the label; the
    world's trace is what such a model would write). A record with neither stops the run.
+
 Each stage is a `Stage` (what it trains on, the loss, how its model scores) on one training loop,
 `train`; tiny_base.py runs the tiny world's base pretraining as a third stage on the same loop.
 
 Loss normalization: the score CE is summed over a rank's samples and divided by the step's global
-number of samples; the token loss (rewarddance: the rationale; tiny_base.py: the answer) is summed over a
-rank's tokens and divided by the step's global number of those tokens (all ranks, all
+number of samples; the token loss (rewarddance: the rationale; tiny_base.py: the answer) is summed
+over a rank's tokens and divided by the step's global number of those tokens (all ranks, all
 micro-batches), i.e. a per-token mean over the step, so a long rationale weighs more than a short
 one. Any world size and accumulation then gives the same update as one process with the whole
 batch. Both counts are known before any forward (the batch size; the tokenized answers' lengths),
