@@ -1,8 +1,11 @@
 """
-The tiny world: what the embedded tiny models train and are measured on, and nothing a real-scale
+The tiny world: everything that exists only for the embedded default, and nothing a real-scale
 user needs (data.py holds the record format every script reads, model.py the score model). The
-scripts import from here only where they touch the tiny world: the tiny model, a record with a
-scene, the tiny generator's pretraining stream and the pixel oracle.
+scripts reach it by this one name, `tiny_world`, where they touch the tiny world: the tiny score
+model (tiny_score_model, the default --model), --data world:... (render_on_request), a record
+with a scene (the count-only baseline, rationales), the tiny generator (TinyGenerator, reward_ft.py's
+default), its pretraining stream and the pixel oracle. The base pretraining is tiny_base.py, a
+stage on sft.py's loop.
 
 The synthetic world. A 64x64 RGB image is a 2x2 grid of 32x32 quadrants
 ("top left", "top right", "bottom left", "bottom right") with at most one object per quadrant,
