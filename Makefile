@@ -34,12 +34,11 @@ test: install
 	$(PY) -m pytest -q
 
 # make test-latest: the suite in a throwaway virtual environment with the newest release of every
-# dependency (torch stays at the pinned CPU wheel: the newest torch on PyPI is a CUDA build of
-# several GB). Run it to see the next break before a user does; README, Dependencies.
+# dependency, torch included (where PyPI has no CPU build of the newest torch, that is a CUDA build
+# of several GB). Run it to see the next break before a user does; README, Dependencies.
 LATEST_VENV ?= /tmp/zreward-test-latest
 test-latest:
 	rm -rf $(LATEST_VENV) && python3 -m venv $(LATEST_VENV)
-	$(LATEST_VENV)/bin/python -m pip install --quiet $$(grep '^torch==' requirements-pinned.txt)
 	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade -r requirements.txt diffusers peft pyarrow
 	$(LATEST_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|huggingface.hub|kernels|triton|safetensors|pillow|numpy|tqdm|pytest|diffusers|peft|pyarrow) '
 	$(LATEST_VENV)/bin/python -m pytest -q
