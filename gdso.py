@@ -149,15 +149,33 @@ def direct_losses(score_logits, mu, labels, valid, P, G, valid_per_micro=None, l
     label_logprob: (2PG,) log p(label's bin token) against the whole vocabulary at the score
     position; when given, L_pt is its negative mean (see the module docstring, point 4).
     """
-    target = torch.tensor([score_to_level(float(s)) - 1 for s in labels.flatten()], device=mu.device)
-    target = target.view(2, P, 1).expand(2, P, G).flatten()
+    divisor = valid_per_micro if valid_per_micro is not None else valid.sum().clamp_min(1)
+    l_pt = pointwise_ce(score_logits, label_levels(labels, G), valid, divisor, label_logprob)
+    return l_pt, gap_loss(mu, labels, valid, P, G)
+
+
+def label_levels(labels, G):
+    """(2, P) labels -> (2PG,) the 0-based bin of each sample's label, in (side, pair, sample) order."""
+    target = torch.tensor([score_to_level(float(s)) - 1 for s in labels.flatten()], device=labels.device)
+    return target.view(2, -1, 1).expand(-1, -1, G).flatten()
+
+
+def pointwise_ce(score_logits, target, valid, divisor, label_logprob=None):
+    """Eq. 8 summed over the valid samples, / divisor: a sum over samples, so that a chunk of them
+    (--micro-samples) adds its share with the same divisor. target (n,): each sample's label bin;
+    label_logprob (n,): as in direct_losses."""
     target = torch.where(valid, target, torch.full_like(target, -100))
     ce = score_ce(score_logits, target) if label_logprob is None else -torch.where(valid, label_logprob, 0.0)
-    l_pt = ce.sum() / (valid_per_micro if valid_per_micro is not None else valid.sum().clamp_min(1))
+    return ce.sum() / divisor
+
+
+def gap_loss(mu, labels, valid, P, G):
+    """Eq. 11 for 2PG samples' mu (2PG,): every winner against every loser of its pair, so it is not
+    a sum over samples (see gap_gradient); invalid samples left out (valid_gaps)."""
     v = valid.view(2, P, G)
     mu = torch.where(valid, mu, mu.detach()).view(2, P, G)
     l_pw, _, _ = valid_gaps(mu[0], mu[1], labels[0], labels[1], v[0], v[1])
-    return l_pt, l_pw
+    return l_pw
 
 
 # -----------------------------------------------------------------------------
