@@ -260,10 +260,12 @@ def teacher_forcing(model, pairs, queries, traces, images, G, device):
 def score(policy, ref, rollouts, T):
     """pi_old's token log-probs and score logits, and pi_ref's token log-probs, before any update.
 
-    In train mode, as the updates run, so that inner step 0's ratio pi_theta / pi_old is exactly 1;
-    at the sampling temperature T, the policy the traces come from.
+    In eval mode, as the traces were sampled (common.rollout_mode): pi_old is the policy they come
+    from. The updates run in train mode; with no active dropout (Qwen3.5's attention_dropout is
+    0.0, the tiny model has none) that is the same function, so inner step 0's ratio
+    pi_theta / pi_old is exactly 1. At the sampling temperature T, the policy the traces come from.
     """
-    policy.train()
+    policy.eval()
     for r in rollouts:
         out = policy(r.batch, r.score_index, targets=r.targets, temperature=T)
         r.old_logp, r.old_score_logits = out["token_logprobs"], out["score_logits"]
@@ -312,6 +314,7 @@ def update(policy, optimizer, rollouts, args, step, k, valid_per_micro, T):
     step -> this update's logs (each loss term's mean over the micro-batches, grad norm, lr)."""
     lr = common.lr_at(step * args.inner_steps + k, args.steps * args.inner_steps, args.lr, args.warmup)
     common.set_lr(optimizer, lr)
+    policy.train()  # score() ran in eval mode; transformers recomputes (--checkpointing) only in train mode
     M = len(rollouts)
     sums = dict.fromkeys(("pg", "kl", "kl_old", "clip", "l_pt", "l_pw"), 0.0)
     for i, r in enumerate(rollouts):
