@@ -23,6 +23,7 @@ import common
 import gdso
 from conftest import assert_same_update
 from test_gdso import BASE, COMMON, _run, needs_base
+from test_train_loop import Probe
 
 pytestmark = needs_base
 CPU = torch.device("cpu")
@@ -143,6 +144,20 @@ def test_inner_step_0_ratio_is_exactly_1(world, start, S):
     logs = gdso.update(policy, Capture(policy), rollouts, args, 0, 0, 1.0, 1.0)
     assert policy.training
     assert logs["kl_old"] == 0.0 and logs["clip"] == 0.0
+
+
+def test_chunks_go_forward_and_backward_one_at_a_time(world, tmp_path, monkeypatch):
+    # main with --checkpointing, 2 micro-batches of N = 4 in chunks of 3 + 1: each chunk's backward
+    # (the recompute) comes before the next chunk's forward, so only one chunk's activations live;
+    # gradients are reduced once per update; pi_old, pi_ref and the updates all in chunks at T
+    probe = Probe(monkeypatch)
+    gdso.main([*COMMON, "--data", world, "--out", str(tmp_path / "g.safetensors"), "--steps", "1", "--pairs", "2",
+               "--micro-pairs", "1", "--eval-every", "0", "--eval-limit", "2", "--checkpointing", "--beta", "0.1",
+               "--temperature", "0.5", "--micro-samples", "3"])
+    probe.check_checkpointing()
+    assert probe.calls == [("forward", True), ("recompute", True)] * 2 * 2 * 2  # K x micro-batches x chunks
+    assert probe.syncs == [False, False, False, True] * 2
+    assert len(probe.temperatures) == 2 * 2 * 2 + 2 * 2 * 2 and set(probe.temperatures) == {0.5}
 
 
 def test_batch_rows_slices_images_by_their_patches():
