@@ -34,6 +34,13 @@ updates. Its log line gives the rollouts' reward, valid fraction and length, the
 quantities once per inner step k = 0 .. K_gdso - 1, joined by "/" (at k = 0 pi_theta = pi_old:
 the ratio is 1, nothing is clipped and the KL to pi_old is 0).
 
+Memory: --micro-samples S runs each micro-batch's forward and backward in chunks of S of its
+2 x micro-pairs x G samples, so that the activations are those of S sequences, with the gradient
+of the whole micro-batch (up to summation order). The policy loss and L_pt are sums over samples:
+each chunk adds its share. L_pw compares every winner with every loser of a pair, so with
+alpha_pw > 0 a no-grad forward of the micro-batch comes first (gap_gradient): one extra forward
+per micro-batch and update, the price of not holding all samples' activations at once.
+
 Hyperparameters are not published; the defaults are what worked in the tiny world (docs/LOG.md).
 Labels off the half-point grid (aggregates of annotations) use their nearest bin for L_pt and
 their exact value for the rewards and L_pw.
@@ -149,15 +156,33 @@ def direct_losses(score_logits, mu, labels, valid, P, G, valid_per_micro=None, l
     label_logprob: (2PG,) log p(label's bin token) against the whole vocabulary at the score
     position; when given, L_pt is its negative mean (see the module docstring, point 4).
     """
-    target = torch.tensor([score_to_level(float(s)) - 1 for s in labels.flatten()], device=mu.device)
-    target = target.view(2, P, 1).expand(2, P, G).flatten()
+    divisor = valid_per_micro if valid_per_micro is not None else valid.sum().clamp_min(1)
+    l_pt = pointwise_ce(score_logits, label_levels(labels, G), valid, divisor, label_logprob)
+    return l_pt, gap_loss(mu, labels, valid, P, G)
+
+
+def label_levels(labels, G):
+    """(2, P) labels -> (2PG,) the 0-based bin of each sample's label, in (side, pair, sample) order."""
+    target = torch.tensor([score_to_level(float(s)) - 1 for s in labels.flatten()], device=labels.device)
+    return target.view(2, -1, 1).expand(-1, -1, G).flatten()
+
+
+def pointwise_ce(score_logits, target, valid, divisor, label_logprob=None):
+    """Eq. 8 summed over the valid samples, / divisor: a sum over samples, so that a chunk of them
+    (--micro-samples) adds its share with the same divisor. target (n,): each sample's label bin;
+    label_logprob (n,): as in direct_losses."""
     target = torch.where(valid, target, torch.full_like(target, -100))
     ce = score_ce(score_logits, target) if label_logprob is None else -torch.where(valid, label_logprob, 0.0)
-    l_pt = ce.sum() / (valid_per_micro if valid_per_micro is not None else valid.sum().clamp_min(1))
+    return ce.sum() / divisor
+
+
+def gap_loss(mu, labels, valid, P, G):
+    """Eq. 11 for 2PG samples' mu (2PG,): every winner against every loser of its pair, so it is not
+    a sum over samples (see gap_gradient); invalid samples left out (valid_gaps)."""
     v = valid.view(2, P, G)
     mu = torch.where(valid, mu, mu.detach()).view(2, P, G)
     l_pw, _, _ = valid_gaps(mu[0], mu[1], labels[0], labels[1], v[0], v[1])
-    return l_pt, l_pw
+    return l_pw
 
 
 # -----------------------------------------------------------------------------
@@ -238,20 +263,61 @@ def teacher_forcing(model, pairs, queries, traces, images, G, device):
                     label_tokens=model.bin_ids[levels].view(2, -1, 1).expand(-1, -1, G).flatten())
 
 
+def row_chunks(n, size):
+    """The chunks of --micro-samples `size` over a micro-batch's n samples, as slices: [slice(None)]
+    (the whole micro-batch, one forward) when size is 0 or at least n; else the last may be shorter."""
+    if not size or size >= n:
+        return [slice(None)]
+    return [slice(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def batch_rows(batch, rows):
+    """Rows `rows` (a slice) of a batch from model.encode, as the model reads them.
+
+    Every per-sequence tensor is sliced by row; pixel_values holds all the images' patches in row
+    order (one image per sequence, t x h x w patch rows each by image_grid_thw), so it is sliced
+    by cumulative patch counts. prompt_len is kept: the rows keep the batch's left padding, so
+    score_index and targets still point at the same tokens (re-encoding would pad them anew).
+    """
+    if rows == slice(None):
+        return batch
+    n, grid = batch["input_ids"].shape[0], batch["image_grid_thw"]
+    assert grid.shape[0] == n, "one image per sequence (model.encode)"
+    a, b, _ = rows.indices(n)
+    ends = [0, *grid.prod(-1).cumsum(0).tolist()]
+    out = {}
+    for name, v in batch.items():
+        if name == "pixel_values":
+            out[name] = v[ends[a]:ends[b]]
+        elif torch.is_tensor(v):
+            assert v.shape[0] == n, f"batch[{name!r}] is not one row per sequence: slice it here"
+            out[name] = v[rows]
+        else:
+            out[name] = v
+    return out
+
+
 @torch.no_grad()
-def score(policy, ref, rollouts, T):
+def score(policy, ref, rollouts, T, micro_samples=0):
     """pi_old's token log-probs and score logits, and pi_ref's token log-probs, before any update.
 
-    In train mode, as the updates run, so that inner step 0's ratio pi_theta / pi_old is exactly 1;
-    at the sampling temperature T, the policy the traces come from.
+    In eval mode, as the traces were sampled (common.rollout_mode): pi_old is the policy they come
+    from. The updates run in train mode; with no active dropout (Qwen3.5's attention_dropout is
+    0.0, the tiny model has none) that is the same function, and the forwards go in the same
+    chunks of --micro-samples, so inner step 0's ratio pi_theta / pi_old is exactly 1. At the
+    sampling temperature T, the policy the traces come from.
     """
-    policy.train()
+    policy.eval()
     for r in rollouts:
-        out = policy(r.batch, r.score_index, targets=r.targets, temperature=T)
-        r.old_logp, r.old_score_logits = out["token_logprobs"], out["score_logits"]
+        outs = [policy(batch_rows(r.batch, rows), r.score_index[rows], targets=r.targets[rows], temperature=T)
+                for rows in row_chunks(len(r.traces), micro_samples)]
+        r.old_logp = torch.cat([o["token_logprobs"] for o in outs])
+        r.old_score_logits = torch.cat([o["score_logits"] for o in outs])
     if ref is not None:
         for r in rollouts:
-            r.ref_logp = ref(r.batch, r.score_index, targets=r.targets, temperature=T)["token_logprobs"]
+            r.ref_logp = torch.cat([ref(batch_rows(r.batch, rows), r.score_index[rows], targets=r.targets[rows],
+                                        temperature=T)["token_logprobs"]
+                                    for rows in row_chunks(len(r.traces), micro_samples)])
 
 
 def reward(rollouts, model, args):
@@ -270,39 +336,89 @@ def reward(rollouts, model, args):
         r.advantages = group_advantages(r.rewards, args.adv_eps).flatten()
 
 
-def gdso_loss(policy, r, args, T, valid_per_micro):
+def gdso_loss(policy, r, args, T, valid_per_micro, rows=slice(None), g_mu=None):
     """Eq. 14 on one micro-batch -> (loss, its terms): the clipped surrogate plus beta KL to pi_ref
     (Eq. 4), plus alpha_pt L_pt (Eq. 8) and alpha_pw L_pw (Eq. 11) through pi_theta's score
-    distribution at the sampled traces' score tokens."""
+    distribution at the sampled traces' score tokens.
+
+    rows (a slice of its N samples, --micro-samples): that chunk's share, so that the shares of a
+    micro-batch's chunks sum to its loss. The policy loss is a mean over traces: the chunk's mean
+    weighs |rows| / N (its stats too). L_pt is a sum over traces / valid_per_micro already. L_pw
+    couples all of a pair's samples through mu: it enters as alpha_pw (g_mu[rows] * mu).sum(), with
+    g_mu = dL_pw / dmu from gap_gradient, which has L_pw's gradient but not its value; the terms
+    then carry the chunk's detached mu instead, from which update logs L_pw.
+    """
+    whole = rows == slice(None)
+    share = len(range(len(r.traces))[rows]) / len(r.traces)  # |rows| / N
     full_vocab_ce = args.alpha_pt and args.full_vocab_ce
-    out = policy(r.batch, r.score_index, targets=r.targets, temperature=T,
-                 score_targets=r.label_tokens if full_vocab_ce else None)
-    pg, stats = policy_loss(out["token_logprobs"], r.old_logp, r.advantages, r.mask, args.clip_eps, r.ref_logp,
-                            args.beta)
+    out = policy(batch_rows(r.batch, rows), r.score_index[rows], targets=r.targets[rows], temperature=T,
+                 score_targets=r.label_tokens[rows] if full_vocab_ce else None)
+    pg, stats = policy_loss(out["token_logprobs"], r.old_logp[rows], r.advantages[rows], r.mask[rows], args.clip_eps,
+                            None if r.ref_logp is None else r.ref_logp[rows], args.beta)
+    pg, stats = pg * share, {name: v * share for name, v in stats.items()}
     loss = pg
     l_pt = l_pw = torch.zeros((), device=r.valid.device)
+    terms = {}
     if args.alpha_pt or args.alpha_pw:
         mu = common.unwrap(policy).distribution(out["score_logits"]).mean
-        l_pt, l_pw = direct_losses(out["score_logits"], mu, r.labels, r.valid, len(r.pairs), r.G, valid_per_micro,
-                                   out.get("score_target_logprob"))
-        loss = loss + args.alpha_pt * l_pt + args.alpha_pw * l_pw
-    return loss, {"pg": pg, "l_pt": l_pt, "l_pw": l_pw, **stats}
+        if whole:
+            l_pt, l_pw = direct_losses(out["score_logits"], mu, r.labels, r.valid, len(r.pairs), r.G, valid_per_micro,
+                                       out.get("score_target_logprob"))
+            loss = loss + args.alpha_pt * l_pt + args.alpha_pw * l_pw
+        else:
+            divisor = valid_per_micro if valid_per_micro is not None else r.valid.sum().clamp_min(1)
+            l_pt = pointwise_ce(out["score_logits"], label_levels(r.labels, r.G)[rows], r.valid[rows], divisor,
+                                out.get("score_target_logprob"))
+            loss = loss + args.alpha_pt * l_pt
+            if g_mu is not None:
+                loss = loss + args.alpha_pw * (g_mu[rows] * mu).sum()
+            terms["mu"] = mu.detach()
+    return loss, {"pg": pg, "l_pt": l_pt, "l_pw": l_pw, **stats, **terms}
+
+
+def gap_gradient(policy, r, chunks):
+    """The first pass of a micro-batch in chunks (--micro-samples) when alpha_pw > 0: L_pw (Eq. 11)
+    compares every winner with every loser of a pair, so it is no sum over chunks. A no-grad
+    forward of each chunk gives pi_theta's mu of all N samples -> dL_pw / dmu (N,) at it, detached;
+    each chunk's forward with grad then adds (g_mu[chunk] * mu_chunk).sum(), whose gradient is
+    L_pw's (the chain rule through mu). The cost: one extra no-grad forward of the micro-batch."""
+    with torch.no_grad():
+        logits = torch.cat([policy(batch_rows(r.batch, rows), r.score_index[rows])["score_logits"] for rows in chunks])
+    mu = common.unwrap(policy).distribution(logits).mean.requires_grad_()
+    with torch.enable_grad():
+        g_mu, = torch.autograd.grad(gap_loss(mu, r.labels, r.valid, len(r.pairs), r.G), mu)
+    return g_mu
 
 
 def update(policy, optimizer, rollouts, args, step, k, valid_per_micro, T):
     """Inner step k of K_gdso on the step's rollouts: Eq. 14 over its micro-batches, one optimizer
-    step -> this update's logs (each loss term's mean over the micro-batches, grad norm, lr)."""
+    step -> this update's logs (each loss term's mean over the micro-batches, grad norm, lr).
+
+    --micro-samples S: each micro-batch's forward and backward go in chunks of S samples (its
+    activations held for S sequences, not N), each chunk's share of the loss (gdso_loss) backed
+    through at once; the gradient is the unchunked one up to summation order. With alpha_pw > 0
+    a no-grad forward of the micro-batch comes first (gap_gradient)."""
     lr = common.lr_at(step * args.inner_steps + k, args.steps * args.inner_steps, args.lr, args.warmup)
     common.set_lr(optimizer, lr)
+    policy.train()  # score() ran in eval mode; transformers recomputes (--checkpointing) only in train mode
     M = len(rollouts)
     sums = dict.fromkeys(("pg", "kl", "kl_old", "clip", "l_pt", "l_pw"), 0.0)
     for i, r in enumerate(rollouts):
-        with common.grad_sync(policy, i == M - 1):  # reduced across ranks once, on the last micro-batch
-            loss, terms = gdso_loss(policy, r, args, T, valid_per_micro)
-            # every micro-batch holds as many pairs: the mean of their losses is the batch's loss
-            (loss / M).backward()
-        for name, val in terms.items():
-            sums[name] += float(val.detach()) / M
+        chunks = row_chunks(len(r.traces), args.micro_samples)
+        g_mu = gap_gradient(policy, r, chunks) if len(chunks) > 1 and args.alpha_pw else None
+        mus = []
+        for j, rows in enumerate(chunks):
+            # reduced across ranks once, on the last chunk of the last micro-batch
+            with common.grad_sync(policy, i == M - 1 and j == len(chunks) - 1):
+                loss, terms = gdso_loss(policy, r, args, T, valid_per_micro, rows, g_mu)
+                # every micro-batch holds as many pairs: the mean of their losses is the batch's loss
+                (loss / M).backward()
+            if "mu" in terms:
+                mus.append(terms.pop("mu"))
+            for name, val in terms.items():
+                sums[name] += float(val.detach()) / M
+        if mus:  # in chunks, L_pw's value from the chunks' mu together
+            sums["l_pw"] += float(gap_loss(torch.cat(mus), r.labels, r.valid, len(r.pairs), r.G)) / M
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.clip)
     common.check_finite_step(step, grad_norm, sums["pg"])  # stop, before a NaN update
     optimizer.step()
@@ -378,9 +494,15 @@ def get_args(argv=None):
                    help="trace length budget; no score token by then = malformed")
     p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the vision tower frozen (default)")
+    p.add_argument("--micro-samples", type=int, default=0,
+                   help="S: forward and backward each micro-batch's 2 x micro-pairs x G samples in chunks of S "
+                        "(activations for S sequences), same gradient; 0 = all at once. With --alpha-pw > 0, "
+                        "one extra no-grad forward per micro-batch and update (L_pw couples all samples)")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be at least 1 (got {args.steps}): a run of no steps would write nothing")
+    if args.micro_samples < 0:
+        p.error(f"--micro-samples must be 0 (all at once) or a number of samples (got {args.micro_samples})")
     if args.method == "grpo":
         args.alpha_pt = args.alpha_pw = 0.0
     return args
@@ -456,7 +578,7 @@ def main(argv=None):
         if ref is not None and step % args.ref_reset_every == 0:
             common.copy_params(ref, policy)  # pi_ref <- pi_theta at the start of each outer iteration
         rollouts = sample(policy, batches.next(), micro_pairs, args, step, rank, device)  # G o_{j,i} ~ pi_old
-        score(policy, ref, rollouts, T)  # log pi_old and q_old of every trace, log pi_ref
+        score(policy, ref, rollouts, T, args.micro_samples)  # log pi_old and q_old of every trace, log pi_ref
         reward(rollouts, common.unwrap(policy), args)  # r: Eqs. 7, 10, 13; A: Eq. 3
         # L_pt's divisor (direct_losses): the step's valid traces on all ranks, per (rank, micro-batch)
         n_valid = max(common.all_sum(sum(float(r.valid.sum()) for r in rollouts)), 1.0)
