@@ -112,6 +112,13 @@ def rubric_messages(prompt, dimension, mode, version=PROMPT_VERSION):
 # -----------------------------------------------------------------------------
 # differentiable image preprocessing (torch only, so a generator's gradient reaches its pixels)
 
+def _clamp01(x):
+    """x clamped to [0, 1], with gradient 1 inside [0, 1], its end points included, and 0 outside.
+    torch.clamp's gradient at the end points changed (torch 2.14 gives 0 there, 2.13 gave 1): a pixel
+    of a generated image that is exactly 0 or 1 must still receive the reward's gradient."""
+    return torch.where((x >= 0) & (x <= 1), x, x.clamp(0, 1).detach())
+
+
 def _round_ste(x):
     """Round to the uint8 grid in the forward pass, identity in the backward pass."""
     return x + ((x * 255).round() / 255 - x).detach()
@@ -130,13 +137,13 @@ def preprocess_differentiable(images, image_processor):
     B, C, H, W = images.shape
     p, m, tp = ip.patch_size, ip.merge_size, ip.temporal_patch_size
     h, w = smart_resize(H, W, factor=p * m, min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
-    x = _round_ste(images.clamp(0, 1))  # the processor sees uint8 pixels
+    x = _round_ste(_clamp01(images))  # the processor sees uint8 pixels
     # Pillow resizes one axis at a time, rounding to uint8 in between, and starts with the pass
     # whose intermediate image is smaller (vertical first iff w0 * h < w * h0; measured on Pillow 13)
     sizes = [(H, w), (h, w)] if W * h >= w * H else [(h, W), (h, w)]
     for size in sizes:
         if tuple(x.shape[-2:]) != size:
-            x = _round_ste(F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1))
+            x = _round_ste(_clamp01(F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)))
     mean = torch.tensor(ip.image_mean, dtype=x.dtype, device=x.device).view(1, C, 1, 1)
     std = torch.tensor(ip.image_std, dtype=x.dtype, device=x.device).view(1, C, 1, 1)
     x = (x - mean) / std
