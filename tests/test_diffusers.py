@@ -351,8 +351,12 @@ def test_script_end_to_end_resume_and_files(folders, family, files, tmp_path, ca
         build(other).read_lora(str(a))
     with pytest.raises(ValueError, match="refused"):
         reward_ft.main(argv_for(other, files, tmp_path / "d.safetensors", init=a, steps=1))
-    with pytest.raises(ValueError, match="refused"):
+    # as --resume: the changed --generator first (before any pipeline loads), then, overridden, the LoRA itself
+    with pytest.raises(SystemExit):
         reward_ft.main(argv_for(other, files, b, steps=3, resume=True))
+    assert "--generator" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="refused"):
+        reward_ft.main(argv_for(other, files, b, steps=3, resume=True, resume_override="generator"))
     with pytest.raises(ValueError, match="do not fit"):  # the same base with another rank
         build(folder, rank=2).read_lora(str(a))
 
