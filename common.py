@@ -4,13 +4,14 @@ wrapping, the optimizer and schedule, and checkpoints that a run resumes from ex
 
 One process or many, the scripts run the same code: under torchrun (RANK / WORLD_SIZE set) this
 initializes a process group (NCCL on GPUs, gloo on CPU); otherwise it runs single-process on
-cuda or cpu. Two files per checkpoint:
-  NAME.safetensors   the score model alone, weights + metadata (model.py), for eval / the next stage
-                     (reward_ft.py: the generator, or its LoRA)
-  NAME.train.pt      optimizer, step, RNG states, data position and flags, for --resume
-(gdso.py adds NAME.ref.safetensors, pi_ref). Each is written atomically (temp file, then rename)
-by rank 0, so a crash never leaves a truncated file; the set is written file by file, so every file
-records the step and --resume refuses a set whose steps differ (a kill between two writes).
+cuda or cpu. A checkpoint is a set of files in its own folder, NAME.ckpt/step-00000012/:
+  model.safetensors  the score model alone, weights + metadata (model.py), for eval / the next stage
+                     (reward_ft.py: the generator, or its LoRA); NAME.safetensors is a hard link to
+                     the newest set's
+  train.pt           optimizer, step, RNG states, data position and flags, for --resume
+(gdso.py adds ref.safetensors, pi_ref). Rank 0 writes a set into a temp folder and renames it, so a
+kill at any point leaves the last intact set; the last --keep sets are kept, and --resume continues
+the newest intact one, refusing changed flags that would change the run (check_resume).
 """
 
 import datetime
@@ -527,17 +528,34 @@ RUN_FLAGS = {  # flag: (type, help); "flag" is a store_true switch
     "--bf16": ("flag", "bfloat16 compute on fp32 master weights and optimizer state"),
     "--fsdp": ("flag", "shard with FSDP2 (fully_shard) instead of DDP replication"),
     "--checkpointing": ("flag", "activation checkpointing"),
+    "--keep": (int, "checkpoint sets kept in NAME.ckpt/ (at least 1; the newest is NAME.safetensors)"),
+    "--resume-override": (str, "with --resume: continue although these flags changed (comma-separated, e.g. "
+                               "lr,data); flags that change the run are refused otherwise"),
 }
+
+
+def _at_least_one(text):
+    import argparse
+
+    if int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {text}): the newest set is the one --resume reads")
+    return int(text)
 
 
 def add_run_flags(p, defaults, notes=None):
     """Add RUN_FLAGS' flags named in `defaults` ({flag: default}; switches take False) to the parser p,
     with a script's own note after the shared help where it has one."""
     notes = notes or {}
+    if "--resume" in defaults:  # a script that resumes saves checkpoint sets: how many to keep, what may change
+        defaults = dict(defaults)
+        defaults.setdefault("--keep", 2)
+        defaults.setdefault("--resume-override", "")
     for flag, default in defaults.items():
         kind, text = RUN_FLAGS[flag]
         text = f"{text} ({notes[flag]})" if flag in notes else text
-        if kind == "flag":
+        if flag == "--keep":
+            p.add_argument(flag, type=_at_least_one, default=default, help=text)
+        elif kind == "flag":
             p.add_argument(flag, action="store_true", help=text)
         else:
             p.add_argument(flag, type=kind, default=default, help=text)
@@ -712,6 +730,25 @@ def set_lr(optimizer, lr):
 
 # -----------------------------------------------------------------------------
 # checkpoints
+#
+# A training run saves checkpoint sets, each in its own folder beside --out, and never writes into one
+# that is already there:
+#   NAME.ckpt/step-00000012/   model.safetensors, train.pt (gdso.py: ref.safetensors, pi_ref), set.json
+#   NAME.safetensors           a hard link to the newest set's model.safetensors: what eval.py and the
+#                              next stage read (no second copy of the bytes)
+# A save writes NAME.ckpt/step-00000012.tmp-PID/, renames it to step-00000012 (the commit: a kill
+# before it leaves the earlier sets as they were), points NAME.safetensors at it (a link under a temp
+# name, then a rename over the old one), then removes the sets beyond --keep (each renamed to .del-PID
+# first). --resume continues the newest set whose files are all there and agree on its step; a run
+# starts by removing the temp files and folders a killed save left at its --out.
+
+SET_FORMAT = "zreward-checkpoint-set-1"
+MANIFEST = "set.json"  # written last into a set: its step, commit number and files (with sizes)
+FAULT_ENV = "ZR_FAULT_AFTER"
+# every point of a save, in order, where tests/test_checkpoints.py kills the process (fault_point);
+# 'aside' only when a set of the same step is already there, 'ref' only with a frozen model
+SAVE_POINTS = ("folder", "model", "train", "ref", "manifest", "aside", "commit", "link", "pointer", "unlist",
+               "prune", "legacy")
 
 
 def rng_state():
@@ -737,40 +774,154 @@ def all_rng_states():
 
 
 def restore_rng_state(states, path):
-    """This rank's RNG state from a .train.pt's list; refused unless the run had as many ranks."""
+    """This rank's RNG state from a train.pt's list; refused unless the run had as many ranks."""
     if len(states) != (dist.get_world_size() if dist.is_initialized() else 1):
         raise ValueError(f"{path} was written by a run with {len(states)} ranks; resume with the same world size")
     set_rng_state(states[dist.get_rank() if dist.is_initialized() else 0])
 
 
-def save_checkpoint(path, model, optimizer=None, step=0, batches=None, args=None, **meta):
-    """Write NAME.safetensors (weights + metadata) and, with an optimizer, NAME.train.pt (for --resume).
+def save_checkpoint(path, model, optimizer=None, step=0, batches=None, args=None, frozen=None, **meta):
+    """With an optimizer: a checkpoint set for --resume (above): the weights + metadata, the train state
+    (optimizer, step, every rank's RNG, data position, flags) and, given `frozen`, a frozen model's
+    weights (gdso.py's pi_ref), which the set restores too. Without one: the weights alone, written
+    atomically to the file `path` (an init, a base).
 
     `model` is a ScoreModel, bare or wrapped (DDP, FSDP2), or a module that gives its own weights and
     metadata, trainable_state() and metadata(**extra) (reward_ft.py's generators). Collective: every rank
     calls it (FSDP2 gathers the weights and the optimizer state, and each rank's RNG state goes into the
-    train state); rank 0 writes each file atomically.
+    train state); rank 0 writes, and every rank leaves once the set is committed.
     """
-    inner = unwrap(model)
-    score_model = hasattr(inner, "vlm")
-    state = full_state_dict(model) if score_model else None
+    state = _gathered_weights(model)
+    frozen_state = _gathered_weights(frozen) if frozen is not None else None
     optim_state = full_optimizer_state(model, optimizer) if optimizer is not None else None
     rngs = all_rng_states()
     if is_main():
         extra = {"step": step, "args": vars(args) if args is not None else {}, **meta}
-        if score_model:
-            write_checkpoint(path, dedupe_tied({k: v.contiguous() for k, v in state.items()}),
-                             inner.metadata_dict(**extra))
+        if optimizer is None:
+            _write_weights(path, model, state, extra)
         else:
-            write_checkpoint(path, inner.trainable_state(), inner.metadata(**extra))
-        if optimizer is not None:
             train = {"step": step, "optimizer": optim_state, "rng": rngs, "args": vars(args) if args else {},
                      "batches": batches.state() if batches is not None else None, "meta": meta}
-            tmp = f"{train_path(path)}.tmp-{os.getpid()}"
-            torch.save(train, tmp)
-            os.replace(tmp, train_path(path))
+            writers = [("model.safetensors", lambda f: _write_weights(f, model, state, extra)),
+                       ("train.pt", lambda f: torch.save(train, f))]
+            if frozen is not None:  # the step it belongs to, as every file of a set records
+                writers.append(("ref.safetensors",
+                                lambda f: _write_weights(f, frozen, frozen_state, {"step": step, "args": {}})))
+            write_set(path, step, writers, keep=getattr(args, "keep", 2))
     if dist.is_initialized():
         dist.barrier()
+
+
+def _gathered_weights(model):
+    """A ScoreModel's full state dict on the CPU (collective under FSDP2); None for a module that
+    gives its own (trainable_state, on rank 0 when it writes)."""
+    return full_state_dict(model) if hasattr(unwrap(model), "vlm") else None
+
+
+def _write_weights(file, model, state, extra):
+    inner = unwrap(model)
+    if state is not None:
+        write_checkpoint(file, dedupe_tied({k: v.contiguous() for k, v in state.items()}), inner.metadata_dict(**extra))
+    else:
+        write_checkpoint(file, inner.trainable_state(), inner.metadata(**extra))
+
+
+def fault_point(name, step):
+    """The tests' kill switch: with ZR_FAULT_AFTER=NAME@STEP (or NAME: at every step) the process dies
+    here by SIGKILL, as on a lost node, after point NAME of a save (SAVE_POINTS) and before the next."""
+    want = os.environ.get(FAULT_ENV)
+    if want and want in (name, f"{name}@{step}"):
+        import signal
+
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_set(path, step, writers, keep=2):
+    """Rank 0's part of a save: each (name, write(file)) of `writers` into a temp folder, the commit
+    rename, NAME.safetensors pointed at the new set, then the sets beyond `keep` removed. Until the
+    rename the earlier sets are untouched; after it the new set is whole."""
+    import json
+    import shutil
+
+    root, final = sets_dir(path), set_folder(path, step)
+    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # this process id's own leftover (a save that raised)
+    os.makedirs(tmp)
+    fault_point("folder", step)
+    files = {}
+    for name, write in writers:
+        write(os.path.join(tmp, name))
+        _fsync(os.path.join(tmp, name))
+        files[name] = os.path.getsize(os.path.join(tmp, name))
+        fault_point(name.split(".")[0], step)
+    # the commit number orders the sets: a run started over at --out commits after the old run's sets
+    seq = 1 + max((m.get("seq", 0) for m in map(read_manifest, committed_sets(path)) if m), default=0)
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump({"format": SET_FORMAT, "step": step, "seq": seq, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync(tmp)
+    fault_point("manifest", step)
+    aside = f"{final}.del-{os.getpid()}"
+    if os.path.exists(final):  # a set of this step from a run started over, or one resume passed over
+        os.rename(final, aside)
+        fault_point("aside", step)
+    os.rename(tmp, final)  # the commit
+    _fsync(root)
+    fault_point("commit", step)
+    point_to(path, os.path.join(final, "model.safetensors"), step)
+    shutil.rmtree(aside, ignore_errors=True)
+    prune_sets(path, keep, step)
+
+
+def point_to(path, target, step=0):
+    """NAME.safetensors <- the set's weights, atomically: a hard link under a temp name renamed over it
+    (a relative symbolic link where the file system has no hard links). No bytes are copied."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(target, tmp)
+    except OSError:
+        os.symlink(os.path.relpath(target, os.path.dirname(os.path.abspath(path))), tmp)
+    fault_point("link", step)
+    os.replace(tmp, path)
+    _fsync(os.path.dirname(os.path.abspath(path)))
+    fault_point("pointer", step)
+
+
+def prune_sets(path, keep, step=0):
+    """Remove the sets beyond the `keep` newest (each renamed to .del-PID first, so that a kill while
+    it is deleted leaves a temp folder, not a set with files missing), then an old-style pair's
+    NAME.train.pt and NAME.ref.safetensors, which no longer belong to NAME.safetensors."""
+    import shutil
+
+    for folder in committed_sets(path)[keep:]:
+        gone = f"{folder}.del-{os.getpid()}"
+        os.rename(folder, gone)
+        fault_point("unlist", step)
+        shutil.rmtree(gone)
+        fault_point("prune", step)
+    old = [f for f in (train_path(path), ref_path(path)) if os.path.exists(f)]
+    for f in old:
+        os.remove(f)
+    if old:
+        fault_point("legacy", step)
+
+
+def _fsync(path):
+    """Flush a file or a folder (its entries: a rename) to the disk, so a power cut keeps what a commit names."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def full_optimizer_state(model, optimizer):
@@ -783,16 +934,219 @@ def full_optimizer_state(model, optimizer):
     return optimizer.state_dict()
 
 
+def sets_dir(path):
+    return str(path).removesuffix(".safetensors") + ".ckpt"
+
+
+def set_folder(path, step):
+    return os.path.join(sets_dir(path), f"step-{step:08d}")
+
+
+def train_path(path):
+    """An old-style checkpoint's train state, NAME.train.pt beside NAME.safetensors (before sets)."""
+    return str(path).removesuffix(".safetensors") + ".train.pt"
+
+
+def ref_path(path):
+    """An old-style checkpoint's frozen model (gdso.py's pi_ref), NAME.ref.safetensors."""
+    return str(path).removesuffix(".safetensors") + ".ref.safetensors"
+
+
+def read_manifest(folder):
+    import json
+
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            m = json.load(f)
+        return m if isinstance(m, dict) and isinstance(m.get("files"), dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def committed_sets(path):
+    """The committed set folders at --out (step-N, no temp suffix), newest commit first; a folder
+    without a readable set.json sorts last."""
+    import re
+
+    root = sets_dir(path)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        if re.fullmatch(r"step-\d+", name) and os.path.isdir(os.path.join(root, name)):
+            m = read_manifest(os.path.join(root, name)) or {}
+            found.append((m.get("seq", -1), int(name[5:]), os.path.join(root, name)))
+    return [folder for _, _, folder in sorted(found, reverse=True)]
+
+
+def set_problem(folder):
+    """Why a committed set cannot be resumed (set.json or a file missing or cut short, a file at
+    another step), or None. The train.pt's own step is checked when it is loaded (load_resume)."""
+    import json
+
+    m = read_manifest(folder)
+    if m is None:
+        return f"{MANIFEST} missing or unreadable"
+    for name, size in m["files"].items():
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            return f"{name} missing"
+        if os.path.getsize(file) != size:
+            return f"{name} holds {os.path.getsize(file)} bytes, {size} when written"
+        if name.endswith(".safetensors"):
+            try:
+                meta = _checkpoint_meta(file)
+            except Exception as e:  # safetensors' own error type: a foreign or damaged header
+                return f"{name} unreadable ({e})"
+            if "step" in meta and json.loads(meta["step"]) != m["step"]:
+                return f"{name} is at step {json.loads(meta['step'])}, the set at step {m['step']}"
+    return None
+
+
+def newest_set(path, log=None):
+    """The newest intact set folder at --out, or None; `log` hears why each newer one was passed over."""
+    for folder in committed_sets(path):
+        problem = set_problem(folder)
+        if problem is None:
+            return folder
+        if log is not None:
+            log(f"resume: passing over {folder}: {problem}")
+    return None
+
+
+def remove_orphans(path):
+    """What killed saves left at this --out (no other): NAME.ckpt/*.tmp-PID and *.del-PID folders, and
+    NAME.safetensors.tmp-PID (and an old-style NAME.train.pt.tmp-PID, NAME.ref.safetensors.tmp-PID).
+    -> the paths removed."""
+    import glob
+    import shutil
+
+    patterns = [glob.escape(f) + ".tmp-*" for f in (str(path), train_path(path), ref_path(path))]
+    patterns += [os.path.join(glob.escape(sets_dir(path)), "step-*." + kind + "-*") for kind in ("tmp", "del")]
+    removed = sorted(f for p in patterns for f in glob.glob(p))
+    for f in removed:
+        if os.path.isdir(f) and not os.path.islink(f):
+            shutil.rmtree(f, ignore_errors=True)
+        else:
+            os.remove(f)
+    return removed
+
+
+def resume_source(path, log=None):
+    """What --resume continues at --out: (weights file, train.pt, frozen model's file, where) of the
+    newest intact set, else of an old-style pair (NAME.safetensors + NAME.train.pt, written in place
+    before sets: still resumed, refused if torn); a user error if there is neither."""
+    folder = newest_set(path, log)
+    if folder is not None:
+        files = [os.path.join(folder, f) for f in ("model.safetensors", "train.pt", "ref.safetensors")]
+        return (*files, folder)
+    if os.path.exists(train_path(path)):
+        return str(path), train_path(path), ref_path(path), f"the old-style pair {path} + {train_path(path)}"
+    if committed_sets(path):
+        fail(f"cannot resume: no intact checkpoint set in {sets_dir(path)} (each one has a file missing or cut "
+             f"short, above); start over without --resume")
+    fail(f"cannot resume: no checkpoint at {path} ({sets_dir(path)} holds no set; --resume continues the run that "
+         f"writes --out)")
+
+
+# flags that may differ on --resume: they change when a run evaluates, saves or stops and what it
+# only reports, not what it computes. Every other flag, a new one too, changes the run and is
+# refused unless --resume-override names it.
+RESUME_HARMLESS = frozenset({
+    "out", "steps", "resume", "resume_override", "keep", "save_every", "stop_after", "eval_every", "eval_limit",
+    "checkpointing",  # recomputes the same activations
+    "eval_prompts", "eval_samples", "same_margin", "grid_every", "grid_prompts", "judge", "baseline",  # reward_ft.py
+    "eval_teacher", "throughput",  # risd.py
+})
+
+
+def flag_name(key):
+    return "--" + key.replace("_", "-")
+
+
+def resume_changes(saved, new, override=()):
+    """Compare a checkpoint's flags (`saved`, as its metadata's JSON) with this run's (`new`, a dict)
+    -> (allowed, overridden, refused): lists of '--flag old -> new'. Allowed: RESUME_HARMLESS ones;
+    overridden: the others that `override` names (flag names without '--', '-' or '_'); refused: the rest."""
+    import json
+
+    new = json.loads(json.dumps(new, default=str))  # as the checkpoint recorded them
+    allowed, overridden, refused = [], [], []
+    for key in [*new, *(k for k in saved if k not in new)]:
+        old, now = saved.get(key, "(not recorded)"), new.get(key, "(none)")
+        if old == now or key == "resume":  # set on every resume
+            continue
+        change = f"{flag_name(key)} {old} -> {now}"
+        (allowed if key in RESUME_HARMLESS else overridden if key in override else refused).append(change)
+    return allowed, overridden, refused
+
+
+def override_keys(text, known):
+    """--resume-override 'lr,data' (or '--lr,batch-size') -> {'lr', 'data'}; a name that is not one of
+    this script's flags (`known`) is a user error."""
+    keys = {n.strip().lstrip("-").replace("-", "_") for n in text.split(",") if n.strip()}
+    unknown = sorted(k for k in keys if k not in known)
+    if unknown:
+        fail(f"--resume-override: {', '.join(flag_name(k) for k in unknown)}: not a flag of this script")
+    return keys
+
+
+def check_resume(args, quiet=False):
+    """Before any model loads: remove what killed saves left at --out (rank 0) and, with --resume, find
+    what to continue and compare its flags with this run's: a flag that changes the run (resume_changes)
+    is refused unless --resume-override names it, --steps below the saved step is refused, and the
+    harmless changes are printed. -> the weights file --resume continues (None without --resume)."""
+    import json
+
+    say = (lambda *a: None) if quiet else print0
+    if is_main():
+        removed = remove_orphans(args.out)
+        if removed:
+            say(f"removed what a killed save left: {', '.join(removed)}")
+    if dist.is_initialized():
+        dist.barrier()
+    if not args.resume:
+        if committed_sets(args.out):
+            say(f"starting over at {args.out}: the earlier run's sets in {sets_dir(args.out)} are replaced as "
+                f"this run saves (--resume continues them instead)")
+        return None
+    weights, _, _, where = resume_source(args.out, say)
+    meta = _checkpoint_meta(weights)
+    step, saved = json.loads(meta.get("step", "0")), json.loads(meta.get("args", "{}"))
+    new = vars(args)
+    keys = override_keys(getattr(args, "resume_override", "") or "", set(new) | set(saved))
+    if saved:  # a checkpoint saved without its flags (by hand) has nothing to compare
+        allowed, overridden, refused = resume_changes(saved, new, keys)
+        if refused:
+            names = ",".join(c.split()[0].removeprefix("--") for c in refused)
+            fail(f"--resume: {', '.join(refused)}: {'these change' if len(refused) > 1 else 'this changes'} the "
+                 f"run; pass --resume-override {names} to continue anyway")
+        steps = [c for c in allowed if c.startswith("--steps ")]
+        allowed = [c for c in allowed if c not in steps]
+        if allowed:
+            say(f"resume: {', '.join(allowed)} (when the run evaluates, saves or stops, not what it computes)")
+        if steps:
+            say(f"resume: {steps[0]} (the lr schedule now ends at step {args.steps})")
+        if overridden:
+            say(f"resume: {', '.join(overridden)} (changes the run; --resume-override)")
+    if args.steps < step:
+        fail(f"--resume: {where} is at step {step}, past --steps {args.steps}: pass --steps {step} or more")
+    stop_after = getattr(args, "stop_after", 0)
+    if stop_after and stop_after <= step:
+        fail(f"--resume: {where} is at step {step}, already past --stop-after {stop_after}")
+    if args.steps == step:
+        say(f"resume: {where} is at step {step} of --steps {step}: nothing left to train (raise --steps to continue)")
+    return weights
+
+
 def resume_step(args, model, optimizer, batches, frozen=None):
-    """The step a run starts at: 0, or with --resume the step of the checkpoint set at --out, whose
-    weights, optimizer, RNG and data position are loaded (and a frozen model's, e.g. GDSO's pi_ref,
-    from its file beside it, refused unless written at the same step)."""
+    """The step a run starts at: 0, or with --resume the step of the newest intact set at --out, whose
+    weights, optimizer, RNG and data position are loaded (and a frozen model's, e.g. GDSO's pi_ref)."""
+    check_resume(args, quiet=True)  # again, for a script that did not call it first: nothing to remove by now
     if not args.resume:
         return 0
-    step, _ = load_resume(args.out, model, optimizer, batches)
-    if frozen is not None:
-        load_frozen(frozen, ref_path(args.out), step)
-    print0(f"resumed {args.out} at step {step}")
+    step, _ = load_resume(args.out, model, optimizer, batches, frozen=frozen)
+    print0(f"resumed {args.out} at step {step} (from {resume_source(args.out)[3]})")
     return step
 
 
@@ -805,25 +1159,15 @@ def after_step(step, args):
     return save, stop, evaluate
 
 
-def ref_path(path):
-    return str(path).removesuffix(".safetensors") + ".ref.safetensors"
-
-
-def save_frozen(model, path, step):
-    """A frozen model's weights (pi_ref) beside the checkpoint, so --resume restores it too; it
-    records the step of the set it belongs to."""
-    save_checkpoint(path, model, step=step)
-
-
-def check_step(path, meta, step):
-    """One file of a checkpoint set against the set's step (the .train.pt's): a kill between two
-    writes leaves a torn set, e.g. NAME.safetensors at step 3 beside NAME.train.pt at step 2."""
+def check_step(path, meta, step, train_file):
+    """One file of a checkpoint against the step of its train state: an old-style pair written in
+    place, file after file, is torn by a kill between two writes (NAME.safetensors at step 3 beside
+    NAME.train.pt at step 2)."""
     import json
 
     if "step" in meta and json.loads(meta["step"]) != step:
-        fail(f"cannot resume: torn checkpoint set: {path} is at step {json.loads(meta['step'])}, "
-             f"{train_path(path.replace('.ref.safetensors', '.safetensors'))} at step {step} (a save was cut short "
-             f"between its files); resume from an intact set, or start over without --resume")
+        fail(f"cannot resume: torn checkpoint set: {path} is at step {json.loads(meta['step'])}, {train_file} at "
+             f"step {step} (a save was cut short between its files); start over without --resume")
 
 
 def load_weights(model, meta, path):
@@ -854,33 +1198,29 @@ def _checkpoint_meta(path):
         return f.metadata() or {}
 
 
-def load_frozen(model, path, step=None):
-    """A frozen model's weights from a checkpoint; with `step`, refused unless the file is at it."""
-    meta = _checkpoint_meta(path)
-    if step is not None:
-        check_step(str(path), meta, step)
-    load_weights(model, meta, path)
-
-
-def train_path(path):
-    return str(path).removesuffix(".safetensors") + ".train.pt"
-
-
-def load_resume(path, model, optimizer, batches=None):
-    """Restore weights, optimizer, RNG and data position from a checkpoint pair; -> (step, meta).
-
-    The weights come from the .safetensors (load_weights), the rest from the .train.pt beside it. Refused,
-    before any weight is read, when the two files are at different steps; and when the run had another
-    number of ranks.
-    """
+def frozen_meta(path, step, train_file):
+    """The metadata of a frozen model's file (gdso.py's pi_ref), refused unless it is there and at `step`."""
     if not os.path.exists(path):
-        fail(f"cannot resume: {path} not found (--resume continues the run that writes --out)")
-    if not os.path.exists(train_path(path)):
-        fail(f"cannot resume: {train_path(path)} (optimizer / RNG state) is missing beside {path}")
+        fail(f"cannot resume: {path} (the frozen model, gdso.py's pi_ref) is missing; the run saved none")
     meta = _checkpoint_meta(path)
-    train = torch.load(train_path(path), map_location="cpu", weights_only=False)
-    check_step(str(path), meta, train["step"])
-    load_weights(model, meta, path)
+    check_step(str(path), meta, step, train_file)
+    return meta
+
+
+def load_resume(path, model, optimizer, batches=None, frozen=None):
+    """Restore weights, optimizer, RNG and data position (and `frozen`'s weights) from what --resume
+    continues at `path` (resume_source); -> (step, meta).
+
+    Refused, before any weight is read, when the files are at different steps; and when the run had
+    another number of ranks.
+    """
+    weights, train_file, ref, _ = resume_source(path)
+    meta = _checkpoint_meta(weights)
+    train = torch.load(train_file, map_location="cpu", weights_only=False)
+    check_step(str(weights), meta, train["step"], train_file)
+    if frozen is not None:
+        ref_meta = frozen_meta(ref, train["step"], train_file)
+    load_weights(model, meta, weights)
     if _is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -888,11 +1228,12 @@ def load_resume(path, model, optimizer, batches=None):
                                  options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(train["optimizer"])
-    restore_rng_state(train["rng"], path)
+    restore_rng_state(train["rng"], train_file)
     if batches is not None and train["batches"] is not None:
         batches.load_state(train["batches"])
+    if frozen is not None:
+        load_weights(frozen, ref_meta, ref)
     return train["step"], train.get("meta", {})
-
 
 def write_json(ckpt_path, kind, obj):
     """NAME.KIND.json beside the checkpoint (rank 0, atomic): e.g. the latest eval table; an eval is

@@ -543,9 +543,9 @@ def load_models(args, device, train, test):
 
 
 def save(args, policy, ref, optimizer, step, batches):
-    common.save_checkpoint(args.out, policy, optimizer, step, batches, args, mode="reasoning", stage=args.method)
-    if ref is not None:
-        common.save_frozen(ref, common.ref_path(args.out), step)
+    """A checkpoint set: the policy, its train state and pi_ref (--resume restores all three)."""
+    common.save_checkpoint(args.out, policy, optimizer, step, batches, args, frozen=ref, mode="reasoning",
+                           stage=args.method)
 
 
 def evaluate(args, policy, test, step):
@@ -559,6 +559,7 @@ def evaluate(args, policy, test, step):
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = common.dist_init()
+    common.check_resume(args)  # before any model loads: what --resume continues, and with which flags
     common.seed_all(args.seed + rank)
     train, test, batches = load_data(args, rank, world)
     micro_pairs, _ = common.split_batch(args.pairs, args.micro_pairs, world, "--pairs", "--micro-pairs")

@@ -761,6 +761,7 @@ def print_header(args, gen, weights, world, micro, accum):
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = common.dist_init()
+    common.check_resume(args)  # before any model loads: what --resume continues, and with which flags
     common.seed_all(args.seed + rank)
     weights = parse_weights(args.dimensions, args.weights)
     train_prompts, test_prompts = load_prompts(args.data)

@@ -31,7 +31,8 @@ KL, accumulated over micro-batches) or opd_step (sample, teacher-score, the OPD 
 update, the step's log line, the checkpoint and the evaluation when due.
 
 Checkpoints: the student as --out (.safetensors with metadata mode "direct", or "reasoning" for
---opd; usable by eval.py and reward_ft.py) plus .train.pt for --resume, as in gdso.py.
+--opd; usable by eval.py and reward_ft.py), the newest of the checkpoint sets in NAME.ckpt/ that
+--resume continues (common.py, checkpoints), as in gdso.py.
 
 Launch:
     python risd.py --teacher runs/gdso.safetensors                     # tiny world (runs/world), tiny student base
@@ -482,6 +483,8 @@ def evaluate(model, test, mode, args, kind, title, **entry):
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = common.dist_init()
+    if not args.throughput:  # before any model loads: what --resume continues, and with which flags
+        common.check_resume(args)
     common.seed_all(args.seed + rank)
     records, test = load_data(args, world)
     student_mode = "reasoning" if args.opd else "direct"

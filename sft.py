@@ -305,6 +305,7 @@ def evaluate(ddp_model, test, step, args, stage):
 def train(args, stage):
     """The supervised loop: data, model, then --steps optimizer steps of `stage`, with checkpoints and evaluations."""
     rank, world, device = common.dist_init()
+    common.check_resume(args)  # before any model loads: what --resume continues, and with which flags
     common.seed_all(args.seed + rank)
     # the data first: a missing file, a bad record or a batch larger than the data stops the run before
     # any model is loaded

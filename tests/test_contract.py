@@ -289,30 +289,54 @@ def _tiny_run():
     return model, common.build_optimizer(model, 1e-3)
 
 
-def test_a_save_killed_between_its_files_is_refused_on_resume(tmp_path, monkeypatch, capsys):
+def test_a_save_killed_between_its_files_leaves_the_last_set(tmp_path, monkeypatch, capsys):
     path = str(tmp_path / "run.safetensors")
     model, opt = _tiny_run()
-    common.save_checkpoint(path, model, opt, step=2)
-    common.save_frozen(model, common.ref_path(path), 2)
-    assert common.load_resume(path, *_tiny_run())[0] == 2  # an intact set resumes
+    common.save_checkpoint(path, model, opt, step=2, frozen=model)
+    assert common.load_resume(path, *_tiny_run(), frozen=_tiny_run()[0])[0] == 2  # an intact set resumes
 
-    # step 3: the weights are written, then the process dies before the .train.pt
+    # step 3: the weights are written, then the process dies before the train.pt: nothing is committed
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", killed)
     with pytest.raises(KeyboardInterrupt):
-        common.save_checkpoint(path, model, opt, step=3)
+        common.save_checkpoint(path, model, opt, step=3, frozen=model)
     monkeypatch.undo()
+    assert common.load_resume(path, *_tiny_run(), frozen=_tiny_run()[0])[0] == 2
+    assert json.loads(common._checkpoint_meta(path)["step"]) == 2  # NAME.safetensors: still the intact set's
+    assert common.remove_orphans(path) == [f"{common.set_folder(path, 3)}.tmp-{os.getpid()}"]
+    assert common.remove_orphans(path) == []
+
+
+def test_an_old_style_pair_still_resumes_and_is_refused_torn(tmp_path, capsys):
+    # NAME.safetensors + NAME.train.pt (+ NAME.ref.safetensors), written in place before sets
+    path = str(tmp_path / "run.safetensors")
+    model, opt = _tiny_run()
+    common.save_checkpoint(path, model, opt, step=2, frozen=model)
+    folder = common.newest_set(path)
+    shutil.copy(os.path.join(folder, "train.pt"), common.train_path(path))
+    shutil.copy(os.path.join(folder, "ref.safetensors"), common.ref_path(path))
+    os.remove(path)
+    shutil.copy(os.path.join(folder, "model.safetensors"), path)
+    shutil.rmtree(common.sets_dir(path))
+    assert common.resume_source(path)[3] == f"the old-style pair {path} + {common.train_path(path)}"
+    assert common.load_resume(path, *_tiny_run(), frozen=_tiny_run()[0])[0] == 2
+
+    # pi_ref from another step: refused, naming both files
+    common.save_checkpoint(common.ref_path(path), model, step=1)
+    err = _user_error(capsys, common.load_resume, path, *_tiny_run(), None, _tiny_run()[0])
+    assert f"{common.ref_path(path)} is at step 1" in err and "train.pt at step 2" in err, err
+
+    # the weights written at step 3, then the process died before the .train.pt
+    common.save_checkpoint(path, model, step=3)
     err = _user_error(capsys, common.load_resume, path, *_tiny_run())
     assert "torn checkpoint set" in err and f"{path} is at step 3" in err and "train.pt at step 2" in err, err
 
-    # gdso's third file: the set is at step 3 but the kill came before pi_ref was written
-    common.save_checkpoint(path, model, opt, step=3)
-    step, _ = common.load_resume(path, *_tiny_run())
-    ref, _ = _tiny_run()
-    err = _user_error(capsys, common.load_frozen, ref, common.ref_path(path), step)
-    assert f"{common.ref_path(path)} is at step 2" in err and "at step 3" in err, err
+    # the first set a run saves there replaces the pair: its train state and pi_ref go with it
+    common.save_checkpoint(path, model, opt, step=4, frozen=model)
+    assert not os.path.exists(common.train_path(path)) and not os.path.exists(common.ref_path(path))
+    assert common.load_resume(path, *_tiny_run(), frozen=_tiny_run()[0])[0] == 4
 
 
 def test_a_non_finite_gradient_stops_before_the_update():

@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 from tiny_world import make_world  # noqa: E402
 import tiny_world  # noqa: E402
 import reward_ft  # noqa: E402
+from common import newest_set  # noqa: E402
 from reward_ft import DiffusersGenerator, Rollout, reward  # noqa: E402
 
 FAMILIES = ["sd3", "flux", "zimage"]
@@ -330,8 +331,8 @@ def test_script_end_to_end_resume_and_files(folders, family, files, tmp_path, ca
     ta, tb = read_checkpoint(str(a))[1], read_checkpoint(str(b))[1]
     assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert any(ta[k].abs().max() > 0 for k in ta if ".lora_B." in k), "the LoRA did not move"
-    oa = torch.load(str(tmp_path / "a.train.pt"), weights_only=False)["optimizer"]
-    ob = torch.load(str(tmp_path / "b.train.pt"), weights_only=False)["optimizer"]
+    oa, ob = (torch.load(os.path.join(newest_set(str(p)), "train.pt"), weights_only=False)["optimizer"]
+              for p in (a, b))
     assert oa["state"].keys() == ob["state"].keys() and oa["state"]
     for i in oa["state"]:
         for k, v in oa["state"][i].items():
@@ -350,8 +351,12 @@ def test_script_end_to_end_resume_and_files(folders, family, files, tmp_path, ca
         build(other).read_lora(str(a))
     with pytest.raises(ValueError, match="refused"):
         reward_ft.main(argv_for(other, files, tmp_path / "d.safetensors", init=a, steps=1))
-    with pytest.raises(ValueError, match="refused"):
+    # as --resume: the changed --generator first (before any pipeline loads), then, overridden, the LoRA itself
+    with pytest.raises(SystemExit):
         reward_ft.main(argv_for(other, files, b, steps=3, resume=True))
+    assert "--generator" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="refused"):
+        reward_ft.main(argv_for(other, files, b, steps=3, resume=True, resume_override="generator"))
     with pytest.raises(ValueError, match="do not fit"):  # the same base with another rank
         build(folder, rank=2).read_lora(str(a))
 

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tiny_world  # noqa: E402
+from common import newest_set  # noqa: E402
 from data import DIMENSIONS  # noqa: E402
 import reward_ft  # noqa: E402
 from reward_ft import Rollout, reward  # noqa: E402
@@ -277,8 +278,8 @@ def test_finetune_resume_is_exact(tmp_path, student, capsys):
     b = TinyGenerator.load(str(tmp_path / "b.safetensors")).state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    oa = torch.load(str(tmp_path / "a.train.pt"), weights_only=False)["optimizer"]["state"]
-    ob = torch.load(str(tmp_path / "b.train.pt"), weights_only=False)["optimizer"]["state"]
+    oa, ob = (torch.load(os.path.join(newest_set(str(tmp_path / f"{x}.safetensors")), "train.pt"),
+                         weights_only=False)["optimizer"]["state"] for x in "ab")
     assert oa.keys() == ob.keys() and all(torch.equal(v, ob[i][k]) for i in oa for k, v in oa[i].items())
     from PIL import Image
 
@@ -321,7 +322,7 @@ def test_a_nan_loss_stops_the_run_before_the_update(tmp_path, student, monkeypat
     with pytest.raises(SystemExit, match=r"step 2: the gradient norm is nan \(loss nan\); stopping before the update"):
         reward_ft.main(_argv(**kw))
     assert len(calls) == 4
-    assert torch.load(str(tmp_path / "gen.train.pt"), weights_only=False)["step"] == 1
+    assert torch.load(os.path.join(newest_set(str(out)), "train.pt"), weights_only=False)["step"] == 1
     saved = TinyGenerator.load(str(out)).state_dict()
     for k, v in built[0].state_dict().items():
         torch.testing.assert_close(v, saved[k], rtol=0, atol=0, msg=k)

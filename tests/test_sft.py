@@ -16,6 +16,7 @@ import sys
 import pytest
 
 from conftest import assert_same_update
+import common
 import tiny_world
 from model import ScoreModel
 
@@ -78,8 +79,8 @@ def test_stop_after_then_resume_equals_an_uninterrupted_run(world, tmp_path, cap
     assert any((a[k] != base[k]).any() for k in a), "the run did not train"
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
-    oa = torch.load(full[:-12] + ".train.pt", weights_only=False)["optimizer"]["state"]
-    ob = torch.load(part[:-12] + ".train.pt", weights_only=False)["optimizer"]["state"]
+    oa = torch.load(os.path.join(common.newest_set(full), "train.pt"), weights_only=False)["optimizer"]["state"]
+    ob = torch.load(os.path.join(common.newest_set(part), "train.pt"), weights_only=False)["optimizer"]["state"]
     assert oa.keys() == ob.keys() and all(torch.equal(v, ob[i][k]) for i in oa for k, v in oa[i].items())
 
 
