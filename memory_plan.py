@@ -43,7 +43,6 @@ and backward-time buffers beyond the reduce-scatter one.
 """
 
 import argparse
-import math
 
 import torch
 import torch.distributed as dist
