@@ -419,8 +419,9 @@ def check_resume(args, model, source):
             ours = inner.metadata()
             diff = [k for k in GENERATOR_KEYS if k in ours and meta.get(k) != ours[k]]
             if diff:
-                raise ValueError(f"{args.out} holds another generator than the one built from {source} "
-                                 f"(differs in {diff})")
+                k = diff[0]
+                raise ValueError(f"{args.out} holds another generator than the one built from {source} (differs in "
+                                 f"{diff}; {k} {str(meta.get(k))[:80]!r} in the file, {str(ours[k])[:80]!r} here)")
     except ValueError as e:
         fail(f"cannot resume: {e}; resume with the flags the run started with, or start over without --resume")
     if not any(p.device.type == "meta" for p in inner.parameters()):

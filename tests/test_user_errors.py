@@ -139,7 +139,7 @@ FLAGS = [
     ("gdso.py", ["--pairs", "0"], ["--pairs"]),
     ("gdso.py", ["--micro-pairs", "0"], ["--micro-pairs"]),
     ("gdso.py", ["--max-new-tokens", "0"], ["--max-new-tokens"]),
-    ("gdso.py", ["--lr", "-5e-5"], ["--lr"]),
+    ("gdso.py", ["--lr", "-0.00005"], ["--lr", "above 0"]),
     ("gdso.py", ["--temperature", "-1"], ["--temperature"]),
     ("risd.py", ["--teacher", BASE, "--limit", "-1"], ["--limit", "got -1"]),
     ("risd.py", ["--teacher", BASE, "--traces", "0"], ["--traces"]),
