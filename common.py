@@ -14,11 +14,13 @@ kill at any point leaves the last intact set; the last --keep sets are kept, and
 the newest intact one, refusing changed flags that would change the run (check_resume).
 """
 
+import argparse
 import datetime
 import math
 import os
 import random
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 
@@ -28,7 +30,8 @@ import torch.distributed as dist
 
 import tiny_world
 from data import load_jsonl
-from model import ScoreModel, check_compatible, dedupe_tied, params_on_meta, read_checkpoint, write_checkpoint
+from model import (ScoreModel, check_compatible, dedupe_tied, params_on_meta, read_checkpoint, verify_checksum,
+                   write_checkpoint)
 from model import load_weights as model_weights_into
 
 # -----------------------------------------------------------------------------
@@ -331,7 +334,7 @@ def load_model(spec, seed=0, dtype=None, meta=False):
     try:
         if meta:
             return build_on_meta(spec)
-        if str(spec).endswith(".safetensors"):
+        if str(spec).endswith(".safetensors") or os.path.isfile(spec):  # a file is never a hub id
             return ScoreModel.load(spec, dtype=dtype)
         return ScoreModel.from_pretrained(spec, dtype=dtype)
     except ValueError as e:  # the file is not what it should be (model.read_checkpoint / check_compatible)
@@ -343,6 +346,7 @@ def load_model(spec, seed=0, dtype=None, meta=False):
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # image_processor.save_pretrained
 
 
 def check_model_spec(spec):
@@ -362,6 +366,9 @@ def check_model_spec(spec):
         if not any(f in files for f in TOKENIZER_FILES):
             fail(f"{spec}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); save them into the folder "
                  f"with tokenizer.save_pretrained")
+        if not any(f in files for f in IMAGE_PROCESSOR_FILES):
+            fail(f"{spec}: no image-processor settings ({' or '.join(IMAGE_PROCESSOR_FILES)}); save them into the "
+                 f"folder with image_processor.save_pretrained (or processor.save_pretrained)")
         for f in sorted(files):
             if f.endswith(".safetensors"):
                 check_safetensors(os.path.join(spec, f))
@@ -388,6 +395,44 @@ def sharded(fsdp):
     return bool(fsdp) and dist.is_initialized()
 
 
+GENERATOR_KEYS = ("format", "kind", "config", "base_fingerprint", "lora_rank")  # what a generator file must share
+
+
+def check_resume_model(args, model, source):
+    """--resume: refuse, in one line and before any weight is read, a checkpoint that this run's model
+    cannot continue from: a model of another architecture or config than the one built from `source`
+    (the flag that named it, e.g. "--init X"), or a file whose tensors no longer match their checksum.
+    Either would otherwise stop load_resume halfway, in a traceback. The file is the one --resume
+    continues (the newest intact set's weights, resume_source). The checksum is read tensor by
+    tensor, and not at all for a model on the meta device (FSDP2: each rank reads only its slices)."""
+    if not getattr(args, "resume", False):
+        return
+    from safetensors import safe_open
+
+    path = resume_source(args.out)[0]
+    check_safetensors(path)
+    inner = unwrap(model)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    try:
+        if hasattr(inner, "vlm"):
+            check_compatible(meta, path, like=inner, like_name=source)
+        else:  # a generator (reward_ft.py): its kind and config, or its LoRA's base and rank
+            ours = inner.metadata()
+            diff = [k for k in GENERATOR_KEYS if k in ours and meta.get(k) != ours[k]]
+            if diff:
+                k = diff[0]
+                raise ValueError(f"{path} holds another generator than the one built from {source} (differs in "
+                                 f"{diff}; {k} {str(meta.get(k))[:80]!r} in the file, {str(ours[k])[:80]!r} here)")
+    except ValueError as e:
+        fail(f"cannot resume: {e}; resume with the flags the run started with, or start over without --resume")
+    if not any(p.device.type == "meta" for p in inner.parameters()):
+        try:
+            verify_checksum(path)
+        except ValueError as e:
+            fail(f"cannot resume: {e}")
+
+
 # -----------------------------------------------------------------------------
 # loading at scale: build on the meta device, shard, then fill each rank's shard from the files
 
@@ -395,7 +440,7 @@ def sharded(fsdp):
 def build_on_meta(spec):
     """A ScoreModel whose parameters are on the meta device (buffers, tokenizer and image processor
     real), from a score-model .safetensors (its metadata only) or an HF folder / hub id (its config)."""
-    if str(spec).endswith(".safetensors"):
+    if str(spec).endswith(".safetensors") or os.path.isfile(spec):
         from safetensors import safe_open
 
         with safe_open(spec, framework="pt") as f:
@@ -508,57 +553,166 @@ def rollout_mode(model):
 
 # -----------------------------------------------------------------------------
 # the flags every training script shares: defined here once, each script gives its defaults
+#
+# every value is checked by its argparse type as the command line is read, before any data or model
+# loads: a count of 0 or -32 would otherwise reach the batch split ("a multiple of 1 x 1"), an lr of
+# nan AdamW's constructor (a traceback) and an --out in a folder nobody can write the first save,
+# after a step has trained
+
+
+ROOT = os.path.dirname(os.path.abspath(__file__))  # the repository
+
+
+def asset(name):
+    """A shipped file of assets/ (a default --init, --student), found from the repository whatever the
+    current folder: a relative default exists only when a script runs from the repository."""
+    return os.path.join(ROOT, "assets", name)
+
+
+def _number(text, kind):
+    try:
+        x = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                         f"got {text!r}") from None
+    if kind is float and not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return x
+
+
+def int_at_least(low, why=""):
+    """An argparse type: a whole number >= low, e.g. int_at_least(2, "...") for gdso.py's --group."""
+    def parse(text):
+        n = _number(text, int)
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}" + (f" ({why})" if why else ""))
+        return n
+    parse.__name__ = f"int_at_least_{low}"
+    return parse
+
+
+positive_int = int_at_least(1)  # a count: steps, a batch, a group, traces
+nonnegative_int = int_at_least(0)  # where 0 means off or all: --eval-every, --limit, --warmup; seeds
+
+
+def positive_float(text):
+    """An argparse type: a finite number above 0 (a learning rate, a clip norm)."""
+    x = _number(text, float)
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return x
+
+
+def nonnegative_float(text):
+    """An argparse type: a finite number >= 0 (a weight, a temperature where 0 is greedy)."""
+    x = _number(text, float)
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return x
+
+
+def fraction(text):
+    """An argparse type: a number in [0, 1]."""
+    x = _number(text, float)
+    if not 0 <= x <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return x
+
+
+def writable_file(text):
+    """An argparse type: a file path whose folder can be written (the nearest folder that exists, as
+    the missing ones are made on write). Probed with an unnamed temporary file, which root's
+    permissions and a read-only mount answer truthfully; nothing is left behind. '' (not given) passes."""
+    if not text:
+        return text
+    path = os.path.abspath(os.path.expanduser(text))
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file path")
+    folder = os.path.dirname(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"{text}: {folder} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{text}: cannot write into {folder} ({e.strerror})") from None
+    return text
+
+
+def checkpoint_path(text):
+    """An argparse type: --out, NAME.safetensors in a folder that can be written. The suffix is what
+    the run's other files replace (NAME.train.pt, NAME.eval.json), and what --model / --init read as a
+    score-model file rather than a Hugging Face folder or hub id."""
+    if not text.endswith(".safetensors"):
+        raise argparse.ArgumentTypeError(f"{text!r} must end in .safetensors (NAME.train.pt and the run's other "
+                                         f"files go beside it)")
+    return writable_file(text)
+
+
+def device_flag(text):
+    """An argparse type: a torch device that this machine has (cuda without a visible GPU is refused)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not n:
+            raise argparse.ArgumentTypeError(f"{text}: torch sees no CUDA GPU on this machine; use --device cpu")
+        if device.index is not None and device.index >= n:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
+    elif device.type != "cpu":
+        backend = getattr(torch.backends, device.type, None) or getattr(torch, device.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise argparse.ArgumentTypeError(f"{text}: torch has no {device.type} device here; use --device cpu")
+    return text
+
 
 RUN_FLAGS = {  # flag: (type, help); "flag" is a store_true switch
     "--data": (str, "a folder of JSONL records (README, Data), or world:n=200,seed=0 to render the synthetic world"),
-    "--out": (str, "checkpoint path (.safetensors; .train.pt beside it)"),
-    "--steps": (int, "optimizer steps"),
-    "--batch-size": (int, "global batch per optimizer step"),
-    "--micro-batch": (int, "per forward per rank (gradient accumulation fills the rest of --batch-size)"),
-    "--lr": (float, "peak learning rate"),
-    "--weight-decay": (float, "AdamW weight decay"),
-    "--warmup": (int, "linear warmup steps, then cosine to 0.1x"),
-    "--clip": (float, "gradient-norm clip"),
-    "--eval-every": (int, "evaluate every N steps (0 = only at the end)"),
-    "--eval-limit": (int, "test records per evaluation (0 = all)"),
-    "--save-every": (int, "write the checkpoint every N steps"),
-    "--resume": ("flag", "continue from --out (+ .train.pt) exactly: optimizer, step, RNG, data position"),
-    "--stop-after": (int, "stop (after saving) at this step, keeping the --steps schedule; --resume continues"),
-    "--seed": (int, "seed for init, data order and sampling"),
+    "--out": (checkpoint_path, "checkpoint path (.safetensors; its checkpoint sets go in NAME.ckpt/ beside it)"),
+    "--steps": (positive_int, "optimizer steps"),
+    "--batch-size": (positive_int, "global batch per optimizer step"),
+    "--micro-batch": (positive_int, "per forward per rank (gradient accumulation fills the rest of --batch-size)"),
+    "--lr": (positive_float, "peak learning rate"),
+    "--weight-decay": (nonnegative_float, "AdamW weight decay"),
+    "--warmup": (nonnegative_int, "linear warmup steps, then cosine to 0.1x"),
+    "--clip": (positive_float, "gradient-norm clip"),
+    "--eval-every": (nonnegative_int, "evaluate every N steps (0 = only at the end)"),
+    "--eval-limit": (nonnegative_int, "test records per evaluation (0 = all)"),
+    "--save-every": (positive_int, "write the checkpoint every N steps"),
+    "--resume": ("flag", "continue the newest intact checkpoint set of --out exactly: weights, optimizer, step, "
+                         "RNG, data position"),
+    "--stop-after": (nonnegative_int,
+                     "stop (after saving) at this step, keeping the --steps schedule; --resume continues"),
+    "--seed": (nonnegative_int, "seed for init, data order and sampling"),
     "--bf16": ("flag", "bfloat16 compute on fp32 master weights and optimizer state"),
     "--fsdp": ("flag", "shard with FSDP2 (fully_shard) instead of DDP replication"),
     "--checkpointing": ("flag", "activation checkpointing"),
-    "--keep": (int, "checkpoint sets kept in NAME.ckpt/ (at least 1; the newest is NAME.safetensors)"),
+    "--keep": (positive_int, "checkpoint sets kept in NAME.ckpt/ (at least 1; the newest is NAME.safetensors)"),
     "--resume-override": (str, "with --resume: continue although these flags changed (comma-separated, e.g. "
                                "lr,data); flags that change the run are refused otherwise"),
 }
 
 
-def _at_least_one(text):
-    import argparse
-
-    if int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (got {text}): the newest set is the one --resume reads")
-    return int(text)
-
-
-def add_run_flags(p, defaults, notes=None):
+def add_run_flags(p, defaults, notes=None, types=None):
     """Add RUN_FLAGS' flags named in `defaults` ({flag: default}; switches take False) to the parser p,
-    with a script's own note after the shared help where it has one."""
-    notes = notes or {}
-    if "--resume" in defaults:  # a script that resumes saves checkpoint sets: how many to keep, what may change
+    with a script's own note after the shared help where it has one, and its own type where `types`
+    gives one (reward_ft.py: --steps 0 only evaluates). A script that resumes saves checkpoint sets,
+    so it also gets --keep (how many) and --resume-override (what may change on --resume)."""
+    notes, types = notes or {}, types or {}
+    if "--resume" in defaults:
         defaults = dict(defaults)
         defaults.setdefault("--keep", 2)
         defaults.setdefault("--resume-override", "")
     for flag, default in defaults.items():
         kind, text = RUN_FLAGS[flag]
         text = f"{text} ({notes[flag]})" if flag in notes else text
-        if flag == "--keep":
-            p.add_argument(flag, type=_at_least_one, default=default, help=text)
-        elif kind == "flag":
+        if kind == "flag":
             p.add_argument(flag, action="store_true", help=text)
         else:
-            p.add_argument(flag, type=kind, default=default, help=text)
+            p.add_argument(flag, type=types.get(flag, kind), default=default, help=text)
 
 
 # -----------------------------------------------------------------------------
@@ -623,6 +777,22 @@ def load_records(path, labeled=True):
     if not records:
         fail(f"{path} holds no records")
     return records
+
+
+def warn_overlap(train, test, train_file, test_file):
+    """Warn, on rank 0, when test records share an id or an image file with the training records: the
+    test split is then not held out and its metrics read high. A warning, not an error: a set can
+    rate one image on several dimensions across splits on purpose. -> (shared ids, shared images)."""
+    ids = {r["id"] for r in train}
+    images = {os.path.realpath(r["image_path"]) for r in train}
+    same_id = [r for r in test if r["id"] in ids]
+    same_image = [r for r in test if os.path.realpath(r["image_path"]) in images]
+    if same_id or same_image:
+        first = (same_id or same_image)[0]
+        print0(f"warning: of the {len(test)} records of {test_file}, {len(same_id)} share an id and {len(same_image)} "
+               f"an image file with {train_file} (first: id {first['id']!r}, image {first['image']}): the test split "
+               f"is not held out, and its metrics read high")
+    return len(same_id), len(same_image)
 
 
 def check_batch(n, batch, flag, what, world=1):

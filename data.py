@@ -116,8 +116,14 @@ def load_jsonl(path, labeled=True):
     """read and validate a JSONL file; raises ValueError naming the file and line of a bad record"""
     root = os.path.dirname(os.path.abspath(path))
     records, seen, images, disagree = [], {}, {}, []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, decoded line by line: a decoding error names its line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x}, the line's byte "
+                                 f"{e.start + 1}); JSONL is UTF-8: re-encode the file, e.g. iconv -f latin1 -t utf-8"
+                                 ) from None
             if not line.strip():
                 continue
             try:
@@ -261,11 +267,17 @@ def table_from_predictions(records, pred):
     return table
 
 
-def format_table(table, title=None):
+def format_table(table, title=None, min_valid=None):
+    """The table as text (eval.py --help explains its columns); with min_valid, a row whose valid
+    fraction is below it is marked * after that column"""
     cols = ("n", "plcc", "srcc", "hpa", "margin_hpa", "hpa_same_n", "tokens", "valid")
     lines = [title] if title else []
     lines.append(f"{'dimension':<14}" + "".join(f"{c:>12}" for c in cols))
     for dim, row in table.items():
         cells = "".join(f"{row[c]:>12d}" if c == "n" else f"{row[c]:>12.3f}" for c in cols)
-        lines.append(f"{dim:<14}{cells}")
+        mark = " *" if min_valid is not None and row["valid"] < min_valid else ""
+        lines.append(f"{dim:<14}{cells}{mark}")
+    if any(line.endswith(" *") for line in lines[1:]):
+        lines.append(f"* valid below --min-valid {min_valid:g}: records without a score are read at their trace's "
+                     f"last token, so this row's numbers mislead")
     return "\n".join(lines)

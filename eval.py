@@ -3,6 +3,10 @@ Evaluation for Z-Reward: score a JSONL with a score model and print the paper's 
 dimension (PLCC, SRCC, HPA, margin HPA; data.py computes them), summarize runs into Tables 2 and 3,
 plot learning curves.
 
+`eval.py --help` explains the table's columns and the exit status (3: too few reasoning traces
+reached a score, --min-valid); --predictions writes one JSON line per record, its nine probabilities
+included.
+
 `python eval.py rollouts --ckpt M --data D` measures what GRPO's advantages can work with on a
 reasoning model: how many distinct traces a group of G samples holds (rollout_stats).
 """
@@ -33,10 +37,12 @@ def predict(model, records, mode="direct", batch_size=32, max_new_tokens=64, pro
 
     Records are batched within a dimension (one rubric prompt per batch) in file order. Returns
     mu, sigma, n_tokens (output tokens per scoring call: 1 in direct and rewarddance modes) and
-    valid (reasoning traces that reached a score token) as numpy arrays in record order.
+    valid (reasoning traces that reached a score token) as numpy arrays in record order, and probs
+    (N, 9), the score distribution q over the bins.
     """
     N = len(records)
     mu, sigma, n_tok, valid = np.zeros(N), np.zeros(N), np.ones(N), np.ones(N, dtype=bool)
+    probs = np.zeros((N, len(BINS)))
     order = sorted(range(N), key=lambda i: records[i]["dimension"])
     chunks = [order[a:a + batch_size] for a in range(0, N, batch_size)]
     with torch.no_grad():
@@ -48,10 +54,11 @@ def predict(model, records, mode="direct", batch_size=32, max_new_tokens=64, pro
                 out = model.score([records[i]["prompt"] for i in sub], images, dim, mode=mode,
                                   max_new_tokens=max_new_tokens)
                 mu[sub], sigma[sub] = out.mean.float().cpu().numpy(), out.std.float().cpu().numpy()
+                probs[sub] = out.probs.float().cpu().numpy()
                 if out.traces is not None:
                     n_tok[sub] = [len(model.tokenizer.encode(t, add_special_tokens=False)) + 1 for t in out.traces]
                     valid[sub] = out.valid.cpu().numpy()
-    return {"mu": mu, "sigma": sigma, "n_tokens": n_tok, "valid": valid}
+    return {"mu": mu, "sigma": sigma, "n_tokens": n_tok, "valid": valid, "probs": probs}
 
 
 def evaluate(model, records, mode="direct", batch_size=32, max_new_tokens=64, progress=True):
@@ -71,7 +78,7 @@ def evaluate_sharded(model, records, mode, batch_size=32, max_new_tokens=64):
         dist.all_gather_object(parts, (mine, pred))
     else:
         parts = [(mine, pred)]
-    full = {k: np.zeros(len(records), dtype=v.dtype) for k, v in pred.items()}
+    full = {k: np.zeros((len(records), *v.shape[1:]), dtype=v.dtype) for k, v in pred.items()}
     for idx, p in parts:
         for k in full:
             full[k][idx] = p[k]
@@ -250,22 +257,85 @@ def nonfinite_note(records, pred):
     return f"{len(bad)} of {len(records)} records got a non-finite mu (first: {first}); the model outputs NaN or inf"
 
 
+def low_valid_note(records, pred, table, min_valid, max_new_tokens):
+    """None, or a line counting the records whose trace reached no score, when a row's valid fraction is
+    below min_valid: their mu is read at the trace's last token, so the table's numbers mislead."""
+    low = [dim for dim, row in table.items() if row["valid"] < min_valid]
+    if not low:
+        return None
+    missing = np.flatnonzero(~np.asarray(pred["valid"], dtype=bool))
+    first = ", ".join(repr(records[i]["id"]) for i in missing[:3])
+    return (f"{len(missing)} of {len(records)} records have no score in their trace within --max-new-tokens "
+            f"{max_new_tokens} (first: {first}); valid is below --min-valid {min_valid:g} in {', '.join(low)} "
+            f"(marked *): raise --max-new-tokens, or pass --min-valid 0 to accept the table")
+
+
+def write_predictions(path, records, pred):
+    """One JSON line per record, in the file's order: id, dimension, label, mu, sigma, the nine bin
+    probabilities (null where the scorer gives none, e.g. count-only), tokens and valid. A non-finite
+    number is written as null (JSON has no NaN)."""
+    def num(x):
+        x = float(x)
+        return x if np.isfinite(x) else None
+
+    probs = pred.get("probs")
+    with open(path + ".tmp", "w") as f:
+        for i, r in enumerate(records):
+            f.write(json.dumps({"id": r["id"], "dimension": r["dimension"], "score": r["score"],
+                                "mu": num(pred["mu"][i]), "sigma": num(pred["sigma"][i]),
+                                "probs": None if probs is None else [num(q) for q in probs[i]],
+                                "tokens": int(pred["n_tokens"][i]), "valid": bool(pred["valid"][i])}) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+COLUMNS = """\
+the table: a row per rubric dimension, then overall (all records); n records in each.
+  plcc        Pearson correlation of the predicted score mu (the expectation of the nine-bin
+              distribution) with the human label
+  srcc        Spearman rank correlation of mu with the label (tied values share their mean rank)
+  hpa         human preference accuracy (Eq. 17): over the pairs of records of one group (the
+              record's "group", else its prompt) and dimension whose labels differ, the fraction
+              that mu orders as the labels do; a tie in mu is a miss
+  margin_hpa  hpa over the pairs whose labels differ by more than 0.5
+  hpa_same_n  the synthetic world only (nan on other data): hpa over the pairs whose images hold
+              the same number of objects, where counting objects cannot order the pair
+  tokens      output tokens per scoring call: 1 in the direct and rewarddance modes; in reasoning
+              mode the trace, then the score token
+  valid       the fraction of records whose reasoning trace reached "Score: N" within
+              --max-new-tokens (1 in the one-token modes). A record without a score still counts
+              in every column, read at the trace's last token, so the table is only as good as
+              this fraction: a row below --min-valid is marked * and eval.py exits with status 3.
+exit status: 0 done; 1 a prediction of mu is NaN or inf (a corrupt or diverged model); 2 a user
+error (a flag, file or record, named in one line); 3 valid below --min-valid. With 1 or 3 the
+table is printed, --predictions written, and --json not (a summary must not take it in)."""
+
+
 def get_args(argv=None):
 
     p = argparse.ArgumentParser(description="score a JSONL with a score model and print PLCC / SRCC / HPA "
-                                            "(also: eval.py score | pairs | rollouts | summarize | curves)")
+                                            "(also: eval.py score | pairs | rollouts | summarize | curves)",
+                                epilog=COLUMNS, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", "--model", dest="ckpt", required=True,
                    help="a score-model .safetensors, a Hugging Face model folder or hub id (zero-shot), 'tiny' "
                         "(the untrained embedded model) or 'count-only' (the synthetic world's shortcut baseline)")
     p.add_argument("--data", required=True, help="labeled JSONL, or a --data folder (its test.jsonl)")
     p.add_argument("--mode", default=None, choices=["direct", "reasoning", "rewarddance"],
                    help="prompt mode; default: the checkpoint's own (direct for an HF model)")
-    p.add_argument("--batch-size", type=int, default=32, help="queries per forward")
-    p.add_argument("--max-new-tokens", type=int, default=96, help="reasoning mode: trace length budget")
-    p.add_argument("--limit", type=int, default=0, help="score only the first N records (0 = all)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--batch-size", type=common.positive_int, default=32, help="queries per forward")
+    p.add_argument("--max-new-tokens", type=common.positive_int, default=96,
+                   help="reasoning mode: trace length budget")
+    p.add_argument("--min-valid", type=common.fraction, default=0.9,
+                   help="the least fraction of traces that must reach a score (the valid column); below it the "
+                        "row is marked and the exit status is 3 (0 accepts any)")
+    p.add_argument("--limit", type=common.nonnegative_int, default=0, help="score only the first N records (0 = all)")
+    p.add_argument("--device", type=common.device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
     p.add_argument("--bf16", action="store_true", help="load the model in bfloat16 (a 27B model: 54 GB, not 108)")
-    p.add_argument("--json", default="", help="also write the table to this JSON file (for `eval.py summarize`)")
+    p.add_argument("--json", type=common.writable_file, default="",
+                   help="also write the table to this JSON file (for `eval.py summarize`)")
+    p.add_argument("--predictions", type=common.writable_file, default="",
+                   help="also write one JSON line per record to this file: id, dimension, label, mu, sigma, the "
+                        "nine bin probabilities (scores 1.0, 1.5, ..., 5.0), tokens and valid")
     p.add_argument("--method", default="", help="the method name recorded in --json")
     return p.parse_args(argv)
 
@@ -279,13 +349,16 @@ def rollouts_main(argv):
     p.add_argument("--against", default="", help="another checkpoint (e.g. the base): share of records whose "
                                                  "greedy trace differs between the two")
     p.add_argument("--data", required=True, help="labeled JSONL, or a --data folder (its test.jsonl)")
-    p.add_argument("--limit", type=int, default=128, help="records, evenly spaced through the file (0 = all)")
-    p.add_argument("--group", type=int, default=4, help="G: samples per record (gdso.py --group)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (gdso.py --temperature)")
-    p.add_argument("--max-new-tokens", type=int, default=96, help="trace length budget")
-    p.add_argument("--batch-size", type=int, default=32, help="records per generate call")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--limit", type=common.nonnegative_int, default=128,
+                   help="records, evenly spaced through the file (0 = all)")
+    p.add_argument("--group", type=common.positive_int, default=4, help="G: samples per record (gdso.py --group)")
+    p.add_argument("--temperature", type=common.nonnegative_float, default=1.0,
+                   help="sampling temperature (gdso.py --temperature)")
+    p.add_argument("--max-new-tokens", type=common.positive_int, default=96, help="trace length budget")
+    p.add_argument("--batch-size", type=common.positive_int, default=32, help="records per generate call")
+    p.add_argument("--seed", type=common.nonnegative_int, default=0, help="seed of the sampling")
+    p.add_argument("--device", type=common.device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
     p.add_argument("--bf16", action="store_true", help="load the models in bfloat16 (a 27B model: 54 GB, not 108)")
     args = p.parse_args(argv)
     path = args.data if os.path.isfile(args.data) else common.data_files(args.data, "test.jsonl")[0]
@@ -537,11 +610,17 @@ def main(argv=None):
         common.check_context(model, records, mode, args.max_new_tokens if mode == "reasoning" else 1)
         pred = predict(model, records, mode, args.batch_size, args.max_new_tokens)
     table = table_from_predictions(records, pred)
-    print(format_table(table, f"{args.ckpt} on {path} ({mode} mode)"))
+    print(format_table(table, f"{args.ckpt} on {path} ({mode} mode)", min_valid=args.min_valid))
+    if args.predictions:
+        write_predictions(args.predictions, records, pred)
     note = nonfinite_note(records, pred)
     if note:  # no JSON: a table of NaN predictions must not enter a summary
         print(f"error: {note}", file=sys.stderr)
         raise SystemExit(1)
+    note = low_valid_note(records, pred, table, args.min_valid, args.max_new_tokens)
+    if note:  # nor one that reads most of its scores off traces that never gave one
+        print(f"error: {note}", file=sys.stderr)
+        raise SystemExit(3)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"method": args.method or mode, "table": table}, f, indent=1)

@@ -451,7 +451,7 @@ def print_step(step, rollouts, inner_logs, timer, world, device):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="GDSO teacher training (and the GRPO / parsed-reward baselines)")
-    p.add_argument("--init", default="assets/tiny_base.safetensors",
+    p.add_argument("--init", default=common.asset("tiny_base.safetensors"),
                    help="start from this score-model .safetensors (the tiny base by default)")
     p.add_argument("--model", default="",
                    help="instead of --init: an HF folder / hub id (e.g. Qwen/Qwen3.5-27B), or 'tiny'")
@@ -472,37 +472,42 @@ def get_args(argv=None):
                    help="grpo = expectation reward only, alphas forced to 0")
     p.add_argument("--reward-from", default="expectation", choices=["expectation", "parsed"],
                    help="reward from mu, or from the score written in the trace (ablation)")
-    p.add_argument("--ref-reset-every", type=int, default=20,
+    p.add_argument("--ref-reset-every", type=common.positive_int, default=20,
                    help="M: steps per outer iteration; pi_ref <- pi_theta at each start")
-    p.add_argument("--pairs", type=int, default=8, help="pairs per step (global)")
-    p.add_argument("--group", type=int, default=4, help="G: samples per side")
-    p.add_argument("--inner-steps", type=int, default=2, help="K_gdso: gradient steps per sampled batch")
-    p.add_argument("--micro-pairs", type=int, default=8,
+    p.add_argument("--pairs", type=common.positive_int, default=8, help="pairs per step (global)")
+    p.add_argument("--group", type=common.int_at_least(2, "the advantages of Eq. 3 compare each sample with its "
+                                                          "group's mean: with G = 1 every advantage is 0"),
+                   default=4, help="G: samples per side")
+    p.add_argument("--inner-steps", type=common.positive_int, default=2,
+                   help="K_gdso: gradient steps per sampled batch")
+    p.add_argument("--micro-pairs", type=common.positive_int, default=8,
                    help="pairs per forward per rank (gradient accumulation over the rest)")
-    p.add_argument("--clip-eps", type=float, default=0.2, help="PPO ratio clip")
-    p.add_argument("--beta", type=float, default=0.02, help="KL(pi || pi_ref) weight; 0 skips the reference model")
-    p.add_argument("--adv-eps", type=float, default=1e-4, help="eps in the advantage denominator")
-    p.add_argument("--lambda-pt", type=float, default=1.0, help="weight of the pointwise reward (Eq. 13)")
-    p.add_argument("--lambda-pw", type=float, default=1.0, help="weight of the pairwise reward (Eq. 13)")
-    p.add_argument("--alpha-pt", type=float, default=0.5, help="weight of the direct CE loss L_pt (Eq. 14)")
-    p.add_argument("--alpha-pw", type=float, default=1.0, help="weight of the direct gap loss L_pw (Eq. 14)")
+    p.add_argument("--clip-eps", type=common.positive_float, default=0.2, help="PPO ratio clip")
+    p.add_argument("--beta", type=common.nonnegative_float, default=0.02,
+                   help="KL(pi || pi_ref) weight; 0 skips the reference model")
+    p.add_argument("--adv-eps", type=common.positive_float, default=1e-4, help="eps in the advantage denominator")
+    p.add_argument("--lambda-pt", type=common.nonnegative_float, default=1.0,
+                   help="weight of the pointwise reward (Eq. 13)")
+    p.add_argument("--lambda-pw", type=common.nonnegative_float, default=1.0,
+                   help="weight of the pairwise reward (Eq. 13)")
+    p.add_argument("--alpha-pt", type=common.nonnegative_float, default=0.5,
+                   help="weight of the direct CE loss L_pt (Eq. 14)")
+    p.add_argument("--alpha-pw", type=common.nonnegative_float, default=1.0,
+                   help="weight of the direct gap loss L_pw (Eq. 14)")
     p.add_argument("--full-vocab-ce", action=argparse.BooleanOptionalAction, default=True,
                    help="L_pt as -log p(label bin token) over the whole vocabulary (default) instead of over the K "
                         "bins only")
-    p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
-    p.add_argument("--max-new-tokens", type=int, default=64,
+    p.add_argument("--temperature", type=common.nonnegative_float, default=1.0,
+                   help="rollout sampling temperature (0 = greedy)")
+    p.add_argument("--max-new-tokens", type=common.positive_int, default=64,
                    help="trace length budget; no score token by then = malformed")
     p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the vision tower frozen (default)")
-    p.add_argument("--micro-samples", type=int, default=0,
+    p.add_argument("--micro-samples", type=common.nonnegative_int, default=0,
                    help="S: forward and backward each micro-batch's 2 x micro-pairs x G samples in chunks of S "
                         "(activations for S sequences), same gradient; 0 = all at once. With --alpha-pw > 0, "
                         "one extra no-grad forward per micro-batch and update (L_pw couples all samples)")
-    args = p.parse_args(argv)
-    if args.steps < 1:
-        p.error(f"--steps must be at least 1 (got {args.steps}): a run of no steps would write nothing")
-    if args.micro_samples < 0:
-        p.error(f"--micro-samples must be 0 (all at once) or a number of samples (got {args.micro_samples})")
+    args = p.parse_args(argv)  # every value is checked by its type (common.RUN_FLAGS, the ones above)
     if args.method == "grpo":
         args.alpha_pt = args.alpha_pw = 0.0
     return args
@@ -514,6 +519,7 @@ def load_data(args, rank, world):
 
     train_file, test_file = common.data_files(args.data, "train.jsonl", "test.jsonl")
     train, test = common.load_records(train_file), common.load_records(test_file)
+    common.warn_overlap(train, test, train_file, test_file)
     test = test[:args.eval_limit] if args.eval_limit else test
     pairs = make_pairs(train)
     common.check_batch(len(pairs), args.pairs, "--pairs", f"same-prompt pairs with different labels in {train_file}",
@@ -529,6 +535,7 @@ def load_models(args, device, train, test):
     host memory; its weights become pi_theta's at the first step (main copies them, --resume reads them).
     """
     model = common.load_model(args.model or args.init, seed=args.seed, meta=common.sharded(args.fsdp))
+    common.check_resume_model(args, model, f"--model {args.model}" if args.model else f"--init {args.init}")
     common.check_context(model, train, "reasoning", args.max_new_tokens)
     common.check_context(model, test, "reasoning", args.max_new_tokens)
     if args.freeze_vision:

@@ -65,9 +65,9 @@ from torch.utils.checkpoint import checkpoint
 import common
 import tiny_world
 from data import DIMENSIONS, gsb
-from model import GENERATOR_FORMAT, ScoreModel, read_checkpoint
+from model import GENERATOR_FORMAT, read_checkpoint
 
-DEFAULT_INIT = "assets/tiny_gen.safetensors"  # the shipped tiny generator (--stage pretrain makes it)
+DEFAULT_INIT = common.asset("tiny_gen.safetensors")  # the shipped tiny generator (--stage pretrain makes it)
 STAGE_DEFAULTS = {"finetune": dict(steps=60, batch_size=16, lr=2e-4, warmup=5, grid_every=20),
                   "pretrain": dict(steps=2000, batch_size=32, lr=2e-3, warmup=20, grid_every=100)}
 # pretraining noise levels: logit-normal(0.5, 1), tilted toward the noisy end where the prompt decides the layout
@@ -289,7 +289,7 @@ def build_generator(args, device):
         if args.stage == "pretrain":
             gen = tiny_world.TinyGenerator.fresh(args.seed, width=args.width, depth=args.depth, heads=args.heads, patch=args.patch)
         else:
-            gen = tiny_world.TinyGenerator.load(args.init)
+            gen = load_tiny(args.init, "--init")
             if args.train_params == "blocks":
                 # only the transformer blocks move: the pixel-facing layers stay frozen, else a
                 # universal adversarial texture for the student is one output bias away
@@ -297,14 +297,27 @@ def build_generator(args, device):
                 gen.blocks.requires_grad_(True)
         gen.to(device)
     else:
-        if args.stage == "pretrain":
-            raise SystemExit("--stage pretrain trains the embedded tiny generator; "
-                             "a real one brings its own pretraining")
         gen = DiffusersGenerator(args.generator, args.lora_rank, args.resolution,
                                  torch.bfloat16 if args.bf16 else torch.float32, device, seed=args.seed)
-        if args.init and args.init != DEFAULT_INIT:  # a LoRA written by an earlier run, for this base
-            gen.load_state_dict(gen.read_lora(args.init), strict=False)
+        if args.init and os.path.abspath(args.init) != DEFAULT_INIT:  # a LoRA an earlier run wrote, for this base
+            gen.load_state_dict(read_lora(gen, args.init, "--init"), strict=False)
     return gen, (gen.frozen_copy() if args.stage == "finetune" else None)
+
+
+def load_tiny(path, flag):
+    """A tiny generator checkpoint; a file that is not one, or whose bytes changed, is a user error."""
+    try:
+        return tiny_world.TinyGenerator.load(path)
+    except (ValueError, FileNotFoundError) as e:
+        common.fail(f"{flag}: {e}")
+
+
+def read_lora(gen, path, flag):
+    """A LoRA file for this base pipeline (DiffusersGenerator.read_lora), or a user error naming it."""
+    try:
+        return gen.read_lora(path)
+    except (ValueError, FileNotFoundError) as e:
+        common.fail(f"{flag}: {e}")
 
 
 # -----------------------------------------------------------------------------
@@ -385,13 +398,17 @@ class Rollout(nn.Module):
 
 
 def parse_weights(dimensions, weights):
+    """--dimensions and --weights -> {dimension: weight}; a ValueError names what is wrong."""
     dims = [d.strip() for d in dimensions.split(",") if d.strip()]
     unknown = [d for d in dims if d not in DIMENSIONS]
     if not dims or unknown:
-        raise SystemExit(f"--dimensions: unknown {unknown} (choose from {DIMENSIONS})")
-    w = [float(x) for x in weights.split(",")] if weights else [1.0] * len(dims)
-    if len(w) != len(dims) or any(x < 0 for x in w) or sum(w) <= 0:
-        raise SystemExit(f"--weights needs {len(dims)} non-negative numbers with a positive sum, got {weights!r}")
+        raise ValueError(f"--dimensions: unknown {unknown} (choose from {DIMENSIONS})")
+    try:
+        w = [float(x) for x in weights.split(",")] if weights else [1.0] * len(dims)
+    except ValueError:
+        w = []
+    if len(w) != len(dims) or not all(np.isfinite(x) and x >= 0 for x in w) or sum(w) <= 0:
+        raise ValueError(f"--weights needs {len(dims)} non-negative numbers with a positive sum, got {weights!r}")
     return dict(zip(dims, w))
 
 
@@ -663,39 +680,68 @@ def get_args(argv=None):
                              "--eval-every": "held-out GSB",
                              "--seed": "init, prompts, noise and data order",
                              "--bf16": "the generator's compute; the frozen student and judge: bf16 weights; the ODE state stays fp32",
-                         })
-    p.add_argument("--sample-steps", type=int, default=10, help="Euler steps from noise to image")
-    p.add_argument("--grad-steps", type=int, default=2, help="K: denoising steps that keep the graph (1 = ReFL)")
-    p.add_argument("--stop-range", type=int, default=2,
+                         }, types={"--steps": common.nonnegative_int})
+    p.add_argument("--sample-steps", type=common.positive_int, default=10, help="Euler steps from noise to image")
+    p.add_argument("--grad-steps", type=common.positive_int, default=2,
+                   help="K: denoising steps that keep the graph (1 = ReFL)")
+    p.add_argument("--stop-range", type=common.positive_int, default=2,
                    help="the rollout stops at a random step among the last N (1 = always the full chain)")
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="gradient checkpointing over the kept steps")
-    p.add_argument("--reg", type=float, default=20.0, help="beta: weight of the velocity-matching (KL) regulariser "
-                                                           "to the frozen starting generator")
+    p.add_argument("--reg", type=common.nonnegative_float, default=20.0,
+                   help="beta: weight of the velocity-matching (KL) regulariser to the frozen starting generator")
     p.add_argument("--pretrain-data", default="clean", choices=["clean", "world"],
                    help="pretrain on the prompt-faithful candidates (defects of the other dimensions included) "
                         "or on all")
-    p.add_argument("--width", type=int, default=128, help="tiny generator: transformer width")
-    p.add_argument("--depth", type=int, default=4, help="tiny generator: transformer blocks")
-    p.add_argument("--heads", type=int, default=4, help="tiny generator: attention heads")
-    p.add_argument("--patch", type=int, default=8, help="tiny generator: patch side in pixels")
+    p.add_argument("--width", type=common.positive_int, default=128, help="tiny generator: transformer width")
+    p.add_argument("--depth", type=common.positive_int, default=4, help="tiny generator: transformer blocks")
+    p.add_argument("--heads", type=common.positive_int, default=4, help="tiny generator: attention heads")
+    p.add_argument("--patch", type=common.positive_int, default=8, help="tiny generator: patch side in pixels")
     p.add_argument("--train-params", default="blocks", choices=["blocks", "all"],
                    help="tiny generator, finetune: train only the transformer blocks, or every parameter")
-    p.add_argument("--lora-rank", type=int, default=16, help="diffusers generator: LoRA rank")
-    p.add_argument("--resolution", type=int, default=512, help="diffusers generator: image side in pixels")
-    p.add_argument("--eval-prompts", type=int, default=0,
+    p.add_argument("--lora-rank", type=common.positive_int, default=16, help="diffusers generator: LoRA rank")
+    p.add_argument("--resolution", type=common.positive_int, default=512,
+                   help="diffusers generator: image side in pixels")
+    p.add_argument("--eval-prompts", type=common.nonnegative_int, default=0,
                    help="held-out prompts per evaluation (0 = all of the test split)")
-    p.add_argument("--eval-samples", type=int, default=4, help="noise seeds per held-out prompt")
-    p.add_argument("--same-margin", type=float, default=0.1,
+    p.add_argument("--eval-samples", type=common.positive_int, default=4, help="noise seeds per held-out prompt")
+    p.add_argument("--same-margin", type=common.nonnegative_float, default=0.1,
                    help="GSB: a score difference within this counts as 'same'")
-    p.add_argument("--grid-every", type=int, default=None, help="write the before/after grid every N steps and at "
-                                                                "the end (default: finetune 20, pretrain 100)")
-    p.add_argument("--grid-prompts", type=int, default=8, help="fixed held-out prompts in the grid")
-    args = p.parse_args(argv)
+    p.add_argument("--grid-every", type=common.positive_int, default=None,
+                   help="write the before/after grid every N steps and at the end (default: finetune 20, pretrain 100)")
+    p.add_argument("--grid-prompts", type=common.nonnegative_int, default=8,
+                   help="fixed held-out prompts in the grid")
+    args = p.parse_args(argv)  # every value is checked by its type (common.RUN_FLAGS, the ones above)
     for k, v in STAGE_DEFAULTS[args.stage].items():  # what was not given takes its stage's default
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.stage == "pretrain" and args.generator != "tiny":
+        p.error("--stage pretrain trains the embedded tiny generator; a real one brings its own pretraining")
+    if args.stage == "finetune" and not args.reward:
+        p.error("--reward: the student score-model .safetensors that gives the reward is required")
+    if args.stop_range > args.sample_steps:
+        p.error(f"--stop-range {args.stop_range} is more than --sample-steps {args.sample_steps}: the rollout stops "
+                f"at one of the last --stop-range steps of the chain")
+    try:
+        parse_weights(args.dimensions, args.weights)
+    except ValueError as e:
+        p.error(str(e))
     return args
+
+
+def check_files(args):
+    """The files the flags name, before any data or model loads, each a one-line error when missing
+    (the default --init is found from the repository, wherever the script runs)."""
+    if args.stage != "finetune":
+        return
+    for spec in (args.reward, args.judge):
+        if spec and spec != "tiny":
+            common.check_model_spec(spec)
+    lora = args.generator != "tiny"
+    for flag, path in (("--init", args.init), ("--baseline", args.baseline)):
+        if path and not (lora and flag == "--init" and os.path.abspath(path) == DEFAULT_INIT) \
+                and not os.path.isfile(path):
+            common.fail(f"{flag} {path}: no such file (a {'LoRA' if lora else 'tiny generator'} .safetensors)")
 
 
 def load_prompts(data):
@@ -711,9 +757,9 @@ def load_baseline(args, gen, ref, device):
     if args.stage != "finetune" or not args.baseline:
         return ref
     if args.generator == "tiny":
-        baseline = tiny_world.TinyGenerator.load(args.baseline)
+        baseline = load_tiny(args.baseline, "--baseline")
     else:  # a LoRA baseline runs on the trained generator's own pipeline, with its adapter swapped in
-        baseline = gen.frozen_copy(gen.read_lora(args.baseline))
+        baseline = gen.frozen_copy(read_lora(gen, args.baseline, "--baseline"))
     return baseline.to(device).eval().requires_grad_(False)
 
 
@@ -721,11 +767,9 @@ def load_score_models(args, device):
     """Fine-tuning: (the student that gives the reward, the teacher that judges or None), frozen; else None, None."""
     if args.stage != "finetune":
         return None, None
-    if not args.reward:
-        raise SystemExit("--reward: the student score-model .safetensors that gives the reward is required")
     dtype = torch.bfloat16 if args.bf16 else None
-    student = ScoreModel.load(args.reward, dtype=dtype).to(device).eval().requires_grad_(False)
-    teacher = ScoreModel.load(args.judge, dtype=dtype).to(device).eval().requires_grad_(False) if args.judge else None
+    student = common.load_model(args.reward, dtype=dtype).to(device).eval().requires_grad_(False)
+    teacher = common.load_model(args.judge, dtype=dtype).to(device).eval().requires_grad_(False) if args.judge else None
     if student.metadata.get("mode", "direct") != "direct":
         common.print0(f"note: {args.reward} was trained in {student.metadata.get('mode')} mode; "
                       f"its direct-mode score is the reward")
@@ -760,12 +804,17 @@ def print_header(args, gen, weights, world, micro, accum):
 
 def main(argv=None):
     args = get_args(argv)
+    check_files(args)
     rank, world, device = common.dist_init()
     common.check_resume(args)  # before any model loads: what --resume continues, and with which flags
     common.seed_all(args.seed + rank)
     weights = parse_weights(args.dimensions, args.weights)
     train_prompts, test_prompts = load_prompts(args.data)
+    if args.stage == "finetune":  # a batch larger than the prompts, before any model loads
+        common.check_batch(len(train_prompts), args.batch_size, "--batch-size", "distinct training prompts", world)
     gen, ref = build_generator(args, device)
+    common.check_resume_model(args, gen, f"--init {args.init}" if args.stage == "finetune" and args.generator == "tiny"
+                        else f"--generator {args.generator}")
     baseline = load_baseline(args, gen, ref, device)
     student, teacher = load_score_models(args, device)
     micro, accum = common.split_batch(args.batch_size, args.micro_batch, world)

@@ -218,7 +218,7 @@ def teacher_cache(args, teacher, records, rank, world, device):
         try:
             q, ok = read_cache(args.cache, key)
         except ValueError as e:
-            raise SystemExit(str(e))
+            common.fail(str(e))
         common.print0(f"reusing teacher cache {args.cache} ({int(ok.sum())} / {len(records)} records valid)")
         return q, ok, teacher_sha
     timer = common.Timer()
@@ -354,10 +354,10 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="RISD student distillation from a reasoning teacher (and the OPD baseline)")
     p.add_argument("--teacher", required=True,
                    help="the frozen teacher: a reasoning-mode score-model .safetensors (e.g. from gdso.py)")
-    p.add_argument("--student", default="assets/tiny_student_base.safetensors",
+    p.add_argument("--student", default=common.asset("tiny_student_base.safetensors"),
                    help="student init: a score-model .safetensors (default: the tiny student base, a third of the "
                         "teacher's size), 'tiny', or an HF folder / hub id")
-    common.add_run_flags(p, {"--data": "runs/world", "--out": "", "--steps": 300, "--batch-size": 32,
+    common.add_run_flags(p, {"--data": "runs/world", "--out": None, "--steps": 300, "--batch-size": 32,
                          "--micro-batch": 32, "--lr": None, "--warmup": 30, "--weight-decay": 0.01, "--clip": 1.0,
                          "--eval-every": 100, "--eval-limit": 512, "--save-every": 100, "--resume": False,
                          "--stop-after": 0, "--seed": 0, "--bf16": False, "--fsdp": False,
@@ -369,41 +369,48 @@ def get_args(argv=None):
                              "--lr": "default 1e-3 for RISD, 2e-4 for OPD",
                              "--seed": "data order and online sampling",
                              "--bf16": "the teacher: bf16 weights",
-                         })
+                         }, types={"--steps": common.nonnegative_int})
     p.add_argument("--unlabeled", default="",
                    help="JSONL of (id, prompt, image, dimension) to distill on (default: --data's unlabeled.jsonl, "
                         "else its train.jsonl, labels ignored)")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N unlabeled records (0 = all)")
+    p.add_argument("--limit", type=common.nonnegative_int, default=0,
+                   help="use only the first N unlabeled records (0 = all)")
     p.add_argument("--opd", action="store_true",
                    help="the on-policy distillation baseline (Eqs. 18-19) instead of RISD")
     p.add_argument("--cache", default="",
                    help="RISD: compute q_T once into this safetensors file and reuse it (default: online, in the loop)")
     p.add_argument("--rebuild-cache", action="store_true",
                    help="overwrite a --cache built with another teacher or other settings")
-    p.add_argument("--traces", type=int, default=1,
+    p.add_argument("--traces", type=common.positive_int, default=1,
                    help="M: q_T is the mean over M sampled teacher traces (the paper: 1)")
-    p.add_argument("--teacher-temperature", type=float, default=1.0,
+    p.add_argument("--teacher-temperature", type=common.nonnegative_float, default=1.0,
                    help="teacher trace sampling temperature (0 = greedy)")
-    p.add_argument("--teacher-seed", type=int, default=0,
+    p.add_argument("--teacher-seed", type=common.nonnegative_int, default=0,
                    help="seed of the teacher's sampling when building --cache (part of its key)")
-    p.add_argument("--temperature", type=float, default=1.0, help="OPD: student rollout sampling temperature")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="trace length budget (teacher traces; OPD rollouts)")
+    p.add_argument("--temperature", type=common.nonnegative_float, default=1.0,
+                   help="OPD: student rollout sampling temperature")
+    p.add_argument("--max-new-tokens", type=common.positive_int, default=64,
+                   help="trace length budget (teacher traces; OPD rollouts)")
     p.add_argument("--eval-teacher", action="store_true",
                    help="also evaluate the teacher (reasoning, greedy) once at the start")
     p.add_argument("--throughput", action="store_true",
                    help="only measure images/s of the student (direct) vs the teacher (reasoning) and exit")
     p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the student's vision tower frozen (default)")
-    args = p.parse_args(argv)
+    args = p.parse_args(argv)  # every value is checked by its type (common.RUN_FLAGS, the ones above)
     if args.steps < 1 and not args.throughput:
-        p.error(f"--steps must be at least 1 (got {args.steps}): a run of no steps would write nothing")
+        p.error(f"argument --steps: must be at least 1, got {args.steps} (0 only with --throughput)")
     args.method = "opd" if args.opd else "risd"
     args.lr = args.lr if args.lr is not None else (2e-4 if args.opd else 1e-3)
-    args.out = args.out or f"runs/{args.method}.safetensors"
+    if args.out is None:  # the default depends on --opd: checked as a given --out is
+        try:
+            args.out = common.checkpoint_path(f"runs/{args.method}.safetensors")
+        except argparse.ArgumentTypeError as e:
+            p.error(f"argument --out: {e}")
     if args.opd and args.cache:
         p.error("--cache holds RISD's q_T; OPD scores the student's own fresh samples, online")
-    if args.traces < 1:
-        p.error("--traces must be at least 1")
+    if not args.teacher.endswith(".safetensors"):
+        p.error(f"--teacher must be a score-model .safetensors checkpoint, got {args.teacher!r}")
     return args
 
 
@@ -424,6 +431,7 @@ def load_data(args, world):
                for r in common.load_records(unlabeled_file, labeled=False)]
     records = records[:args.limit] if args.limit else records
     test = common.load_records(test_file)
+    common.warn_overlap(records, test, unlabeled_file, test_file)
     test = test[:args.eval_limit] if args.eval_limit else test
     if not args.throughput:
         common.check_batch(len(records), args.batch_size, "--batch-size", f"unlabeled records in {unlabeled_file}",
@@ -435,12 +443,12 @@ def load_teacher(path, dtype=None, meta=False):
     """The frozen teacher; refused unless it is a reasoning-mode score-model checkpoint. meta: built
     on the meta device, each rank filling only its shard when it is sharded (common.load_model)."""
     if not str(path).endswith(".safetensors"):
-        raise SystemExit(f"--teacher must be a score-model .safetensors checkpoint, got {path!r}")
+        common.fail(f"--teacher must be a score-model .safetensors checkpoint, got {path!r}")
     teacher = common.load_model(path, dtype=dtype, meta=meta)
     mode = teacher.metadata.get("mode")
     if mode != "reasoning":
-        raise SystemExit(f"--teacher {path} is a {mode!r}-mode checkpoint; RISD / OPD distill a reasoning-mode "
-                         f"teacher (one written by gdso.py or tiny_base.py)")
+        common.fail(f"--teacher {path} is a {mode!r}-mode checkpoint; RISD / OPD distill a reasoning-mode "
+                    f"teacher (one written by gdso.py or tiny_base.py)")
     return teacher
 
 
@@ -450,11 +458,12 @@ def load_models(args, records, test, student_mode, meta):
     dtype = torch.bfloat16 if args.bf16 else None  # the frozen teacher may keep bf16 weights
     teacher = load_teacher(args.teacher, dtype, meta)
     student = common.load_model(args.student, seed=args.seed, meta=meta)  # fp32 master weights; --bf16 is compute only
+    common.check_resume_model(args, student, f"--student {args.student}")
     if args.opd:
         try:
             check_same_tokenizer(teacher, student)
         except ValueError as e:
-            raise SystemExit(str(e))
+            common.fail(str(e))
     student_answer = args.max_new_tokens if args.opd else 1  # a trace, or the one score token
     common.check_context(teacher, records, "reasoning", args.max_new_tokens)
     common.check_context(student, records, student_mode, student_answer)

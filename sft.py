@@ -52,7 +52,7 @@ def build_parser(description, stage_flag=True):
     if stage_flag:
         p.add_argument("--stage", default="sft", choices=list(STAGES),
                        help="sft: direct score CE; rewarddance: score CE + post-hoc rationale loss")
-        p.add_argument("--rationale-weight", type=float, default=1.0,
+        p.add_argument("--rationale-weight", type=common.nonnegative_float, default=1.0,
                        help="rewarddance: weight of the rationale's per-token loss beside the score CE")
     p.add_argument("--model", default="tiny", help="'tiny', an HF folder / hub id, or a score-model .safetensors")
     p.add_argument("--init", default="", help="start from this score-model .safetensors (overrides --model)")
@@ -64,24 +64,16 @@ def build_parser(description, stage_flag=True):
                          notes={"--data": "train.jsonl and test.jsonl", "--batch-size": "samples"})
     p.add_argument("--holdout", default="", help="a JSONL whose prompts are dropped from the training data "
                                                  "(e.g. a test split whose prompts must stay unseen)")
-    p.add_argument("--vision-lr-mult", type=float, default=1.0,
+    p.add_argument("--vision-lr-mult", type=common.positive_float, default=1.0,
                    help="lr multiplier for the vision tower (with --no-freeze-vision)")
     p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the vision tower frozen (default)")
     return p
 
 
-def check_args(p, args):
-    if args.steps < 1:
-        p.error(f"--steps must be at least 1 (got {args.steps}): a run of no steps would write nothing")
-    if getattr(args, "rationale_weight", 0) < 0:
-        p.error(f"--rationale-weight must be >= 0 (got {args.rationale_weight})")
-    return args
-
-
 def get_args(argv=None):
     p = build_parser("SFT baseline (direct score token) and the RewardDance baseline")
-    return check_args(p, p.parse_args(argv))
+    return p.parse_args(argv)  # every value is checked by its type (common.RUN_FLAGS)
 
 
 # -----------------------------------------------------------------------------
@@ -119,6 +111,7 @@ def load_data(args):
         held = {r["prompt"] for r in common.load_records(args.holdout, labeled=False)}
         train = [r for r in train if r["prompt"] not in held]
         common.print0(f"held out {len(held)} prompts of {args.holdout}: {len(train)} training records left")
+    common.warn_overlap(train, test, train_file, test_file)
     if args.eval_limit:
         test = test[:args.eval_limit]
     return train_file, train, test
@@ -132,6 +125,7 @@ def load_checked_model(args, stage, items, train, test):
     """The score model to train, checked against the data: every training answer and test query fits its context."""
     # fp32 master weights (--bf16 is compute only); under FSDP2 built on meta, each rank reads only its shard
     model = common.load_model(args.init or args.model, seed=args.seed, meta=common.sharded(args.fsdp))
+    common.check_resume_model(args, model, f"--init {args.init}" if args.init else f"--model {args.model}")
     stage.check_model(model)
     # the longest answer must fit when training; scoring reads one token, or a trace (tiny_base.py)
     common.check_context(model, train, stage.mode, stage.answer_len(model, items))

@@ -57,7 +57,7 @@ class Base(sft.Stage):
         """One captioning item per image, one reasoning item per (image, dimension) with its trace, and
         --direct-items one-token items per record (--direct-only: those alone)."""
         if not all("trace" in r for r in train):
-            raise SystemExit(f"{train_file} has records without a 'trace': tiny_base.py needs the synthetic world")
+            common.fail(f"{train_file} has records without a 'trace': tiny_base.py needs the synthetic world")
         if args.direct_only and not any(args.direct_items.values()):
             common.fail("--direct-only trains the one-token items alone: give --direct-items K (K >= 1)")
         items = [("direct", r, None) for r in train for _ in range(args.direct_items.get(r["dimension"], 0))]
@@ -69,8 +69,8 @@ class Base(sft.Stage):
 
     def check_model(self, model):
         if model.source != "tiny":
-            raise SystemExit("tiny_base.py pretrains the embedded tiny model; real models start from their own "
-                             "pretraining")
+            common.fail("tiny_base.py pretrains the embedded tiny model; real models start from their own "
+                        "pretraining")
 
     def answer_len(self, model, items):
         return TRACE_TOKENS
@@ -122,7 +122,7 @@ def get_args(argv=None):
                    help="train the one-token items alone, no captions or traces")
     # a language model from scratch wants a larger lr and more steps than sft.py's defaults
     p.set_defaults(steps=2400, lr=3e-3, out="runs/base.safetensors")
-    args = sft.check_args(p, p.parse_args(argv))
+    args = p.parse_args(argv)
     args.stage = "base"  # what the checkpoint records as its stage
     return args
 

@@ -1222,7 +1222,32 @@ def get_args(argv=None):
     p.add_argument("--ckpt", required=True, help="score-model .safetensors")
     p.add_argument("--data", default="runs/world/test.jsonl", help="a world JSONL (records carry their scene)")
     p.add_argument("--limit", type=int, default=256, help="records to check (0 = all)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser, args):
+    """Every value before anything is rendered or built: a count of 0 renders empty files, a negative
+    one or a NaN stops deep inside numpy or torch. (Written out here: common.py's argparse types live
+    in a module that imports this one.)"""
+    least = {"n": 1, "candidates": 1, "annotators": 1, "seed": 0, "steps": 1, "limit": 0}
+    for name, low in least.items():
+        if getattr(args, name, low) < low:
+            parser.error(f"argument --{name}: must be at least {low}, got {getattr(args, name)}")
+    for name in ("noise", "lr"):
+        x = getattr(args, name, 1.0)
+        if not math.isfinite(x) or x < 0 or (name == "lr" and x == 0):
+            parser.error(f"argument --{name}: must be a finite number {'above' if name == 'lr' else 'of at least'} 0, "
+                         f"got {x}")
+    if args.cmd == "render":
+        if not 0 <= args.test_frac < 1:
+            parser.error(f"argument --test-frac: must be at least 0 and below 1, got {args.test_frac}")
+        if args.test_frac > 0 and min(args.n - 1, round(args.n * args.test_frac)) < 1:  # make_world's split
+            parser.error(f"--n {args.n} with --test-frac {args.test_frac:g} holds out no prompt, so test.jsonl "
+                         f"would be empty: raise --n or --test-frac (--test-frac 0: a world without a test split)")
+    if args.cmd == "tower" and not args.out.endswith(".safetensors"):
+        parser.error(f"argument --out: {args.out!r} must end in .safetensors")
 
 
 def tower_stage(args):

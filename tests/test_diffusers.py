@@ -349,14 +349,18 @@ def test_script_end_to_end_resume_and_files(folders, family, files, tmp_path, ca
     other = save_tiny_pipeline(family, tmp_path / "other", seed=1)
     with pytest.raises(ValueError, match="refused"):
         build(other).read_lora(str(a))
-    with pytest.raises(ValueError, match="refused"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # a user error: one line, exit status 2
         reward_ft.main(argv_for(other, files, tmp_path / "d.safetensors", init=a, steps=1))
-    # as --resume: the changed --generator first (before any pipeline loads), then, overridden, the LoRA itself
-    with pytest.raises(SystemExit):
+    assert e.value.code == 2 and "refused" in capsys.readouterr().err
+    # as --resume: the changed --generator is refused first (before any pipeline loads); overridden, the LoRA itself
+    with pytest.raises(SystemExit) as e:
         reward_ft.main(argv_for(other, files, b, steps=3, resume=True))
-    assert "--generator" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="refused"):
+    assert e.value.code == 2 and "--generator" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
         reward_ft.main(argv_for(other, files, b, steps=3, resume=True, resume_override="generator"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "cannot resume" in err and "base_fingerprint" in err, err
     with pytest.raises(ValueError, match="do not fit"):  # the same base with another rank
         build(folder, rank=2).read_lora(str(a))
 

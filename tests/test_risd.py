@@ -277,11 +277,12 @@ def test_a_mismatched_tokenizer_is_refused(base, world, tmp_path):
 
 
 @needs_base
-def test_a_direct_mode_teacher_is_refused(base, tmp_path):
+def test_a_direct_mode_teacher_is_refused(base, tmp_path, capsys):
     path = str(tmp_path / "direct.safetensors")
     base.save(path, mode="direct", stage="sft")
-    with pytest.raises(SystemExit, match="reasoning-mode teacher"):
+    with pytest.raises(SystemExit) as e:
         load_teacher(path)
+    assert e.value.code == 2 and "reasoning-mode teacher" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------
