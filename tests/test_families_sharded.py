@@ -15,50 +15,10 @@ import sys
 
 import torch
 
+from conftest import qwen2_5_vl, qwen3_vl
 from tiny_world import build_tiny_tokenizer, tiny_image_processor, tiny_score_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _special_ids(tok):
-    return {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
-                                                      "<|vision_end|>")}
-
-
-def qwen3_vl(tok):
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    ids = _special_ids(tok)
-    cfg = Qwen3VLConfig(
-        text_config=dict(vocab_size=64 * (len(tok) // 64 + 1), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2],
-                                              mrope_interleaved=True), tie_word_embeddings=True),
-        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16,
-                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
-                           num_position_embeddings=64, deepstack_visual_indexes=[1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
-    return Qwen3VLForConditionalGeneration(cfg).eval()
-
-
-def qwen2_5_vl(tok):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    ids = _special_ids(tok)
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=64 * (len(tok) // 64 + 1), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
-                         tie_word_embeddings=False),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
-                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, window_size=64,
-                           fullatt_block_indexes=[1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False)
-    return Qwen2_5_VLForConditionalGeneration(cfg).eval()
 
 
 # rank 1 of 2 (fake process group): every parameter's shard equals its rows of the unsharded load

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import tiny_world
+from conftest import qwen3_vl
 from model import BINS, DIMENSIONS, ScoreModel, preprocess_differentiable, read_checkpoint, write_checkpoint
 from tiny_world import build_tiny_tokenizer, tiny_image_processor
 
@@ -238,30 +239,10 @@ def test_load_refuses_other_models(tiny, tmp_path):
         ScoreModel.load(tmp_path / "absent.safetensors")
 
 
-def _qwen3_vl(tok):
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
-                                                    "<|vision_end|>")}
-    cfg = Qwen3VLConfig(
-        text_config=dict(vocab_size=64 * (len(tok) // 64 + 1), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2],
-                                              mrope_interleaved=True), tie_word_embeddings=True),
-        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16,
-                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
-                           num_position_embeddings=64, deepstack_visual_indexes=[1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
-    torch.manual_seed(0)
-    return Qwen3VLForConditionalGeneration(cfg).eval()
-
-
 @pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_vl"])
 def test_from_pretrained_local_folder(tiny, tmp_path, arch):
     tok = build_tiny_tokenizer()
-    vlm = tiny.vlm if arch == "qwen3_5" else _qwen3_vl(tok)
+    vlm = tiny.vlm if arch == "qwen3_5" else qwen3_vl(tok)
     vlm.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     tiny_image_processor().save_pretrained(tmp_path)

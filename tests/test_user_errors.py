@@ -289,12 +289,18 @@ def test_an_hf_folder_without_preprocessor_config_is_named(hf_folders, world):
 
 
 def test_resume_after_init_of_another_architecture_names_both(world, tmp_path):
-    path = str(tmp_path / "run.safetensors")  # a run of the student base, at step 1
-    tiny_world.tiny_score_model(**tiny_world.TINY_SIZES["student"]).save(path, step=1, mode="direct")
-    before = os.path.getmtime(path)
-    refused(run("sft.py", "--data", world, "--init", BASE, "--out", path, "--resume"),
-            "cannot resume", path, "another config", f"--init {BASE}")
-    assert os.path.getmtime(path) == before and sorted(os.listdir(tmp_path)) == ["run.safetensors"]
+    path = str(tmp_path / "run.safetensors")  # a run of the student base, one step, one checkpoint set
+    common_argv = ["--data", world, "--out", path, "--steps", "2", "--batch-size", "8", "--micro-batch", "8",
+                   "--eval-every", "0", "--eval-limit", "4"]
+    res = run("sft.py", *common_argv, "--init", STUDENT_BASE, "--stop-after", "1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    listing = sorted(os.listdir(tmp_path))
+    # another --init changes the run: refused as such, before any model loads
+    refused(run("sft.py", *common_argv, "--init", BASE, "--resume"), "--init", "--resume-override")
+    # overridden, the model built from --init cannot continue a checkpoint of another config: both named
+    refused(run("sft.py", *common_argv, "--init", BASE, "--resume", "--resume-override", "init"),
+            "cannot resume", "another config", f"--init {BASE}")
+    assert sorted(os.listdir(tmp_path)) == listing
 
 
 @pytest.fixture(scope="module")
@@ -347,14 +353,16 @@ def test_risd_and_reward_ft_exit_2_on_a_user_error(world, tmp_path, out):
 
 
 @pytest.mark.parametrize("script", ["risd.py", "reward_ft.py"])
-def test_defaults_under_assets_are_found_from_another_folder(script, world, tmp_path, out):
-    """Run from outside the repository: the default student / generator under assets/ loads, and the
-    run gets as far as --resume, which finds no checkpoint at --out."""
-    path = os.path.join(out, "run.safetensors")
-    argv = (["--teacher", BASE, "--batch-size", "8", "--micro-batch", "8"] if script == "risd.py"
-            else ["--reward", STUDENT, "--batch-size", "2", "--micro-batch", "2"])
-    refused(run(script, "--data", world, "--out", path, "--resume", *argv, cwd=str(tmp_path), process=True),
-            "cannot resume", path, "not found")
+def test_defaults_under_assets_are_found_from_another_folder(script, world, tmp_path):
+    """Run from outside the repository: the default student / generator under assets/ loads, and one
+    step trains and is saved."""
+    path = os.path.join(str(tmp_path), "run.safetensors")
+    argv = (["--teacher", BASE, "--batch-size", "8", "--micro-batch", "8", "--eval-limit", "4"] if script == "risd.py"
+            else ["--reward", STUDENT, "--batch-size", "2", "--micro-batch", "2", "--eval-prompts", "2",
+                  "--eval-samples", "1", "--grid-prompts", "2", "--sample-steps", "3", "--stop-range", "2"])
+    res = run(script, "--data", world, "--out", path, "--steps", "1", "--eval-every", "0", *argv,
+              cwd=str(tmp_path), process=True)
+    assert res.returncode == 0 and os.path.isfile(path), res.stderr[-3000:]
 
 
 def test_asset_defaults_are_absolute(monkeypatch, tmp_path):
