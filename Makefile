@@ -113,7 +113,7 @@ base:
 	$(PY) tiny_world.py check --ckpt assets/tiny_student_base.safetensors --data $(WORLD)/test.jsonl --limit 0
 
 # make gpu-check: on a machine with a CUDA GPU (~5 minutes): the kernel tests on the GPU (no
-# interpreter), bench.py --quick, then a few bf16 steps of sft, gdso --fsdp (torchrun over the
+# interpreter), bench.py --quick, then a few bf16 steps of sft, gdso --fsdp, also with --micro-samples (torchrun over the
 # GPUs present), risd and reward_ft on the tiny model, and reward_ft --generator on a tiny random
 # FLUX pipeline (diffusers + peft, a LoRA step), each step line with ms/step and peak GPU memory.
 # Record device, date and numbers in BENCHMARKS.md. Without a GPU it says so and stops.
@@ -131,6 +131,9 @@ gpu-check:
 	torchrun --standalone --nproc_per_node=$$($(PY) -c "import torch; print(torch.cuda.device_count())") gdso.py \
 	  --data $(GPU_CHECK)/world --out $(GPU_CHECK)/gdso.safetensors --bf16 --fsdp --checkpointing --steps 5 \
 	  --eval-every 0 --eval-limit 64
+	torchrun --standalone --nproc_per_node=$$($(PY) -c "import torch; print(torch.cuda.device_count())") gdso.py \
+	  --data $(GPU_CHECK)/world --out $(GPU_CHECK)/gdso-chunks.safetensors --bf16 --fsdp --checkpointing --steps 5 \
+	  --micro-samples 4 --eval-every 0 --eval-limit 64
 	$(PY) risd.py --teacher $(GPU_CHECK)/gdso.safetensors --data $(GPU_CHECK)/world --out $(GPU_CHECK)/risd.safetensors \
 	  --bf16 --checkpointing --steps 20 --eval-every 0 --eval-limit 64
 	$(PY) reward_ft.py --reward $(GPU_CHECK)/risd.safetensors --data $(GPU_CHECK)/world --out $(GPU_CHECK)/rft.safetensors \
