@@ -1388,16 +1388,24 @@ def load_resume(path, model, optimizer, batches=None, frozen=None):
     meta = _checkpoint_meta(weights)
     train = torch.load(train_file, map_location="cpu", weights_only=False)
     check_step(str(weights), meta, train["step"], train_file)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if len(train["rng"]) != world:  # before any weight is read
+        fail(f"cannot resume: {train_file} was written by a run with {len(train['rng'])} ranks, this one has "
+             f"{world}; resume with the same world size")
     if frozen is not None:
         ref_meta = frozen_meta(ref, train["step"], train_file)
     load_weights(model, meta, weights)
-    if _is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    try:
+        if _is_sharded(model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(unwrap(model), optimizer, train["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(train["optimizer"])
+            set_optimizer_state_dict(unwrap(model), optimizer, train["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(train["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as e:  # e.g. --freeze-vision changed under --resume-override
+        fail(f"cannot resume: the optimizer state in {train_file} does not fit this run's trainable parameters "
+             f"({str(e).splitlines()[0][:120]}); resume with the flags the run started with")
     restore_rng_state(train["rng"], train_file)
     if batches is not None and train["batches"] is not None:
         batches.load_state(train["batches"])

@@ -426,3 +426,25 @@ def test_train_test_overlap_is_a_warning_that_counts(script, world, tmp_path, ou
     refused(res, "1000")  # the batch stops the run before any model; the warning came first
     test = os.path.join(folder, "test.jsonl")
     assert f"warning: of the 19 records of {test}, 3 share an id and 3 an image file with" in res.stdout + res.stderr
+
+
+def test_resume_with_other_trainable_parameters_or_world_size_is_one_line(world, tmp_path):
+    """Past the flag check (--resume-override), a run whose trainable parameters differ (the vision tower
+    unfrozen) cannot take the checkpoint's optimizer state, and a train.pt written by another number
+    of ranks cannot give this rank its RNG state: each a one-line error, before anything is written."""
+    import torch
+
+    import common
+
+    path = str(tmp_path / "run.safetensors")
+    argv = ["--data", world, "--init", BASE, "--out", path, "--steps", "2", "--batch-size", "8", "--micro-batch", "8",
+            "--eval-every", "0", "--eval-limit", "4"]
+    res = run("sft.py", *argv, "--stop-after", "1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    refused(run("sft.py", *argv, "--resume", "--no-freeze-vision", "--resume-override", "freeze_vision"),
+            "cannot resume", "optimizer state", "does not fit")
+    train_file = os.path.join(common.newest_set(path), "train.pt")
+    state = torch.load(train_file, weights_only=False)
+    state["rng"] = state["rng"] * 2  # as if two ranks had written it
+    torch.save(state, train_file)
+    refused(run("sft.py", *argv, "--resume"), "cannot resume", "2 ranks", "same world size")
