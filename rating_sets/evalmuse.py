@@ -16,10 +16,9 @@ the other fields are not used. group: prompt_id. Split: a hash of the prompt (--
 the labeled part has one split.
 """
 
-import json
 import os
 
-from rating_sets.shared import Writer, field, find_file, is_test, limited, to_grid
+from rating_sets.shared import Writer, field, find_file, is_test, json_list, limited, to_grid
 
 NAME = "evalmuse"
 HUB_ID = "DY-Evalab/EvalMuse"
@@ -27,25 +26,12 @@ LICENSE = "BSD-3-Clause"
 SCALE = (1, 5)
 
 
-def load_list(path):
-    if not os.path.isfile(path):
-        raise ValueError(f"{path} not found (EvalMuse-40K publishes train_list.json)")
-    with open(path, encoding="utf-8") as f:
-        try:
-            rows = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: bad JSON ({e.msg}, line {e.lineno})") from None
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of annotations")
-    return rows
-
-
 def convert(src, out, images=None, test_frac=0.1, limit=None, copy_images=False, skip_bad_images=False):
     """EvalMuse-40K train_list.json (+ images) -> OUT/train.jsonl, OUT/test.jsonl"""
     path = os.path.join(src, "train_list.json") if os.path.isdir(src) else src
     root = os.path.dirname(path)
     w = Writer(out, NAME, copy_images=copy_images, skip_bad_images=skip_bad_images)
-    for i, row in limited(enumerate(load_list(path)), limit):
+    for i, row in limited(enumerate(json_list(path, "EvalMuse-40K publishes train_list.json")), limit):
         where = f"{path} row {i}"
         prompt = field(row, "prompt", where, str)
         prompt_id = str(field(row, "prompt_id", where))

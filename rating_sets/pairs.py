@@ -45,7 +45,7 @@ from collections import OrderedDict
 import numpy as np
 
 from data import DIMENSIONS
-from rating_sets.shared import ImageStore, field, find_file, image_error, is_number, limited, parquet_rows
+from rating_sets.shared import ImageStore, field, find_file, image_error, is_number, json_list, limited, parquet_rows
 from rating_sets.imagereward import ImageFinder, image_for
 
 PAIR_SETS = ("hpdv2", "imagereward", "pickapic", "hpdv3")
@@ -58,17 +58,9 @@ def rank_pairs(ranks):
 
 
 def _load_json_list(src, default_name):
+    """The benchmark's JSON list at `src`, a file or the folder that holds `default_name` -> (path, rows)."""
     path = os.path.join(src, default_name) if os.path.isdir(src) else src
-    if not os.path.isfile(path):
-        raise ValueError(f"{path} not found")
-    with open(path, encoding="utf-8") as f:
-        try:
-            rows = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: bad JSON ({e.msg}, line {e.lineno})") from None
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list")
-    return path, rows
+    return path, json_list(path)
 
 
 def _ranks(row, key, n, where):

@@ -187,6 +187,21 @@ class ImageStore:
                           f"(first: {self.skipped[0]})", stacklevel=3)
 
 
+def json_list(path, hint=""):
+    """A JSON file holding one list (annotations, or a benchmark's test items); a missing file, bad
+    JSON or another shape is a ValueError naming the file (`hint` says what the set publishes)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} not found{f' ({hint})' if hint else ''}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            rows = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: bad JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list")
+    return rows
+
+
 def find_file(name, folders):
     """the first folder/name that exists (folders may hold None), else None"""
     for folder in folders:
