@@ -112,10 +112,10 @@ def _check_image(path):
         return f"image {path} cannot be read ({type(e).__name__}: {e})"
     return None
 
-def load_jsonl(path, labeled=True):
-    """read and validate a JSONL file; raises ValueError naming the file and line of a bad record"""
-    root = os.path.dirname(os.path.abspath(path))
-    records, seen, images, disagree = [], {}, {}, []
+def jsonl_objects(path):
+    """(line number, parsed value) of every non-blank line of a JSONL file: the one reader of JSONL in
+    the repository (records here, rating_sets' pair files, eval.py score's queries). A line that is
+    not UTF-8 or not JSON is a ValueError naming the file and the line."""
     with open(path, "rb") as f:  # bytes, decoded line by line: a decoding error names its line
         for lineno, raw in enumerate(f, 1):
             try:
@@ -127,24 +127,31 @@ def load_jsonl(path, labeled=True):
             if not line.strip():
                 continue
             try:
-                r = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: bad JSON ({e.msg})") from None
-            err = _check(r, labeled, root)
-            if err is None and r["id"] in seen:
-                err = f"duplicate id {r['id']!r} (first on line {seen[r['id']]})"
-            if err is None:  # every image once: a bad one is named now, not when its batch comes up
-                image = os.path.join(root, r["image"])
-                err = images[image] if image in images else images.setdefault(image, _check_image(image))
-            if err:
-                raise ValueError(f"{path}:{lineno}: {err}")
-            seen[r["id"]] = lineno
-            if "scores" in r and "score" not in r:
-                r["score"] = aggregate(r["scores"])
-            elif "scores" in r and abs(r["score"] - aggregate(r["scores"])) > 1e-6:
-                disagree.append((lineno, r["score"], aggregate(r["scores"])))
-            r["image_path"] = os.path.join(root, r["image"])
-            records.append(r)
+
+
+def load_jsonl(path, labeled=True):
+    """read and validate a JSONL file; raises ValueError naming the file and line of a bad record"""
+    root = os.path.dirname(os.path.abspath(path))
+    records, seen, images, disagree = [], {}, {}, []
+    for lineno, r in jsonl_objects(path):
+        err = _check(r, labeled, root)
+        if err is None and r["id"] in seen:
+            err = f"duplicate id {r['id']!r} (first on line {seen[r['id']]})"
+        if err is None:  # every image once: a bad one is named now, not when its batch comes up
+            image = os.path.join(root, r["image"])
+            err = images[image] if image in images else images.setdefault(image, _check_image(image))
+        if err:
+            raise ValueError(f"{path}:{lineno}: {err}")
+        seen[r["id"]] = lineno
+        if "scores" in r and "score" not in r:
+            r["score"] = aggregate(r["scores"])
+        elif "scores" in r and abs(r["score"] - aggregate(r["scores"])) > 1e-6:
+            disagree.append((lineno, r["score"], aggregate(r["scores"])))
+        r["image_path"] = os.path.join(root, r["image"])
+        records.append(r)
     if disagree:
         line, s, agg = disagree[0]
         warnings.warn(f"{path}: {len(disagree)} records give a 'score' that differs from the aggregate of their "

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import common
 import tiny_world
-from data import DIMENSIONS, SCORE_MARKER, format_table, table_from_predictions
+from data import DIMENSIONS, SCORE_MARKER, format_table, jsonl_objects, table_from_predictions
 from model import BINS
 from rating_sets.pairs import aggregate_mu, load_pairs, pair_accuracy
 
@@ -400,17 +400,13 @@ def read_queries(path):
     if not os.path.isfile(path):
         common.fail(f"--jsonl {path}: no such file")
     root, queries = os.path.dirname(os.path.abspath(path)), []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                r = json.loads(raw.decode("utf-8")) if raw.strip() else None
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                common.fail(f"{path}:{n}: not a JSON line ({err})")
-            if r is None:
-                continue
+    try:
+        for n, r in jsonl_objects(path):
             if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not isinstance(r.get("image"), str):
                 common.fail(f"{path}:{n}: a record needs \"prompt\" and \"image\" (strings)")
             queries.append({"prompt": r["prompt"], "path": os.path.join(root, r["image"])})
+    except ValueError as err:  # a line that is not UTF-8 or not JSON, named by jsonl_objects
+        common.fail(str(err))
     if not queries:
         common.fail(f"--jsonl {path}: no records")
     return queries
@@ -440,9 +436,10 @@ def scoring_parser(prog, description):
                    help=f"comma-separated dimensions to score, or 'all' ({', '.join(DIMENSIONS)})")
     p.add_argument("--mode", default=None, choices=["direct", "reasoning", "rewarddance"],
                    help="prompt mode; default: the checkpoint's own (direct for an HF model)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward")
-    p.add_argument("--max-new-tokens", type=int, default=96, help="reasoning mode: trace length budget")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--batch-size", type=common.positive_int, default=32, help="images per forward")
+    p.add_argument("--max-new-tokens", type=common.positive_int, default=96, help="reasoning mode: trace length budget")
+    p.add_argument("--device", type=common.device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
     p.add_argument("--bf16", action="store_true", help="load the model in bfloat16")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     return p
@@ -458,8 +455,6 @@ def parse_dimensions(text):
 
 def load_scorer(args):
     """The model of --ckpt on --device, and the mode it scores in."""
-    if args.batch_size < 1:
-        common.fail(f"--batch-size must be at least 1 (got {args.batch_size})")
     model = common.load_model(args.ckpt, dtype=torch.bfloat16 if args.bf16 else None).to(args.device).eval()
     return model, args.mode or getattr(model, "metadata", {}).get("mode", "direct")
 
@@ -528,12 +523,10 @@ def pairs_main(argv):
     p.add_argument("--pairs", required=True, help="a pair JSONL (python -m rating_sets.pairs)")
     p.add_argument("--weights", default="", help="the aggregate's weights, e.g. alignment=2,aesthetics=1 "
                                                  "(default: the scored dimensions, equally)")
-    p.add_argument("--limit", type=int, default=0, help="the first N pairs only (0 = all)")
+    p.add_argument("--limit", type=common.nonnegative_int, default=0, help="the first N pairs only (0 = all)")
     args = p.parse_args(argv)
     dims = parse_dimensions(args.dimensions)
     weights = parse_weights(args.weights, dims)
-    if args.limit < 0:
-        common.fail(f"--limit must be 0 (all) or more (got {args.limit})")
     try:
         pairs = load_pairs(args.pairs)
     except (ValueError, OSError) as e:

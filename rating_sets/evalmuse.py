@@ -18,7 +18,7 @@ the labeled part has one split.
 
 import os
 
-from rating_sets.shared import Writer, field, find_file, is_test, json_list, limited, to_grid
+from rating_sets.shared import Writer, field, find_file, is_test, json_value, limited, to_grid
 
 NAME = "evalmuse"
 HUB_ID = "DY-Evalab/EvalMuse"
@@ -31,7 +31,7 @@ def convert(src, out, images=None, test_frac=0.1, limit=None, copy_images=False,
     path = os.path.join(src, "train_list.json") if os.path.isdir(src) else src
     root = os.path.dirname(path)
     w = Writer(out, NAME, copy_images=copy_images, skip_bad_images=skip_bad_images)
-    for i, row in limited(enumerate(json_list(path, "EvalMuse-40K publishes train_list.json")), limit):
+    for i, row in limited(enumerate(json_value(path, hint="EvalMuse-40K publishes train_list.json")), limit):
         where = f"{path} row {i}"
         prompt = field(row, "prompt", where, str)
         prompt_id = str(field(row, "prompt_id", where))

@@ -44,8 +44,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from data import DIMENSIONS
-from rating_sets.shared import ImageStore, field, find_file, image_error, is_number, json_list, limited, parquet_rows
+from data import DIMENSIONS, jsonl_objects
+from rating_sets.shared import ImageStore, field, find_file, image_error, is_number, json_value, limited, parquet_rows
 from rating_sets.imagereward import ImageFinder, image_for
 
 PAIR_SETS = ("hpdv2", "imagereward", "pickapic", "hpdv3")
@@ -57,10 +57,10 @@ def rank_pairs(ranks):
             for i in range(len(ranks)) for j in range(i + 1, len(ranks)) if ranks[i] != ranks[j]]
 
 
-def _load_json_list(src, default_name):
+def _load_json_value(src, default_name):
     """The benchmark's JSON list at `src`, a file or the folder that holds `default_name` -> (path, rows)."""
     path = os.path.join(src, default_name) if os.path.isdir(src) else src
-    return path, json_list(path)
+    return path, json_value(path)
 
 
 def _ranks(row, key, n, where):
@@ -113,7 +113,7 @@ def _ranked_groups(o, groups):
 
 def convert_hpdv2(src, out, images=None, limit=None, copy_images=False, skip_bad_images=False):
     """HPDv2 test.json -> pair JSONL"""
-    path, rows = _load_json_list(src, "test.json")
+    path, rows = _load_json_value(src, "test.json")
     root = os.path.dirname(path)
     o = _Out(out, "hpdv2", copy_images, skip_bad_images)
     groups = []
@@ -156,7 +156,7 @@ def convert_imagereward(src, out, images=None, limit=None, copy_images=False, sk
         _ranked_groups(o, [(where, pid, prompt, imgs, ranks)
                            for pid, (where, prompt, imgs, ranks) in by_prompt.items()])
         return o.close()
-    path, rows = _load_json_list(src, "test.json")
+    path, rows = _load_json_value(src, "test.json")
     root = os.path.dirname(path)
     groups = []
     for i, row in limited(enumerate(rows), limit):
@@ -203,7 +203,7 @@ def convert_pickapic(src, out, limit=None, skip_bad_images=False):
 
 def convert_hpdv3(src, out, images=None, limit=None, copy_images=False, skip_bad_images=False):
     """HPDv3 test.json -> pair JSONL (path1 preferred; its place alternates between a and b)"""
-    path, rows = _load_json_list(src, "test.json")
+    path, rows = _load_json_value(src, "test.json")
     root = os.path.dirname(path)
     o = _Out(out, "hpdv3", copy_images, skip_bad_images)
     for i, row in limited(enumerate(rows), limit):
@@ -233,41 +233,34 @@ def load_pairs(path):
     ValueError naming the file and the line; so is an empty file."""
     root = os.path.dirname(os.path.abspath(path))
     pairs, seen, checked = [], {}, {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                p = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: bad JSON ({e.msg})") from None
-            err = None
-            if not isinstance(p, dict):
-                err = "a pair must be a JSON object"
-            elif [k for k in ("id", "prompt", "image_a", "image_b", "preferred") if k not in p]:
-                err = f"missing keys {[k for k in ('id', 'prompt', 'image_a', 'image_b', 'preferred') if k not in p]}"
-            elif not isinstance(p["id"], (str, int)) or \
-                    not all(isinstance(p[k], str) for k in ("prompt", "image_a", "image_b")):
-                err = "id must be a string (or int), prompt, image_a and image_b strings"
-            elif p["preferred"] not in ("a", "b"):
-                err = f"preferred must be \"a\" or \"b\", not {p['preferred']!r}"
-            elif p["id"] in seen:
-                err = f"duplicate id {p['id']!r} (first on line {seen[p['id']]})"
-            else:
-                for k in ("image_a", "image_b"):
-                    image = os.path.join(root, p[k])
-                    if image not in checked:  # every image once: a benchmark reuses its images across pairs
-                        if not os.path.isfile(image):
-                            checked[image] = f"image file not found: {image}"
-                        else:
-                            why = image_error(image)
-                            checked[image] = why and f"image {image} cannot be read ({why})"
-                    err = err or (checked[image] and f"{k}: {checked[image]}")
-            if err:
-                raise ValueError(f"{path}:{lineno}: {err}")
-            seen[p["id"]] = lineno
-            p["image_a_path"], p["image_b_path"] = os.path.join(root, p["image_a"]), os.path.join(root, p["image_b"])
-            pairs.append(p)
+    for lineno, p in jsonl_objects(path):
+        err = None
+        if not isinstance(p, dict):
+            err = "a pair must be a JSON object"
+        elif [k for k in ("id", "prompt", "image_a", "image_b", "preferred") if k not in p]:
+            err = f"missing keys {[k for k in ('id', 'prompt', 'image_a', 'image_b', 'preferred') if k not in p]}"
+        elif not isinstance(p["id"], (str, int)) or \
+                not all(isinstance(p[k], str) for k in ("prompt", "image_a", "image_b")):
+            err = "id must be a string (or int), prompt, image_a and image_b strings"
+        elif p["preferred"] not in ("a", "b"):
+            err = f"preferred must be \"a\" or \"b\", not {p['preferred']!r}"
+        elif p["id"] in seen:
+            err = f"duplicate id {p['id']!r} (first on line {seen[p['id']]})"
+        else:
+            for k in ("image_a", "image_b"):
+                image = os.path.join(root, p[k])
+                if image not in checked:  # every image once: a benchmark reuses its images across pairs
+                    if not os.path.isfile(image):
+                        checked[image] = f"image file not found: {image}"
+                    else:
+                        why = image_error(image)
+                        checked[image] = why and f"image {image} cannot be read ({why})"
+                err = err or (checked[image] and f"{k}: {checked[image]}")
+        if err:
+            raise ValueError(f"{path}:{lineno}: {err}")
+        seen[p["id"]] = lineno
+        p["image_a_path"], p["image_b_path"] = os.path.join(root, p["image_a"]), os.path.join(root, p["image_b"])
+        pairs.append(p)
     if not pairs:
         raise ValueError(f"{path}: no pairs")
     return pairs

@@ -30,10 +30,9 @@ the set's own: train and dev -> train.jsonl, test -> test.jsonl.
 """
 
 import glob
-import json
 import os
 
-from rating_sets.shared import Writer, find_file, open_parquet, pyarrow_parquet, to_grid
+from rating_sets.shared import Writer, find_file, json_value, open_parquet, pyarrow_parquet, to_grid
 from rating_sets.tfrecord import read_examples
 
 NAME = "richhf"
@@ -104,17 +103,6 @@ def _pickapic(folder, uids):
     return found
 
 
-def _prompts(path):
-    with open(path, encoding="utf-8") as f:
-        try:
-            prompts = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: bad JSON ({e.msg}, line {e.lineno})") from None
-    if not isinstance(prompts, dict):
-        raise ValueError(f"{path}: --prompts must be a JSON object from Pick-a-Pic uid (or file name) to prompt")
-    return prompts
-
-
 def convert(src, out, images=None, prompts=None, limit=None, copy_images=False, skip_bad_images=False, verify=True):
     """RichHF-18K TFRecords under src + Pick-a-Pic images (and prompts) -> OUT/train.jsonl, OUT/test.jsonl"""
     if images is None:
@@ -133,7 +121,8 @@ def convert(src, out, images=None, prompts=None, limit=None, copy_images=False, 
         raise ValueError(f"--images {images} holds no Pick-a-Pic parquet shards: give the prompts with --prompts FILE "
                          f"(a JSON object from uid to prompt)")
     else:
-        table = _prompts(prompts)
+        table = json_value(prompts, dict,
+                           shape="--prompts must be a JSON object from Pick-a-Pic uid (or file name) to prompt")
     for part, split, where, filename, grid, values in labels:
         uid = uid_of(filename)
         if shards:

@@ -187,19 +187,20 @@ class ImageStore:
                           f"(first: {self.skipped[0]})", stacklevel=3)
 
 
-def json_list(path, hint=""):
-    """A JSON file holding one list (annotations, or a benchmark's test items); a missing file, bad
-    JSON or another shape is a ValueError naming the file (`hint` says what the set publishes)."""
+def json_value(path, kind=list, hint="", shape=None):
+    """The one value of a JSON file, of type `kind` (a list of annotations or test items, a dict of
+    prompts); a missing file, bad JSON or another shape is a ValueError naming the file (`hint` says
+    what the set publishes, `shape` what the value must be)."""
     if not os.path.isfile(path):
         raise ValueError(f"{path} not found{f' ({hint})' if hint else ''}")
     with open(path, encoding="utf-8") as f:
         try:
-            rows = json.load(f)
+            value = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: bad JSON ({e.msg}, line {e.lineno})") from None
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list")
-    return rows
+    if not isinstance(value, kind):
+        raise ValueError(f"{path}: {shape or 'expected a JSON ' + ('list' if kind is list else 'object')}")
+    return value
 
 
 def find_file(name, folders):
