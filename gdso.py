@@ -257,10 +257,9 @@ def teacher_forcing(model, pairs, queries, traces, images, G, device):
     # a malformed trace is read at its end: its reward is the minimum and it gets no direct loss either way
     score_index, valid = model.score_positions(batch, traces)
     labels = torch.tensor([[w["score"] for w, _ in pairs], [l["score"] for _, l in pairs]], device=device)
-    levels = torch.tensor([score_to_level(float(s)) - 1 for s in labels.flatten()], device=device)
     return Rollouts(pairs, G, traces, batch, targets, mask=targets != -100,
                     score_index=score_index, valid=valid, labels=labels,
-                    label_tokens=model.bin_ids[levels].view(2, -1, 1).expand(-1, -1, G).flatten())
+                    label_tokens=model.bin_ids[label_levels(labels, G)])
 
 
 def row_chunks(n, size):
