@@ -288,8 +288,21 @@ def _cast_unsharded(model, dtype):
 @torch.no_grad()
 def copy_params(dst, src):
     """dst <- src, parameter by parameter (both placed alike: local shards copy under FSDP2)."""
+    reshard(dst)
+    reshard(src)
     for pd, ps in zip(unwrap(dst).parameters(), unwrap(src).parameters()):
         pd.copy_(ps.detach())
+
+
+def reshard(model):
+    """FSDP2: free every gathered unit of `model`, back to this rank's shards (else nothing to do).
+
+    FSDP2 keeps the root's parameters (embeddings, LM head) gathered from its forward to the end of
+    the backward; a frozen model has no backward, so after its forward they would stay gathered,
+    and its parameters() would be the gathered tensors, not the shards, until its next forward."""
+    for m in unwrap(model).modules():
+        if type(m).__name__.startswith("FSDP"):
+            m.reshard()
 
 
 def _units(model):
@@ -528,27 +541,114 @@ def file_key_renamer(vlm, params):
 
 
 @contextmanager
-def rollout_mode(model):
-    """Full parameters on every rank for generation, no collectives inside (FSDP2: unshard all units
-    and keep them unsharded across forwards; DDP / one process: nothing to do); eval mode."""
+def rollout_mode(model, layerwise=False):
+    """Eval mode for generation and scoring without gradients; FSDP2: parameters gathered for it.
+
+    Fast path (default): every unit is unsharded once and kept so across the rollout's forwards,
+    with no collectives inside: the whole model in bf16 on every rank (memory_plan.py's rollout
+    column). DDP / one process: nothing to gather.
+
+    layerwise=True (gdso.py --layerwise-rollout, FSDP2): only the root (embeddings, LM head, final
+    norm) is gathered for the rollout; each decoder layer and vision block is gathered by its own
+    forward hook and freed after it, so a rank holds about one unit at a time, at the price of two
+    all-gathers of the model per generated token. Every rank must then run the same forwards: the
+    model's generate keeps finished ranks stepping (transformers' synced_gpus) until all are done,
+    and callers give every rank the same number of batches. The same weights are gathered in the
+    same precision either way, so the tokens are the fast path's."""
     inner = unwrap(model)
     fsdp_units = [m for m in inner.modules() if type(m).__name__.startswith("FSDP")]
     if fsdp_units:
         # generate() enters through the VLM, not through the root's forward: make the root claim
         # every unit first, or the first unit to run would make itself a root
         fsdp_units[0]._get_fsdp_state()._lazy_init()
-    for m in fsdp_units:
+    gathered = [inner] if layerwise and fsdp_units else fsdp_units  # the root: its forward never runs
+    for m in gathered:
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
-    was_training = inner.training
+    was_training, was_synced = inner.training, inner.synced
+    inner.synced = bool(layerwise and fsdp_units and dist.get_world_size() > 1)
     inner.eval()
     try:
         yield inner
     finally:
         inner.train(was_training)
-        for m in fsdp_units:
+        inner.synced = was_synced
+        for m in gathered:
             m.reshard()
             m.set_reshard_after_forward(True, recurse=False)
+
+
+class Offload:
+    """gdso.py --offload: tensors that a phase of the step does not use wait in host memory (pinned on a
+    GPU machine) and come back, bit for bit, before the phase that uses them.
+
+    Built with named groups, each a function giving its tensors now (AdamW's state exists only after
+    the first update): offload.keep("ref") brings group "ref" to the device and sends every other
+    group to the host; keep() sends them all. A tensor moves by its storage: the bytes are copied to
+    the host and the device storage is resized to 0, then resized back and refilled, so every
+    holder of the tensor (the optimizer's state dict, a module, FSDP2's sharded parameter, whose
+    local tensor views its padded shard) sees the same tensor again. Disabled, keep() does nothing.
+    """
+
+    def __init__(self, device, enabled=True, **groups):
+        self.device, self.enabled, self.groups = device, enabled, groups
+        self.away = {}  # group -> [(storage, host copy)]
+
+    def keep(self, *names):
+        if not self.enabled:
+            return
+        unknown = set(names) - set(self.groups)
+        assert not unknown, f"no offload group {sorted(unknown)}"
+        for name in self.groups:
+            if name in names:
+                self._back(name)
+            else:
+                self._send(name)
+
+    @torch.no_grad()
+    def _storages(self, name):
+        by_ptr = {}
+        for t in self.groups[name]():
+            local = getattr(t, "_local_tensor", t)  # a DTensor's shard on this rank
+            if torch.is_tensor(local) and local.device == self.device and local.untyped_storage().nbytes():
+                by_ptr.setdefault(local.untyped_storage().data_ptr(), []).append(local)
+        storages = []
+        for views in by_ptr.values():
+            s = views[0].untyped_storage()
+            if not s.resizable():  # e.g. weights loaded on the CPU from a file's memory: move them to one that is
+                new = torch.UntypedStorage(s.nbytes(), device=s.device)
+                _bytes_of(new).copy_(_bytes_of(s))
+                for t in views:
+                    t.set_(new, t.storage_offset(), t.size(), t.stride())
+                s = new
+            storages.append(s)
+        return storages
+
+    @torch.no_grad()
+    def _send(self, name):
+        if name in self.away:
+            return
+        parked = []
+        for s in self._storages(name):
+            host = torch.empty(s.nbytes(), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            host.copy_(_bytes_of(s))
+            s.resize_(0)
+            parked.append((s, host))
+        self.away[name] = parked
+
+    @torch.no_grad()
+    def _back(self, name):
+        for s, host in self.away.pop(name, []):
+            s.resize_(host.numel())
+            _bytes_of(s).copy_(host)
+
+    def bytes_away(self):
+        return sum(host.numel() for parked in self.away.values() for _, host in parked)
+
+
+def _bytes_of(storage):
+    """A flat uint8 tensor over all of an untyped storage."""
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
 # -----------------------------------------------------------------------------
@@ -1225,6 +1325,7 @@ def resume_source(path, log=None):
 RESUME_HARMLESS = frozenset({
     "out", "steps", "resume", "resume_override", "keep", "save_every", "stop_after", "eval_every", "eval_limit",
     "checkpointing",  # recomputes the same activations
+    "offload", "layerwise_rollout",  # gdso.py: where tensors wait, how the rollout gathers; the same numbers
     "eval_prompts", "eval_samples", "same_margin", "grid_every", "grid_prompts", "judge", "baseline",  # reward_ft.py
     "eval_teacher", "throughput",  # risd.py
 })

@@ -67,12 +67,20 @@ def evaluate(model, records, mode="direct", batch_size=32, max_new_tokens=64, pr
     return table_from_predictions(records, pred), pred
 
 
-def evaluate_sharded(model, records, mode, batch_size=32, max_new_tokens=64):
-    """evaluate over all ranks: each scores an interleaved shard, rank 0's table covers all."""
+def evaluate_sharded(model, records, mode, batch_size=32, max_new_tokens=64, layerwise=False):
+    """evaluate over all ranks: each scores an interleaved shard, rank 0's table covers all.
+
+    layerwise (common.rollout_mode): every forward gathers units collectively, so every rank must
+    make the same calls: each takes the same number of records of each dimension (predict batches
+    by dimension), the short ones padded with a repeat whose prediction is dropped."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = list(range(rank, len(records), world))
-    with common.rollout_mode(model) as inner:
+    real = len(mine)
+    if layerwise and world > 1:
+        mine, real = balanced_shard(records, rank, world)
+    with common.rollout_mode(model, layerwise=layerwise) as inner:
         pred = predict(inner, [records[i] for i in mine], mode, batch_size, max_new_tokens, progress=False)
+    mine, pred = mine[:real], {k: v[:real] for k, v in pred.items()}
     parts = [None] * world
     if dist.is_initialized():
         dist.all_gather_object(parts, (mine, pred))
@@ -86,6 +94,22 @@ def evaluate_sharded(model, records, mode, batch_size=32, max_new_tokens=64):
     if note:
         common.print0(f"warning: {note}")
     return table_from_predictions(records, full), full
+
+
+def balanced_shard(records, rank, world):
+    """This rank's record indices when every rank must score as many records of each dimension as the
+    others: each dimension's records dealt round-robin, a short share padded with its dimension's first
+    record. -> (indices, real): the first `real` are this rank's own, the rest the padding."""
+    by_dim = {}
+    for i, r in enumerate(records):
+        by_dim.setdefault(r["dimension"], []).append(i)
+    own, pad = [], []
+    for dim in sorted(by_dim):
+        idx = by_dim[dim]
+        share = idx[rank::world]
+        own += share
+        pad += [idx[0]] * (-(-len(idx) // world) - len(share))
+    return own + pad, len(own)
 
 
 def spread_subset(records, n):

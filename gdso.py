@@ -231,9 +231,10 @@ def sample(policy, pairs, micro_pairs, args, step, rank, device):
     """Algorithm 1's sampling: G traces per side of each of this rank's pairs from pi_old (the
     current policy) -> [Rollouts], one per micro-batch of `micro_pairs` whole pairs.
 
-    Generation runs in eval mode with the KV cache and no collectives (common.rollout_mode). Each
-    micro-batch samples under the seed (--seed, step, its index in the global batch), so the
-    traces do not depend on how the batch is split over ranks.
+    Generation runs in eval mode with the KV cache (common.rollout_mode: the whole policy gathered
+    and no collectives inside, or with --layerwise-rollout one unit at a time). Each micro-batch
+    samples under the seed (--seed, step, its index in the global batch), so the traces do not
+    depend on how the batch is split over ranks.
     """
     G = args.group
     chunks = [pairs[a:a + micro_pairs] for a in range(0, len(pairs), micro_pairs)]
@@ -241,7 +242,7 @@ def sample(policy, pairs, micro_pairs, args, step, rank, device):
     records = {q["image_path"]: q for qs in queries for q in qs}  # each image once, for its G rollouts
     images = dict(zip(records, common.open_images(list(records.values()))))
     traces = []
-    with common.rollout_mode(policy) as m:
+    with common.rollout_mode(policy, layerwise=args.layerwise_rollout) as m:
         for i, qs in enumerate(queries):
             with common.seeded(device, args.seed, step, rank * len(chunks) + i):
                 traces.append(m.generate(encode(m, qs, images), args.max_new_tokens, args.temperature))
@@ -317,6 +318,7 @@ def score(policy, ref, rollouts, T, micro_samples=0):
             r.ref_logp = torch.cat([ref(batch_rows(r.batch, rows), r.score_index[rows], targets=r.targets[rows],
                                         temperature=T)["token_logprobs"]
                                     for rows in row_chunks(len(r.traces), micro_samples)])
+        common.reshard(ref)  # FSDP2 would keep its root (embeddings, LM head) gathered until the next step
 
 
 def reward(rollouts, model, args):
@@ -506,7 +508,15 @@ def get_args(argv=None):
                    help="S: forward and backward each micro-batch's 2 x micro-pairs x G samples in chunks of S "
                         "(activations for S sequences), same gradient; 0 = all at once. With --alpha-pw > 0, "
                         "one extra no-grad forward per micro-batch and update (L_pw couples all samples)")
+    p.add_argument("--offload", action="store_true",
+                   help="AdamW's state waits in host memory (pinned) except during the updates, pi_ref except while "
+                        "it scores; bit-identical results, two host<->GPU copies of each per step (memory_plan.py)")
+    p.add_argument("--layerwise-rollout", action="store_true",
+                   help="with --fsdp: sample and evaluate with one decoder unit gathered at a time instead of the "
+                        "whole policy (same tokens; two all-gathers of the model per generated token)")
     args = p.parse_args(argv)  # every value is checked by its type (common.RUN_FLAGS, the ones above)
+    if args.layerwise_rollout and not args.fsdp:
+        p.error("--layerwise-rollout needs --fsdp: without it every rank holds the whole policy anyway")
     if args.method == "grpo":
         args.alpha_pt = args.alpha_pw = 0.0
     return args
@@ -548,6 +558,12 @@ def load_models(args, device, train, test):
     return policy, ref, common.build_optimizer(policy, args.lr, args.weight_decay)
 
 
+def optimizer_tensors(optimizer):
+    """The tensors of an optimizer's state (AdamW: step, exp_avg, exp_avg_sq per parameter): none before
+    its first step."""
+    return [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+
+
 def save(args, policy, ref, optimizer, step, batches):
     """A checkpoint set: the policy, its train state and pi_ref (--resume restores all three)."""
     common.save_checkpoint(args.out, policy, optimizer, step, batches, args, frozen=ref, mode="reasoning",
@@ -556,7 +572,8 @@ def save(args, policy, ref, optimizer, step, batches):
 
 def evaluate(args, policy, test, step):
     """Greedy traces on the test records, read as the deployed teacher reads them; NAME.eval.json."""
-    table, _ = evaluate_sharded(policy, test, "reasoning", max_new_tokens=args.max_new_tokens)
+    table, _ = evaluate_sharded(policy, test, "reasoning", max_new_tokens=args.max_new_tokens,
+                                layerwise=args.layerwise_rollout)
     common.print0(format_table(table, f"step {step} | test (reasoning mode, greedy)"))
     method = args.method + ("-parsed" if args.reward_from == "parsed" else "")
     common.write_json(args.out, "eval", {"step": step, "method": method, "table": table})
@@ -580,12 +597,19 @@ def main(argv=None):
     # every log-prob recomputed for the ratio and the KL (pi_old, pi_theta, pi_ref) is at the
     # sampling temperature: the traces come from softmax(logits / T)
     T = args.temperature if args.temperature > 0 else 1.0
+    # --offload: each phase keeps on the device only the state it uses (AdamW's moments, pi_ref)
+    offload = common.Offload(device, enabled=args.offload, adam=lambda: optimizer_tensors(optimizer),
+                             ref=lambda: [*ref.parameters(), *ref.buffers()] if ref is not None else [])
     timer = common.Timer()
     while step < args.steps:
         if ref is not None and step % args.ref_reset_every == 0:
+            offload.keep("ref")
             common.copy_params(ref, policy)  # pi_ref <- pi_theta at the start of each outer iteration
+        offload.keep()
         rollouts = sample(policy, batches.next(), micro_pairs, args, step, rank, device)  # G o_{j,i} ~ pi_old
+        offload.keep("ref")
         score(policy, ref, rollouts, T, args.micro_samples)  # log pi_old and q_old of every trace, log pi_ref
+        offload.keep("adam")
         reward(rollouts, common.unwrap(policy), args)  # r: Eqs. 7, 10, 13; A: Eq. 3
         # L_pt's divisor (direct_losses): the step's valid traces on all ranks, per (rank, micro-batch)
         n_valid = max(common.all_sum(sum(float(r.valid.sum()) for r in rollouts)), 1.0)
@@ -596,10 +620,12 @@ def main(argv=None):
         print_step(step, rollouts, inner_logs, timer, world, device)
         do_save, stop, do_eval = common.after_step(step, args)
         if do_save:
+            offload.keep("adam", "ref")
             save(args, policy, ref, optimizer, step, batches)
         if stop:
             break
         if do_eval:
+            offload.keep()
             evaluate(args, policy, test, step)
     common.dist_cleanup()
 

@@ -218,6 +218,7 @@ class ScoreModel(nn.Module):
         self.vision_token_ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in
                                         ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
                                        - {tokenizer.unk_token_id, None})
+        self.synced = False  # generate: every rank steps until all are done (common.rollout_mode, layerwise)
         self.stop_ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
                                | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
@@ -493,7 +494,7 @@ class ScoreModel(nn.Module):
         try:
             out = self.vlm.generate(**self._model_inputs(batch), max_new_tokens=max_new_tokens,
                                     eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
-                                    suppress_tokens=self.vision_token_ids, **pinned)
+                                    suppress_tokens=self.vision_token_ids, synced_gpus=self.synced, **pinned)
         finally:
             self.vlm.generation_config = saved
         comps = []
