@@ -30,8 +30,8 @@ import torch.distributed as dist
 
 import tiny_world
 from data import load_jsonl
-from model import (ScoreModel, check_compatible, dedupe_tied, params_on_meta, read_checkpoint, verify_checksum,
-                   write_checkpoint)
+from model import (ScoreModel, StreamedCheckpoint, check_compatible, dedupe_tied, params_on_meta, read_checkpoint,
+                   verify_checksum, write_checkpoint)
 from model import load_weights as model_weights_into
 
 # -----------------------------------------------------------------------------
@@ -1015,9 +1015,11 @@ def set_lr(optimizer, lr):
 SET_FORMAT = "zreward-checkpoint-set-1"
 MANIFEST = "set.json"  # written last into a set: its step, commit number and files (with sizes)
 FAULT_ENV = "ZR_FAULT_AFTER"
+SHARDS = "shards"  # a sharded set's folder of torch.distributed.checkpoint files (save_sharded)
 # every point of a save, in order, where tests/test_checkpoints.py kills the process (fault_point);
-# 'aside' only when a set of the same step is already there, 'ref' only with a frozen model
-SAVE_POINTS = ("folder", "model", "train", "ref", "manifest", "aside", "commit", "link", "pointer", "unlist",
+# 'shards' only under FSDP2, 'aside' only when a set of the same step is already there, 'ref' only
+# with a frozen model outside FSDP2 (a sharded set keeps it in its shards)
+SAVE_POINTS = ("folder", SHARDS, "model", "train", "ref", "manifest", "aside", "commit", "link", "pointer", "unlist",
                "prune", "legacy")
 
 
@@ -1060,7 +1062,13 @@ def save_checkpoint(path, model, optimizer=None, step=0, batches=None, args=None
     metadata, trainable_state() and metadata(**extra) (reward_ft.py's generators). Collective: every rank
     calls it (FSDP2 gathers the weights and the optimizer state, and each rank's RNG state goes into the
     train state); rank 0 writes, and every rank leaves once the set is committed.
+
+    Under FSDP2 a set is written sharded (save_sharded): no process gathers the model or the
+    optimizer state.
     """
+    if optimizer is not None and _is_sharded(model):
+        save_sharded(path, model, optimizer, step, batches, args, frozen, **meta)
+        return
     state = _gathered_weights(model)
     frozen_state = _gathered_weights(frozen) if frozen is not None else None
     optim_state = full_optimizer_state(model, optimizer) if optimizer is not None else None
@@ -1080,6 +1088,87 @@ def save_checkpoint(path, model, optimizer=None, step=0, batches=None, args=None
             write_set(path, step, writers, keep=getattr(args, "keep", 2))
     if dist.is_initialized():
         dist.barrier()
+
+
+def save_sharded(path, model, optimizer, step, batches, args, frozen=None, **meta):
+    """save_checkpoint under FSDP2: a set whose training state every rank writes and reads as its shards.
+
+    In the set folder: shards/ (torch.distributed.checkpoint: each rank writes its own slices of the
+    policy's weights, AdamW's state and the frozen model's weights to its own file, rank 0 the
+    index), train.pt (step, every rank's RNG, data position, flags: a few KB) and model.safetensors,
+    the whole score model for eval.py and --init, streamed (stream_weights: one tensor gathered at a
+    time). Rank 0 makes the temp folder, everyone writes, rank 0 commits: the set's guarantees are
+    write_set's."""
+    import torch.distributed.checkpoint as dcp
+
+    reshard(model)
+    if frozen is not None:
+        reshard(frozen)
+    rngs = all_rng_states()
+    tmp = [begin_set(path, step) if is_main() else None]
+    dist.broadcast_object_list(tmp)
+    tmp = tmp[0]
+    dcp.save(_sharded_state(model, optimizer, frozen), checkpoint_id=os.path.join(tmp, SHARDS))
+    if is_main():
+        fault_point(SHARDS, step)
+    extra = {"step": step, "args": vars(args) if args is not None else {}, **meta}
+    stream_weights(os.path.join(tmp, "model.safetensors"), model, extra)
+    if is_main():
+        fault_point("model", step)
+        train = {"step": step, "format": SHARDS, "rng": rngs, "args": vars(args) if args else {},
+                 "batches": batches.state() if batches is not None else None, "meta": meta}
+        finish_set(path, step, tmp, [("train.pt", lambda f: torch.save(train, f))], keep=getattr(args, "keep", 2))
+    dist.barrier()
+
+
+def _sharded_state(model, optimizer, frozen=None):
+    """What a sharded set holds, as torch.distributed.checkpoint reads and writes it in place: the
+    policy's and the optimizer's state dicts (this rank's shards) and the frozen model's."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    weights, optim = get_state_dict(unwrap(model), optimizer)
+    state = {"model": weights, "optim": optim}
+    if frozen is not None:
+        state["ref"] = get_model_state_dict(unwrap(frozen))
+    return state
+
+
+def load_sharded(folder, model, optimizer, frozen=None):
+    """A sharded set's shards/ into the policy, AdamW and `frozen`: each rank reads its own slices."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    state = _sharded_state(model, optimizer, frozen)
+    dcp.load(state, checkpoint_id=os.path.join(folder, SHARDS))
+    set_state_dict(unwrap(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if frozen is not None:
+        set_model_state_dict(unwrap(frozen), state["ref"])
+
+
+def stream_weights(path, model, extra):
+    """The whole score model into one .safetensors (rank 0 writes), gathered one tensor at a time: no
+    rank holds more than the largest tensor (the embeddings: ~5 GB in fp32 for the 27B) beside its
+    shards. Collective under FSDP2: every rank gathers each tensor in the same order."""
+    inner = unwrap(model)
+    state, seen = {}, set()
+    tied = inner.vlm.get_output_embeddings().weight is inner.vlm.get_input_embeddings().weight
+    for name, t in inner.vlm.state_dict(keep_vars=True).items():
+        if id(t) in seen or (tied and name.endswith("lm_head.weight")):  # tied: rebuilt on load
+            continue
+        seen.add(id(t))
+        state[name] = t
+    writer = None
+    if is_main():
+        writer = StreamedCheckpoint(path, {n: (t.dtype, tuple(t.shape)) for n, t in state.items()},
+                                    inner.metadata_dict(**extra))
+    for name in sorted(state):
+        t = state[name].detach()
+        full = t.full_tensor() if type(t).__name__ == "DTensor" else t
+        if writer is not None:
+            writer.add(name, full.cpu())
+        del full
+    if writer is not None:
+        writer.close()
 
 
 def _gathered_weights(model):
@@ -1111,20 +1200,37 @@ def write_set(path, step, writers, keep=2):
     """Rank 0's part of a save: each (name, write(file)) of `writers` into a temp folder, the commit
     rename, NAME.safetensors pointed at the new set, then the sets beyond `keep` removed. Until the
     rename the earlier sets are untouched; after it the new set is whole."""
+    finish_set(path, step, begin_set(path, step), writers, keep)
+
+
+def begin_set(path, step):
+    """Rank 0: the temp folder a set of `step` is written into (save_sharded: every rank writes there)."""
+    import shutil
+
+    tmp = f"{set_folder(path, step)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # this process id's own leftover (a save that raised)
+    os.makedirs(tmp)
+    fault_point("folder", step)
+    return tmp
+
+
+def finish_set(path, step, tmp, writers, keep=2):
+    """Rank 0: `writers` into the temp folder, then the manifest of every file in it (sizes), the
+    commit rename, the pointer and the pruning (write_set)."""
     import json
     import shutil
 
     root, final = sets_dir(path), set_folder(path, step)
-    tmp = f"{final}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # this process id's own leftover (a save that raised)
-    os.makedirs(tmp)
-    fault_point("folder", step)
-    files = {}
     for name, write in writers:
         write(os.path.join(tmp, name))
         _fsync(os.path.join(tmp, name))
-        files[name] = os.path.getsize(os.path.join(tmp, name))
         fault_point(name.split(".")[0], step)
+    files = {}
+    for where, _, names in os.walk(tmp):
+        for name in names:
+            rel = os.path.relpath(os.path.join(where, name), tmp)
+            files[rel] = os.path.getsize(os.path.join(tmp, rel))
+        _fsync(where)
     # the commit number orders the sets: a run started over at --out commits after the old run's sets
     seq = 1 + max((m.get("seq", 0) for m in map(read_manifest, committed_sets(path)) if m), default=0)
     with open(os.path.join(tmp, MANIFEST), "w") as f:
@@ -1493,6 +1599,21 @@ def load_resume(path, model, optimizer, batches=None, frozen=None):
     if len(train["rng"]) != world:  # before any weight is read
         fail(f"cannot resume: {train_file} was written by a run with {len(train['rng'])} ranks, this one has "
              f"{world}; resume with the same world size")
+    if train.get("format") == SHARDS:  # saved by save_sharded: every rank reads its own shards
+        if not _is_sharded(model):
+            fail(f"cannot resume: {train_file}'s set was saved sharded (--fsdp, {world} ranks); resume it with "
+                 f"--fsdp on {world} ranks")
+        check_compatible(meta, weights, like=unwrap(model))
+        try:
+            load_sharded(os.path.dirname(train_file), model, optimizer, frozen)
+        except (ValueError, KeyError, RuntimeError) as e:
+            fail(f"cannot resume: {os.path.join(os.path.dirname(train_file), SHARDS)} does not fit this run's "
+                 f"model, optimizer or pi_ref ({str(e).splitlines()[0][:160]}); resume with the flags the run "
+                 f"started with")
+        restore_rng_state(train["rng"], train_file)
+        if batches is not None and train["batches"] is not None:
+            batches.load_state(train["batches"])
+        return train["step"], train.get("meta", {})
     if frozen is not None:
         ref_meta = frozen_meta(ref, train["step"], train_file)
     load_weights(model, meta, weights)

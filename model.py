@@ -650,6 +650,68 @@ def write_checkpoint(path, tensors, metadata):
     os.replace(tmp, path)
 
 
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+class StreamedCheckpoint:
+    """A checkpoint written one tensor at a time (common.save_checkpoint under FSDP2: each tensor is
+    gathered, written and dropped, so no process holds the whole model). The same file as
+    write_checkpoint's: the safetensors layout, the metadata, the checksum.
+
+    The header comes first in a safetensors file and holds every tensor's byte range, which the
+    shapes and dtypes fix in advance; the checksum is known only at the end, so the header is written
+    with a placeholder of the same length and rewritten in place by close(). Tensors must come in
+    name order (the checksum's order). Written to a temp name, renamed by close()."""
+
+    def __init__(self, path, specs, metadata):
+        """specs: {name: (dtype, shape)}."""
+        self.path, self.tmp = os.fspath(path), f"{os.fspath(path)}.tmp-{os.getpid()}"
+        self.names, self.specs, self.crc, self.next = sorted(specs), specs, 0, 0
+        self.metadata = {**{k: str(v) for k, v in metadata.items()}, "checksum": "crc32:00000000"}
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self.file = open(self.tmp, "wb")
+        self.header_len = len(self._header())
+        self.file.write(self._header())
+
+    def _header(self):
+        entries, offset = {"__metadata__": self.metadata}, 0
+        for name in self.names:
+            dtype, shape = self.specs[name]
+            size = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            entries[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        text = json.dumps(entries, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        return len(text).to_bytes(8, "little") + text
+
+    def add(self, name, tensor):
+        want = self.names[self.next]
+        if name != want or tensor.dtype != self.specs[name][0] or tuple(tensor.shape) != tuple(self.specs[name][1]):
+            raise ValueError(f"{self.path}: expected tensor {want} {self.specs[want]}, got {name} "
+                             f"{tensor.dtype} {tuple(tensor.shape)}")
+        self.crc = _crc(name, tensor, self.crc)
+        self.file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        self.next += 1
+
+    def close(self):
+        if self.next != len(self.names):
+            raise ValueError(f"{self.path}: {len(self.names) - self.next} tensors were not written")
+        self.metadata["checksum"] = f"crc32:{self.crc:08x}"
+        header = self._header()
+        assert len(header) == self.header_len
+        self.file.seek(0)
+        self.file.write(header)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o666 & ~umask)
+        os.replace(self.tmp, self.path)
+
+
 def read_checkpoint(path):
     path = os.fspath(path)
     if not os.path.exists(path):
