@@ -134,6 +134,14 @@ gpu-check:
 	torchrun --standalone --nproc_per_node=$$($(PY) -c "import torch; print(torch.cuda.device_count())") gdso.py \
 	  --data $(GPU_CHECK)/world --out $(GPU_CHECK)/gdso-chunks.safetensors --bf16 --fsdp --checkpointing --steps 5 \
 	  --micro-samples 4 --eval-every 0 --eval-limit 64
+	# the 80 GB flags (the step lines print ms and peak GiB: compare with the two runs above), then a
+	# resume of the sharded set it saved at step 3
+	torchrun --standalone --nproc_per_node=$$($(PY) -c "import torch; print(torch.cuda.device_count())") gdso.py \
+	  --data $(GPU_CHECK)/world --out $(GPU_CHECK)/gdso-offload.safetensors --bf16 --fsdp --checkpointing --steps 5 \
+	  --micro-samples 4 --offload --layerwise-rollout --save-every 3 --stop-after 3 --eval-every 0 --eval-limit 64
+	torchrun --standalone --nproc_per_node=$$($(PY) -c "import torch; print(torch.cuda.device_count())") gdso.py \
+	  --data $(GPU_CHECK)/world --out $(GPU_CHECK)/gdso-offload.safetensors --bf16 --fsdp --checkpointing --steps 5 \
+	  --micro-samples 4 --offload --layerwise-rollout --save-every 3 --eval-every 5 --eval-limit 64 --resume
 	$(PY) risd.py --teacher $(GPU_CHECK)/gdso.safetensors --data $(GPU_CHECK)/world --out $(GPU_CHECK)/risd.safetensors \
 	  --bf16 --checkpointing --steps 20 --eval-every 0 --eval-limit 64
 	$(PY) reward_ft.py --reward $(GPU_CHECK)/risd.safetensors --data $(GPU_CHECK)/world --out $(GPU_CHECK)/rft.safetensors \

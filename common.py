@@ -175,7 +175,15 @@ def wrap(model, device, fsdp=False, bf16=False, checkpointing=False):
     to a weight of 0.1 (one bf16 step there is ~4e-4) rounds away: AdamW on bf16 weights barely
     moves the model at the recipes' learning rates. FSDP2 gathers each unit's parameters in bf16
     and reduces gradients in fp32 (MixedPrecisionPolicy); DDP and one process run the VLM body
-    under autocast. The score head and the token log-probs run in fp32 either way.
+    under autocast.
+
+    The heads: the score head computes its K bin logits and their softmax in fp32 (model.score_logits
+    casts its inputs), and the token log-probs accumulate in fp32 (zr_kernels/logprob.py). Their
+    inputs differ: the hidden state is bf16-rounded either way (the body computes in bf16), and the
+    LM head's rows are fp32 master weights under DDP / one process but bf16 as FSDP2 gathers them,
+    whose gradient is then bf16 until FSDP2 reduces it in fp32, as every unit's is. Gathering the LM
+    head in fp32 would double its bytes (5 GB at 27B) for an error no larger than the hidden state's
+    own rounding: docs/REAL_SCALE.md, "Memory and precision", has the measurement.
     """
     if checkpointing:
         # transformers recomputes only in train mode (the scripts call train() before every update)

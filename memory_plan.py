@@ -16,7 +16,8 @@ gives exact byte counts:
                FSDP2 keeps the root gathered through forward and backward), two decoder units'
                bf16 parameters (the one computing, the one prefetched) and one unit's bf16 gradient
     rollout    rollout_mode unshards every unit of the generating model for the whole rollout:
-               the full model in bf16 on every rank, plus its KV cache / recurrent state
+               the full model in bf16 on every rank, plus its KV cache / recurrent state; with
+               gdso.py --layerwise-rollout the root and a unit at a time instead
 
 The activations are an estimate, stated as one: with --checkpointing every decoder layer keeps
 its bf16 input for the recompute, and one layer at a time holds its intermediates (taken as
@@ -31,15 +32,22 @@ Sequence length: --image-tokens + --prompt-tokens, plus --max-new-tokens for a t
                unless they are units of their own). The training peak is the state (params ... teacher)
                plus the larger of units + rs + activations and end.
 
-Each GDSO row adds one move of issue-30's plan to the row above it. `--micro-samples S` exists
-(gdso.py: a micro-batch's 2 x G sequences go through forward and backward S at a time; the
-activations scale with S; cost: one extra no-grad forward per micro-batch for L_pw's gradient).
-The rows marked "planned" are projections of moves not built yet, computed the same way:
-embeddings and LM head as FSDP units of their own (untied models), AdamW state offloaded to pinned
-CPU memory around the rollout, and a rollout that gathers one unit at a time instead of the
-whole policy. What the estimate leaves out: the CUDA context and NCCL buffers (the 4 GiB margin),
-allocator fragmentation, the linear-attention layers' fp32 fallback without flash-linear-attention,
-and backward-time buffers beyond the reduce-scatter one.
+Each GDSO row adds one flag of gdso.py to the row above it, each a memory move with a cost (printed
+under the table): --micro-samples S (a micro-batch's 2 x G sequences through forward and backward
+S at a time: the activations scale with S), --offload (AdamW's state waits in pinned host memory
+except during the updates, pi_ref except while it scores: neither is on the GPU during the rollout,
+and pi_ref is not during the updates), --layerwise-rollout (the rollout gathers the root and one
+unit at a time). The row marked "planned" is a projection of a move not built, computed the same
+way: embeddings and LM head as FSDP units of their own (untied models). What the estimate leaves
+out: the CUDA context and NCCL buffers (the 4 GiB margin), allocator fragmentation, the
+linear-attention layers' fp32 fallback without flash-linear-attention, and backward-time buffers
+beyond the reduce-scatter one.
+
+A second table gives the host memory of one process at a save and at a resume, as checkpoints were
+written before (the whole model and AdamW state gathered on rank 0, every rank reading the whole
+optimizer state back) and as they are now (common.save_sharded: each rank writes and reads its own
+shards through torch.distributed.checkpoint, whose file writer stages one tensor at a time, and
+rank 0 streams model.safetensors one gathered tensor at a time).
 """
 
 import argparse
@@ -75,24 +83,28 @@ VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, 
               patch_size=16, spatial_merge_size=2, temporal_patch_size=2)
 
 # the README's launch lines: (label, trained model, frozen models, sequences per micro-batch, trace?,
-# flags, moves) with moves: micro_samples (sequences per forward), and the planned split_embed,
-# offload_adam, layerwise_rollout
+# flags, moves) with moves: micro_samples (sequences per forward), offload (gdso.py --offload),
+# layerwise_rollout, and the planned split_embed
 G8 = "--micro-pairs 1 --group 8"
+M27, M9 = "Qwen/Qwen3.5-27B", "Qwen/Qwen3.5-9B"
+MS2, OFF, LAYER = {"micro_samples": 2}, {"micro_samples": 2, "offload": True}, {"layerwise_rollout": True}
 RECIPES = [
-    ("sft.py 27B", "Qwen/Qwen3.5-27B", [], 4, False, "--micro-batch 4", {}),
-    ("gdso.py 27B", "Qwen/Qwen3.5-27B", [("pi_ref", "Qwen/Qwen3.5-27B")], 2 * 8, True, G8, {}),
-    ("gdso.py 27B", "Qwen/Qwen3.5-27B", [("pi_ref", "Qwen/Qwen3.5-27B")], 2 * 8, True, G8 + " --micro-samples 2",
-     {"micro_samples": 2}),
-    ("gdso.py 27B (planned)", "Qwen/Qwen3.5-27B", [("pi_ref", "Qwen/Qwen3.5-27B")], 2 * 8, True,
-     "+ embeddings and LM head as units", {"micro_samples": 2, "split_embed": True}),
-    ("gdso.py 27B (planned)", "Qwen/Qwen3.5-27B", [("pi_ref", "Qwen/Qwen3.5-27B")], 2 * 8, True,
-     "+ AdamW state offloaded around the rollout", {"micro_samples": 2, "split_embed": True, "offload_adam": True}),
-    ("gdso.py 27B (planned)", "Qwen/Qwen3.5-27B", [("pi_ref", "Qwen/Qwen3.5-27B")], 2 * 8, True,
-     "+ a rollout one unit at a time", {"micro_samples": 2, "split_embed": True, "offload_adam": True,
-                                        "layerwise_rollout": True}),
-    ("risd.py 9B <- 27B", "Qwen/Qwen3.5-9B", [("teacher", "Qwen/Qwen3.5-27B")], 8, False, "--micro-batch 8", {}),
+    ("sft.py 27B", M27, [], 4, False, "--micro-batch 4", {}),
+    ("gdso.py 27B", M27, [("pi_ref", M27)], 2 * 8, True, G8, {}),
+    ("gdso.py 27B", M27, [("pi_ref", M27)], 2 * 8, True, G8 + " --micro-samples 2", MS2),
+    ("gdso.py 27B", M27, [("pi_ref", M27)], 2 * 8, True, G8 + " --micro-samples 2 --offload", OFF),
+    ("gdso.py 27B", M27, [("pi_ref", M27)], 2 * 8, True, G8 + " --micro-samples 2 --offload --layerwise-rollout",
+     {**OFF, **LAYER}),
+    ("gdso.py 27B (planned)", M27, [("pi_ref", M27)], 2 * 8, True, "+ embeddings and LM head as units",
+     {**OFF, **LAYER, "split_embed": True}),
+    ("gdso.py 9B", M9, [("pi_ref", M9)], 2 * 8, True, G8, {}),
+    ("gdso.py 9B", M9, [("pi_ref", M9)], 2 * 8, True, G8 + " --micro-samples 2 --offload", OFF),
+    ("risd.py 9B <- 27B", M9, [("teacher", M27)], 8, False, "--micro-batch 8", {}),
 ]
 GIB = 2 ** 30
+# assumed for the costs printed under the table (not measured here): host <-> GPU copies of pinned
+# memory, and the all-gather bandwidth each GPU receives at over NVLink within a node
+PCIE_GBS, NVLINK_GBS = 25.0, 300.0
 
 
 def build_meta(name):
@@ -133,7 +145,9 @@ def shard(holder, mesh, dtype, mp=True):
     embed = vlm.get_input_embeddings().weight.numel() + vlm.get_output_embeddings().weight.numel()
     return {"total": total, "local": local, "trainable": trainable, "unit": max(sizes), "root": total - sum(sizes),
             "vocab_unit": vlm.get_output_embeddings().weight.numel(), "root_embed": embed,
-            "trainable_total": sum(p.numel() for n, p in holder.named_parameters() if ".visual." not in n)}
+            "trainable_total": sum(p.numel() for n, p in holder.named_parameters() if ".visual." not in n),
+            "largest": max(p.numel() for p in holder.parameters()),
+            "largest_local": max(p.to_local().numel() for p in holder.parameters())}
 
 
 def activations(name, seqs, tokens):
@@ -188,18 +202,26 @@ def recipe_bytes(args, trained, frozen):
         # fp32 reduce-scatter copy of that gradient (with embeddings as units: the larger of the two)
         end_unit = max(root, biggest)
         b["end"] = 2 * 2 * end_unit + 4 * end_unit
-        state = sum(v for k, v in b.items() if k not in ("units", "rs", "activations", "end"))
+        state = sum(v for k, v in b.items() if k in ("params", "grads", "adam", "pi_ref", "teacher"))
+        if moves.get("offload"):  # pi_ref waits in host memory through the updates
+            state -= b.get("pi_ref", 0)
+            b["away"] = ("pi_ref",)
         train_peak = state + max(b["units"] + b["rs"] + b["activations"], b["end"])
         # rollouts: GDSO samples from the policy, RISD's teacher writes its traces (grads are freed by then)
         gen = name if label.startswith("gdso") else dict(frozen_models).get("teacher")
         rollout = None
         if gen is not None:
-            kept = b["params"] + (0 if moves.get("offload_adam") else b["adam"])
-            kept += sum(b.get(r, 0) for r, _ in frozen_models)
+            kept = b["params"]
+            if not moves.get("offload"):  # AdamW's state and pi_ref wait in host memory through the rollout
+                kept += b["adam"] + sum(b.get(r, 0) for r, _ in frozen_models)
+            elif "teacher" in b:
+                kept += b["teacher"]
             gathered = 2 * trained[gen]["total"]  # the whole generating model, bf16
-            if moves.get("layerwise_rollout"):  # the root and two units at a time
-                g = trained[gen]
-                gathered = 2 * (g["root"] - g["root_embed"] + 2 * max(g["unit"], g["vocab_unit"]))
+            g = trained[gen]
+            if moves.get("layerwise_rollout"):  # the root held, a unit computing and the one gathered next
+                root = g["root"] - g["root_embed"] if moves.get("split_embed") else g["root"]
+                biggest = max(g["unit"], g["vocab_unit"]) if moves.get("split_embed") else g["unit"]
+                gathered = 2 * (root + 2 * biggest)
             rollout = kept + gathered + rollout_cache(gen, seqs, prompt + args.max_new_tokens)
         rows.append((label, flags, b, train_peak, rollout))
     return rows
@@ -219,14 +241,63 @@ def print_plan(args, trained, rows):
         peak = max(train_peak, rollout or 0)
         gpus = (("H100 80 GB", 79.1), ("H200 141 GB", 139.8))
         fits = ", ".join(g for g, cap in gpus if peak / GIB < cap - 4) or "neither"
-        cells = [f"{b[c] / GIB:.1f}" if c in b else "-" for c in cols]
+        cells = ["host" if c in b.get("away", ()) else f"{b[c] / GIB:.1f}" if c in b else "-" for c in cols]
         cells += [f"{train_peak / GIB:.1f}", f"{rollout / GIB:.1f}" if rollout else "-", fits]
         print(f"| {label} | `{flags}` | " + " | ".join(cells) + " |")
-    print("\n'fits' leaves 4 GiB for the CUDA context, NCCL buffers and fragmentation.")
+    print("\n'fits' leaves 4 GiB for the CUDA context, NCCL buffers and fragmentation. 'host': in pinned host "
+          "memory through the training phase (--offload; it comes to the GPU to score, while AdamW's state is away).")
+    print_costs(args, trained)
+    print_host_memory(args, trained)
+    print()
     for n in CONFIGS:
         print(f"{n}: accumulating unsharded gradients instead of reduce-scattering per micro-batch "
               f"(FSDP2 set_requires_gradient_sync(False)) would add {4 * trained[n]['trainable_total'] / GIB:.0f} GiB "
               f"per rank (fp32, the reduce dtype)")
+
+
+def print_costs(args, trained):
+    """What each GDSO flag costs per step at 27B, in bytes moved and in seconds at the assumed rates."""
+    t, w = trained[M27], args.world
+    pairs_per_rank = 64 // w  # the README's launch line: --pairs 64 --micro-pairs 1
+    print(f"\nwhat the GDSO flags cost at 27B, {w} ranks, the README's --pairs 64 --group 8 --micro-pairs 1 "
+          f"({pairs_per_rank} micro-batches of 16 sequences per rank and step); seconds at an assumed "
+          f"{PCIE_GBS:.0f} GB/s host <-> GPU and {NVLINK_GBS:.0f} GB/s all-gather per GPU:")
+    print("- --micro-samples S: each chunk gathers every unit twice (forward, backward) and reduce-scatters its "
+          "gradient: an update's traffic grows 16/S-fold over one forward of the micro-batch, plus one no-grad "
+          "forward per micro-batch for L_pw's gradient (with --alpha-pw > 0)")
+    moved = 2 * 8 * t["trainable"] + 2 * 2 * t["local"]  # AdamW state out and back, pi_ref back and out
+    print(f"- --offload: {moved / GIB:.1f} GiB per rank per step between host and GPU (AdamW's state out before "
+          f"the rollout and back for the updates, pi_ref in to score and out again), ~{moved / 1e9 / PCIE_GBS:.1f} s; "
+          f"pinned host memory {(8 * t['trainable'] + 2 * t['local']) / GIB:.1f} GiB per rank, "
+          f"{w * (8 * t['trainable'] + 2 * t['local']) / GIB:.0f} GiB per {w}-GPU node")
+    per_token = 2 * t["total"] * (w - 1) / w  # each forward gathers every unit once
+    tokens = pairs_per_rank * args.max_new_tokens
+    print(f"- --layerwise-rollout: each generated token gathers the model: {per_token / 1e9:.1f} GB received per rank "
+          f"and token, ~{per_token / 1e9 / NVLINK_GBS:.2f} s; {pairs_per_rank} rollouts x {args.max_new_tokens} tokens "
+          f"per step: ~{tokens * per_token / 1e9 / NVLINK_GBS / 60:.0f} min of all-gathers per step (the fast path: "
+          f"one gather per rollout). Use it only where --offload alone does not fit.")
+
+
+def print_host_memory(args, trained):
+    """Host memory of one process at a save and a resume, checkpoints gathered (before) and sharded (now)."""
+    print(f"\nhost memory of one process at a checkpoint save and at a resume, GiB, {args.world} ranks:")
+    print("\n| recipe | save, gathered on rank 0 (before) | resume, every rank (before) | save, sharded (now) | "
+          "resume, sharded (now) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for label, name, frozen in (("sft.py 27B", M27, None), ("gdso.py 27B", M27, M27), ("risd.py 9B <- 27B", M9, None)):
+        t = trained[name]
+        # before: the fp32 model and the whole AdamW state gathered on rank 0 (and pi_ref in bf16), and
+        # every rank's torch.load of the whole AdamW state at a resume
+        save_old = 4 * t["total"] + 8 * t["trainable_total"] + (2 * trained[frozen]["total"] if frozen else 0)
+        resume_old = 8 * t["trainable_total"]
+        # now: rank 0 streams model.safetensors one fp32 tensor at a time beside staging its own shards
+        # one tensor at a time; a resume reads one tensor's slice at a time into the shards in place
+        save_new = 4 * t["largest"] + 4 * t["largest_local"]
+        resume_new = 4 * t["largest_local"]
+        cells = [f"{v / GIB:.1f}" for v in (save_old, resume_old, save_new, resume_new)]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print("\nbefore, a resume on an 8-GPU node read the AdamW state 8 times over into host memory; now each tensor of "
+          "a rank's shards passes through host memory once, at most the largest (the embeddings' slice)")
 
 
 def main(argv=None):
