@@ -166,9 +166,12 @@ class Batches:
 def wrap(model, device, fsdp=False, bf16=False, checkpointing=False):
     """Wrap a ScoreModel for training; returns the module to call (forward goes through the wrapper).
 
-    FSDP2: each decoder layer and each vision block is its own unit, then the root; the root keeps
-    the (tied) embedding / LM head. DDP: find_unused_parameters, because a batch can leave a
-    module unused; checkpointing is then non-reentrant.
+    FSDP2: each decoder layer and each vision block is its own unit; so are the embeddings and the
+    LM head when they are untied (Qwen3.5-9B / 27B; _head_units), each gathered only while it
+    computes, not from the root's forward to the end of its backward (~10 GiB at 27B,
+    memory_plan.py); then the root, which keeps a tied embedding / LM head and the final norm.
+    DDP: find_unused_parameters, because a batch can leave a module unused; checkpointing is then
+    non-reentrant.
 
     Mixed precision (--bf16): the parameters, their gradients and AdamW's state stay fp32 (master
     weights) and only the compute is bf16. bf16 keeps 8 significant bits, so an update of lr 1e-6
@@ -201,9 +204,11 @@ def wrap(model, device, fsdp=False, bf16=False, checkpointing=False):
               else MixedPrecisionPolicy())
         # one unit at a time: cast to fp32 on the host, then fully_shard moves it to the device and
         # keeps this rank's shard, so the device never holds more than one whole unit
-        for block in _units(model):
+        for block in _units(model) + _head_units(model):
             fully_shard(block.float(), mesh=mesh, mp_policy=mp)
-        _cast_unsharded(model, torch.float32)  # the root's own parameters (embeddings, LM head)
+        if _head_units(model):
+            _register_head(model.vlm.get_output_embeddings())
+        _cast_unsharded(model, torch.float32)  # the root's own parameters (final norm; a tied embedding)
         fully_shard(model, mesh=mesh, mp_policy=mp)
         if getattr(model, "weight_files", None):  # built on meta (load_model(meta=True)): fill the shards
             fill_from_files(model, model.weight_files, device)
@@ -320,6 +325,32 @@ def _units(model):
         if isinstance(module, torch.nn.ModuleList) and (name.endswith("layers") or name.endswith("blocks")):
             units.extend(module)
     return units
+
+
+def _head_units(model):
+    """The input embeddings and the LM head, as FSDP2 units of their own, when they are two tensors
+    (an untied model); [] when tied: one tensor cannot be in two units, and the root keeps it."""
+    embed, head = model.vlm.get_input_embeddings(), model.vlm.get_output_embeddings()
+    if head is None or head.weight is embed.weight:
+        return []
+    return [embed, head]
+
+
+def _apply_head(head, fn, *args):
+    return fn(head.weight, getattr(head, "bias", None), *args)
+
+
+def _register_head(head):
+    """Give the sharded LM head a method, apply_head(fn, *args) = fn(weight, bias, *args), that FSDP2
+    treats as a forward (register_fsdp_forward_method): the score head and the fused log-prob use the
+    head's weight directly, not through its forward, and FSDP2 gathers a unit and reduces its
+    gradient only around a forward it sees (ScoreModel.with_head calls it)."""
+    import types
+
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    head.apply_head = types.MethodType(_apply_head, head)
+    register_fsdp_forward_method(head, "apply_head")
 
 
 def unwrap(model):

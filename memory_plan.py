@@ -12,9 +12,11 @@ gives exact byte counts:
     adam       AdamW's two fp32 moments of the trainable shard
     pi_ref     GDSO's frozen reference, a bf16 shard (common.wrap_frozen)
     teacher    RISD's frozen 27B teacher, a bf16 shard
-    units      training: the root's unsharded bf16 parameters and gradient (embeddings and LM head:
-               FSDP2 keeps the root gathered through forward and backward), two decoder units'
-               bf16 parameters (the one computing, the one prefetched) and one unit's bf16 gradient
+    units      training: the root's unsharded bf16 parameters and gradient (FSDP2 keeps the root
+               gathered through forward and backward; the embeddings and the LM head are units of
+               their own, both models being untied), two units' bf16 parameters (the one
+               computing, the one prefetched: the LM head is the largest) and one unit's bf16
+               gradient
     rollout    rollout_mode unshards every unit of the generating model for the whole rollout:
                the full model in bf16 on every rank, plus its KV cache / recurrent state; with
                gdso.py --layerwise-rollout the root and a unit at a time instead
@@ -27,19 +29,19 @@ Sequence length: --image-tokens + --prompt-tokens, plus --max-new-tokens for a t
     python memory_plan.py                 # the table of docs/REAL_SCALE.md
     python memory_plan.py --world 16 --max-new-tokens 2048
     rs         FSDP2's fp32 reduce-scatter buffer: a decoder unit's gradient cast to the reduce dtype
-    end        the end of the backward, activations freed: the root's bf16 parameters and gradient and
-               the fp32 reduce-scatter copy of that gradient (embeddings and LM head: 10 GiB at 27B,
-               unless they are units of their own). The training peak is the state (params ... teacher)
-               plus the larger of units + rs + activations and end.
+    end        the end of the backward, activations freed: the largest unit's (the embeddings' or
+               the LM head's) bf16 parameters and gradient and the fp32 reduce-scatter copy of that
+               gradient. The training peak is the state (params ... teacher) plus the larger of
+               units + rs + activations and end.
 
 Each GDSO row adds one flag of gdso.py to the row above it, each a memory move with a cost (printed
 under the table): --micro-samples S (a micro-batch's 2 x G sequences through forward and backward
 S at a time: the activations scale with S), --offload (AdamW's state waits in pinned host memory
 except during the updates, pi_ref except while it scores: neither is on the GPU during the rollout,
 and pi_ref is not during the updates), --layerwise-rollout (the rollout gathers the root and one
-unit at a time). The row marked "planned" is a projection of a move not built, computed the same
-way: embeddings and LM head as FSDP units of their own (untied models). What the estimate leaves
-out: the CUDA context and NCCL buffers (the 4 GiB margin), allocator fragmentation, the
+unit at a time). The embeddings and the LM head are FSDP units of their own in every row (common.wrap
+does so for untied models; before, the root held them gathered from its forward to the end of its
+backward: --no-head-units below prints that). What the estimate leaves out: the CUDA context and NCCL buffers (the 4 GiB margin), allocator fragmentation, the
 linear-attention layers' fp32 fallback without flash-linear-attention, and backward-time buffers
 beyond the reduce-scatter one.
 
@@ -84,7 +86,7 @@ VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, 
 
 # the README's launch lines: (label, trained model, frozen models, sequences per micro-batch, trace?,
 # flags, moves) with moves: micro_samples (sequences per forward), offload (gdso.py --offload),
-# layerwise_rollout, and the planned split_embed
+# layerwise_rollout
 G8 = "--micro-pairs 1 --group 8"
 M27, M9 = "Qwen/Qwen3.5-27B", "Qwen/Qwen3.5-9B"
 MS2, OFF, LAYER = {"micro_samples": 2}, {"micro_samples": 2, "offload": True}, {"layerwise_rollout": True}
@@ -95,8 +97,6 @@ RECIPES = [
     ("gdso.py 27B", M27, [("pi_ref", M27)], 2 * 8, True, G8 + " --micro-samples 2 --offload", OFF),
     ("gdso.py 27B", M27, [("pi_ref", M27)], 2 * 8, True, G8 + " --micro-samples 2 --offload --layerwise-rollout",
      {**OFF, **LAYER}),
-    ("gdso.py 27B (planned)", M27, [("pi_ref", M27)], 2 * 8, True, "+ embeddings and LM head as units",
-     {**OFF, **LAYER, "split_embed": True}),
     ("gdso.py 9B", M9, [("pi_ref", M9)], 2 * 8, True, G8, {}),
     ("gdso.py 9B", M9, [("pi_ref", M9)], 2 * 8, True, G8 + " --micro-samples 2 --offload", OFF),
     ("risd.py 9B <- 27B", M9, [("teacher", M27)], 8, False, "--micro-batch 8", {}),
@@ -146,6 +146,7 @@ def shard(holder, mesh, dtype, mp=True):
     return {"total": total, "local": local, "trainable": trainable, "unit": max(sizes), "root": total - sum(sizes),
             "vocab_unit": vlm.get_output_embeddings().weight.numel(), "root_embed": embed,
             "trainable_total": sum(p.numel() for n, p in holder.named_parameters() if ".visual." not in n),
+            "tied": vlm.get_output_embeddings().weight is vlm.get_input_embeddings().weight,
             "largest": max(p.numel() for p in holder.parameters()),
             "largest_local": max(p.to_local().numel() for p in holder.parameters())}
 
@@ -177,6 +178,9 @@ def get_args(argv=None):
                    help="image tokens per query (1024x1024 pixels / 32^2)")
     p.add_argument("--prompt-tokens", type=int, default=200, help="rubric prompt text tokens per query")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="trace length (gdso, the RISD teacher)")
+    p.add_argument("--head-units", action=argparse.BooleanOptionalAction, default=True,
+                   help="the embeddings and LM head as FSDP units of their own, as common.wrap makes them for "
+                        "untied models (--no-head-units: the root holds them, as before 2026-12-06)")
     return p.parse_args(argv)
 
 
@@ -189,8 +193,9 @@ def recipe_bytes(args, trained, frozen):
         b = {"params": 4 * t["local"], "grads": 4 * t["trainable"], "adam": 8 * t["trainable"]}
         for role, fname in frozen_models:
             b[role] = 2 * frozen[fname]["local"]
+        split = args.head_units and not t["tied"]  # common.wrap: the embeddings and LM head as units
         root, biggest = t["root"], t["unit"]
-        if moves.get("split_embed"):  # embeddings and LM head gathered only while they compute
+        if split:  # embeddings and LM head gathered only while they compute
             root, biggest = t["root"] - t["root_embed"], max(t["unit"], t["vocab_unit"])
         # through the backward of the decoder: the root's bf16 parameters and gradient, two units
         # gathered (computing, prefetched), one unit's bf16 gradient and its fp32 reduce-scatter copy
@@ -219,8 +224,9 @@ def recipe_bytes(args, trained, frozen):
             gathered = 2 * trained[gen]["total"]  # the whole generating model, bf16
             g = trained[gen]
             if moves.get("layerwise_rollout"):  # the root held, a unit computing and the one gathered next
-                root = g["root"] - g["root_embed"] if moves.get("split_embed") else g["root"]
-                biggest = max(g["unit"], g["vocab_unit"]) if moves.get("split_embed") else g["unit"]
+                split = args.head_units and not g["tied"]
+                root = g["root"] - g["root_embed"] if split else g["root"]
+                biggest = max(g["unit"], g["vocab_unit"]) if split else g["unit"]
                 gathered = 2 * (root + 2 * biggest)
             rollout = kept + gathered + rollout_cache(gen, seqs, prompt + args.max_new_tokens)
         rows.append((label, flags, b, train_peak, rollout))

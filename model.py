@@ -388,12 +388,15 @@ class ScoreModel(nn.Module):
         """The K rows of the LM head for the bin tokens: (K, D)."""
         return self.vlm.get_output_embeddings().weight[self.bin_ids]
 
-    def score_logits(self, hidden):
-        """hidden (N, D) at score positions -> bin logits (N, K) in fp32, never the full vocabulary."""
-        head = self.vlm.get_output_embeddings()
-        logits = hidden.float() @ self.bin_weight().float().T
-        if getattr(head, "bias", None) is not None:
-            logits = logits + head.bias[self.bin_ids].float()
+    def score_logits(self, hidden, weight=None, bias=None):
+        """hidden (N, D) at score positions -> bin logits (N, K) in fp32, never the full vocabulary.
+        weight / bias: the LM head's (forward passes the ones it gathered), else the module's own."""
+        if weight is None:
+            head = self.vlm.get_output_embeddings()
+            weight, bias = head.weight, getattr(head, "bias", None)
+        logits = hidden.float() @ weight[self.bin_ids].float().T
+        if bias is not None:
+            logits = logits + bias[self.bin_ids].float()
         return logits
 
     def forward(self, batch, score_index, targets=None, temperature=1.0, score_targets=None):
@@ -406,24 +409,45 @@ class ScoreModel(nn.Module):
         score_targets: optional (B,) token ids whose full-vocabulary log-prob at the score
         position comes back as `score_target_logprob` (gdso.py's L_pt).
         Returns a dict with `score_logits` (B, K) and, with targets, `token_logprobs`.
-        Keeping everything inside forward lets DDP / FSDP2 hooks see every parameter use.
+        Keeping everything inside forward lets DDP / FSDP2 hooks see every parameter use; the LM
+        head's weight is used in one call (heads), which FSDP2 gathers when the head is a unit of
+        its own (common.wrap, untied models).
         """
         hidden = self.vlm.model(**self._model_inputs(batch), use_cache=False).last_hidden_state  # (B, L, D)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         h_score = hidden[rows, score_index]  # (B, D)
-        out = {"score_logits": self.score_logits(h_score)}
+        keep = targets != -100 if targets is not None else None
+        h_tokens = hidden[keep] if targets is not None else None
+        score_logits, score_target_logprob, logprobs = self.with_head(
+            self._heads, h_score, h_tokens, targets[keep] if targets is not None else None, score_targets, temperature)
+        out = {"score_logits": score_logits}
         if score_targets is not None:
-            # log p(score_targets) against the whole vocabulary at the score position: the bin
-            # distribution's log q plus log P(the token is a bin at all); (B,)
-            out["score_target_logprob"] = token_logprobs(h_score, self.vlm.get_output_embeddings().weight,
-                                                         score_targets)
+            out["score_target_logprob"] = score_target_logprob
         if targets is not None:
-            keep = targets != -100
             lp = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
-            weight = self.vlm.get_output_embeddings().weight
-            lp[keep] = token_logprobs(hidden[keep], weight, targets[keep], temperature=temperature)
+            lp[keep] = logprobs
             out["token_logprobs"] = lp
         return out
+
+    def _heads(self, weight, bias, h_score, h_tokens, token_targets, score_targets, temperature):
+        """What forward reads off the LM head: the bin logits at the score positions; log p of
+        `score_targets` against the whole vocabulary there (the bin distribution's log q plus log
+        P(the token is a bin at all)); the trace tokens' log-probs at `temperature`."""
+        score_logits = self.score_logits(h_score, weight, bias)
+        score_lp = token_logprobs(h_score, weight, score_targets) if score_targets is not None else None
+        logprobs = (token_logprobs(h_tokens, weight, token_targets, temperature=temperature)
+                    if token_targets is not None else None)
+        return score_logits, score_lp, logprobs
+
+    def with_head(self, fn, *args):
+        """fn(weight, bias, *args) on the LM head's parameters. Where common.wrap made the head an
+        FSDP2 unit of its own, through the method it registered (`apply_head`), so that FSDP2 gathers
+        the head for the call and reduces its gradient; else on the module's parameters."""
+        head = self.vlm.get_output_embeddings()
+        apply = getattr(head, "apply_head", None)
+        if apply is not None:
+            return apply(fn, *args)
+        return fn(head.weight, getattr(head, "bias", None), *args)
 
     def completion_targets(self, batch, completions):
         """(B, L) next-token targets for teacher forcing: -100 except where a completion token is next.

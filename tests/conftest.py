@@ -13,6 +13,8 @@ import sys
 
 import torch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     _old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
@@ -91,3 +93,22 @@ def qwen2_5_vl(tok):
         tie_word_embeddings=False)
     torch.manual_seed(0)
     return Qwen2_5_VLForConditionalGeneration(cfg).eval()
+
+
+def untied_tiny_base(path):
+    """The shipped tiny base with its LM head untied from the embeddings (the LM head a copy of them),
+    saved as a score model at `path`: the layout of Qwen3.5-9B / 27B, whose embeddings are untied."""
+    from model import ScoreModel
+
+    src = ScoreModel.load(os.path.join(ROOT, "assets", "tiny_base.safetensors"))
+    config = src.vlm.config
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = False
+    vlm = type(src.vlm)(config)
+    state = src.vlm.state_dict()
+    state["lm_head.weight"] = state["model.language_model.embed_tokens.weight"].clone()
+    vlm.load_state_dict(state)
+    model = ScoreModel(vlm.eval(), src.tokenizer, src.image_processor, source="tiny")
+    model.prompt_version = src.prompt_version
+    assert model.vlm.get_output_embeddings().weight is not model.vlm.get_input_embeddings().weight
+    model.save(str(path))
+    return str(path)
