@@ -310,8 +310,9 @@ def copy_params(dst, src):
 def reshard(model):
     """FSDP2: free every gathered unit of `model`, back to this rank's shards (else nothing to do).
 
-    FSDP2 keeps the root's parameters (embeddings, LM head) gathered from its forward to the end of
-    the backward; a frozen model has no backward, so after its forward they would stay gathered,
+    FSDP2 keeps the root's parameters (the final norm, a tied embedding / LM head; a frozen model's
+    embeddings and LM head, which wrap_frozen leaves in the root) gathered from its forward to the
+    end of the backward; a frozen model has no backward, so after its forward they would stay gathered,
     and its parameters() would be the gathered tensors, not the shards, until its next forward."""
     for m in unwrap(model).modules():
         if type(m).__name__.startswith("FSDP"):
@@ -587,10 +588,11 @@ def rollout_mode(model, layerwise=False):
     with no collectives inside: the whole model in bf16 on every rank (memory_plan.py's rollout
     column). DDP / one process: nothing to gather.
 
-    layerwise=True (gdso.py --layerwise-rollout, FSDP2): only the root (embeddings, LM head, final
-    norm) is gathered for the rollout; each decoder layer and vision block is gathered by its own
-    forward hook and freed after it, so a rank holds about one unit at a time, at the price of two
-    all-gathers of the model per generated token. Every rank must then run the same forwards: the
+    layerwise=True (gdso.py --layerwise-rollout, FSDP2): only the root's own parameters (the final
+    norm; a tied embedding / LM head) are gathered for the rollout; every other unit (decoder layers,
+    vision blocks, untied embeddings and LM head) is gathered by its own forward hook and freed after
+    it, so a rank holds about one unit at a time, at the price of an all-gather of the whole model
+    per generated token. Every rank must then run the same forwards: the
     model's generate keeps finished ranks stepping (transformers' synced_gpus) until all are done,
     and callers give every rank the same number of batches. The same weights are gathered in the
     same precision either way, so the tokens are the fast path's."""

@@ -513,7 +513,7 @@ def get_args(argv=None):
                         "it scores; bit-identical results, two host<->GPU copies of each per step (memory_plan.py)")
     p.add_argument("--layerwise-rollout", action="store_true",
                    help="with --fsdp: sample and evaluate with one decoder unit gathered at a time instead of the "
-                        "whole policy (same tokens; two all-gathers of the model per generated token)")
+                        "whole policy (same tokens; an all-gather of the model per generated token)")
     args = p.parse_args(argv)  # every value is checked by its type (common.RUN_FLAGS, the ones above)
     if args.layerwise_rollout and not args.fsdp:
         p.error("--layerwise-rollout needs --fsdp: without it every rank holds the whole policy anyway")

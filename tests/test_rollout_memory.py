@@ -97,10 +97,10 @@ def world(tmp_path_factory):
     return str(out)
 
 
-# 3 steps, pi_ref reset at step 2 (FSDP2 left the reference's root gathered after it scored: the copy
-# failed on DTensor against tensor until common.reshard), an evaluation at step 2 (reasoning mode)
-RUN = ["--init", BASE, "--pairs", "4", "--group", "2", "--max-new-tokens", "40", "--eval-every", "2", "--eval-limit", "8",
-       "--lr", "1e-3", "--warmup", "1", "--steps", "3", "--save-every", "3", "--beta", "0.05", "--ref-reset-every", "2",
+# 2 steps, pi_ref reset at step 1 (FSDP2 left the reference's root gathered after it scored: the copy
+# failed on DTensor against tensor until common.reshard), evaluations at steps 1 and 2 (reasoning mode)
+RUN = ["--init", BASE, "--pairs", "4", "--group", "2", "--max-new-tokens", "40", "--eval-every", "1", "--eval-limit", "8",
+       "--lr", "1e-3", "--warmup", "1", "--steps", "2", "--save-every", "2", "--beta", "0.05", "--ref-reset-every", "1",
        "--micro-pairs", "1"]
 
 
@@ -133,9 +133,9 @@ def test_offload_and_layerwise_rollout_give_the_same_run_on_two_fsdp_ranks(world
     b = _run([*RUN, "--data", world, "--out", moved, "--fsdp", "--offload", "--layerwise-rollout"], nproc=2)
     assert _same_weights(plain, moved) == []
     assert _eval_lines(a) and _eval_lines(a) == _eval_lines(b)
-    # a resume across the flags: 2 steps with them, the third without, equals the uninterrupted run
+    # a resume across the flags: a step with them, the second without, equals the uninterrupted run
     part = str(tmp_path / "part.safetensors")
-    _run([*RUN, "--data", world, "--out", part, "--fsdp", "--offload", "--layerwise-rollout", "--stop-after", "2"],
+    _run([*RUN, "--data", world, "--out", part, "--fsdp", "--offload", "--layerwise-rollout", "--stop-after", "1"],
          nproc=2)
     out = _run([*RUN, "--data", world, "--out", part, "--fsdp", "--resume"], nproc=2)
     assert "--offload True -> False" in out and "--layerwise-rollout True -> False" in out
@@ -192,3 +192,16 @@ def test_layerwise_rollout_gathers_one_unit_at_a_time_and_samples_the_same_token
     fast_calls = [p["False"]["calls"] for p in probes]
     assert fast_calls[0] != fast_calls[1], "the probe's ranks finished together: nothing shows the sync"
     assert probes[0]["True"]["calls"] == probes[1]["True"]["calls"] == max(fast_calls)
+
+
+def test_balanced_shard_gives_every_rank_as_many_records_of_each_dimension():
+    from eval import balanced_shard
+
+    dims = ["alignment"] * 5 + ["realism"] * 3 + ["aesthetics"] * 2 + ["plausibility"]
+    records = [{"dimension": d} for d in dims]
+    shards = [balanced_shard(records, rank, 3) for rank in range(3)]
+    own = [idx[:real] for idx, real in shards]
+    assert sorted(i for o in own for i in o) == list(range(len(records)))  # each record scored once
+    for idx, _ in shards:  # per dimension: ceil(5/3) = 2, 1, 1, 1 records on every rank
+        counts = {d: sum(records[i]["dimension"] == d for i in idx) for d in set(dims)}
+        assert counts == {"alignment": 2, "realism": 1, "aesthetics": 1, "plausibility": 1}

@@ -60,15 +60,24 @@ def world(tmp_path_factory):
 
 
 RUN = ["--init", BASE, "--pairs", "4", "--group", "2", "--max-new-tokens", "40", "--eval-every", "0", "--eval-limit", "8",
-       "--lr", "1e-3", "--warmup", "1", "--steps", "3", "--beta", "0.05", "--ref-reset-every", "2", "--micro-pairs", "1",
+       "--lr", "1e-3", "--warmup", "1", "--steps", "2", "--beta", "0.05", "--ref-reset-every", "1", "--micro-pairs", "1",
        "--fsdp"]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(world, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("full") / "full.safetensors")
-    _run([*RUN, "--data", world, "--out", out, "--save-every", "3"], nproc=2)
+    _run([*RUN, "--data", world, "--out", out, "--save-every", "2"], nproc=2)
     return out
+
+
+@pytest.fixture(scope="module")
+def stopped(world, tmp_path_factory):
+    """A run stopped after its step-1 set (read, not changed, by the tests that use it)."""
+    out = str(tmp_path_factory.mktemp("stopped") / "run.safetensors")
+    args = [*RUN, "--data", world, "--out", out, "--save-every", "2", "--stop-after", "1"]
+    _run(args, nproc=2)
+    return out, args
 
 
 def _differ(one, two):
@@ -78,9 +87,12 @@ def _differ(one, two):
 
 
 @pytest.mark.slow
-def test_a_sharded_set_resumes_bit_exact(world, uninterrupted, tmp_path):
-    part = str(tmp_path / "part.safetensors")
-    _run([*RUN, "--data", world, "--out", part, "--save-every", "3", "--stop-after", "2"], nproc=2)
+def test_a_sharded_set_resumes_bit_exact(world, uninterrupted, stopped, tmp_path):
+    import shutil
+
+    part = str(tmp_path / "part.safetensors")  # a copy of the stopped run, which other tests read
+    shutil.copytree(common.sets_dir(stopped[0]), common.sets_dir(part))
+    shutil.copy(stopped[0], part)
     folder = common.newest_set(part)
     shards = sorted(os.listdir(os.path.join(folder, "shards")))
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
@@ -88,15 +100,15 @@ def test_a_sharded_set_resumes_bit_exact(world, uninterrupted, tmp_path):
     assert train["format"] == "shards" and "optimizer" not in train and len(train["rng"]) == 2
     assert not os.path.exists(os.path.join(folder, "ref.safetensors"))  # pi_ref is in the shards
     model_lib.verify_checksum(os.path.join(folder, "model.safetensors"))
-    out = _run([*RUN, "--data", world, "--out", part, "--save-every", "3", "--resume"], nproc=2)
-    assert "resumed" in out and "step-00000002" in out
+    out = _run([*RUN, "--data", world, "--out", part, "--save-every", "2", "--resume"], nproc=2)
+    assert "resumed" in out and "step-00000001" in out
     assert _differ(uninterrupted, part) == []
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["shards", "model"])
 def test_a_kill_during_a_sharded_save_loses_nothing(world, uninterrupted, tmp_path, point):
-    # saves at steps 1, 2, 3; rank 0 dies by SIGKILL in step 2's save, after `point`; the resume
+    # saves at steps 1 and 2; rank 0 dies by SIGKILL in step 2's save, after `point`; the resume
     # continues from step 1's set and ends where the uninterrupted run does
     out = str(tmp_path / "killed.safetensors")
     args = [*RUN, "--data", world, "--out", out, "--save-every", "1"]
@@ -137,10 +149,8 @@ with open(f"{sys.argv[2]}/reads-{rank}.json", "w") as f:
 
 
 @pytest.mark.slow
-def test_each_rank_reads_only_its_own_shards(world, tmp_path):
-    out = str(tmp_path / "run.safetensors")
-    args = [*RUN, "--data", world, "--out", out, "--save-every", "2", "--stop-after", "2"]
-    _run(args, nproc=2)
+def test_each_rank_reads_only_its_own_shards(stopped, tmp_path):
+    out, args = stopped
     folder = common.newest_set(out)
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
@@ -151,7 +161,7 @@ def test_each_rank_reads_only_its_own_shards(world, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for rank in (0, 1):
         got = json.loads((tmp_path / f"reads-{rank}.json").read_text())
-        assert got["step"] == 2
+        assert got["step"] == 1
         own = f"__{rank}_0.distcp"
         mine = [(n, fqn) for path, n, fqn in got["reads"] if path == own]
         other = [(n, fqn) for path, n, fqn in got["reads"] if path != own]
@@ -166,10 +176,8 @@ def test_each_rank_reads_only_its_own_shards(world, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_sharded_set_without_fsdp_is_refused_in_one_line(world, tmp_path):
-    out = str(tmp_path / "run.safetensors")
-    args = [*RUN, "--data", world, "--out", out, "--save-every", "2", "--stop-after", "2"]
-    _run(args, nproc=2)
+def test_a_sharded_set_without_fsdp_is_refused_in_one_line(stopped):
+    out, args = stopped
     no_fsdp = [a for a in args if a != "--fsdp"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
