@@ -18,7 +18,7 @@ import torch
 
 import common
 from conftest import ROOT, assert_same_update, untied_tiny_base
-from test_gdso import _run, needs_base
+from test_gdso import needs_base
 
 pytestmark = needs_base
 
