@@ -83,6 +83,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from collections import defaultdict
 
@@ -1261,10 +1262,19 @@ def tower_stage(args):
 
 
 def check_checkpoint(args):
-    """python tiny_world.py check: a checkpoint's greedy traces against the world's, printed as a table."""
-    records = load_jsonl(args.data)
-    records = records[:args.limit] if args.limit else records
-    model = ScoreModel.load(args.ckpt)
+    """python tiny_world.py check: a checkpoint's greedy traces against the world's, printed as a table.
+    A missing or bad file, or records that do not come from the world, end in one line (status 2)."""
+    try:
+        records = load_jsonl(args.data)
+        records = records[:args.limit] if args.limit else records
+        unseen = [r["id"] for r in records if "scene" not in r]
+        if unseen:
+            raise ValueError(f"{args.data}: {len(unseen)} records without a scene (e.g. {unseen[0]!r}): check reads "
+                             f"the world's own records (tiny_world.py render), which carry the scene they show")
+        model = ScoreModel.load(args.ckpt)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(format_check(*check_traces(model, records)))
 
 

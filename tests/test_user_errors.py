@@ -166,6 +166,8 @@ FLAGS = [
     ("tiny_world.py", ["render", "--n", "2"], ["--n 2", "test.jsonl would be empty"]),
     ("tiny_world.py", ["render", "--test-frac", "1"], ["--test-frac"]),
     ("tiny_world.py", ["render", "--noise", "nan"], ["--noise"]),
+    ("tiny_world.py", ["check", "--ckpt", "/nonexistent.safetensors"], ["/nonexistent.safetensors", "not found"]),
+    ("tiny_world.py", ["check", "--ckpt", BASE, "--data", "/nonexistent.jsonl"], ["/nonexistent.jsonl"]),
 ]
 
 
@@ -176,6 +178,8 @@ def _argv(script, argv, world, out):
     if script == "eval.py":
         head = ["rollouts", "--ckpt", BASE] if argv[:1] == ["rollouts"] else ["--ckpt", "tiny"]
         return [*head, "--data", world, *argv[1 if argv[:1] == ["rollouts"] else 0:]]
+    if argv[0] == "check":
+        return ["check", "--data", os.path.join(world, "test.jsonl"), *argv[1:]]
     return [argv[0], "--out", os.path.join(out, "world"), *argv[1:]]  # tiny_world.py COMMAND
 
 
@@ -448,3 +452,15 @@ def test_resume_with_other_trainable_parameters_or_world_size_is_one_line(world,
     state["rng"] = state["rng"] * 2  # as if two ranks had written it
     torch.save(state, train_file)
     refused(run("sft.py", *argv, "--resume"), "cannot resume", "2 ranks", "same world size")
+
+
+def test_tiny_world_check_refuses_records_that_carry_no_scene(world, tmp_path):
+    # valid records, but not the world's own: nothing to compare the traces with
+    lines = open(os.path.join(world, "test.jsonl")).read().splitlines()[:3]
+    records = [json.loads(line) for line in lines]
+    for r in records:
+        r.pop("scene")
+        r["image"] = os.path.join(world, r["image"])
+    path = tmp_path / "outside.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    refused(run("tiny_world.py", "check", "--ckpt", BASE, "--data", path), str(path), "without a scene")
