@@ -40,6 +40,10 @@ of the whole micro-batch (up to summation order). The policy loss and L_pt are s
 each chunk adds its share. L_pw compares every winner with every loser of a pair, so with
 alpha_pw > 0 a no-grad forward of the micro-batch comes first (gap_gradient): one extra forward
 per micro-batch and update, the price of not holding all samples' activations at once.
+--offload keeps AdamW's state and pi_ref in host memory while a phase does not use them (main's
+loop says which phase holds what: offload.keep), and --layerwise-rollout samples with one unit
+gathered at a time (common.rollout_mode); neither changes a number. On 8 x 80 GB GDSO 27B takes
+--micro-samples 2 --offload (memory_plan.py; docs/REAL_SCALE.md).
 
 Hyperparameters are not published; the defaults are what worked in the tiny world (docs/LOG.md).
 Labels off the half-point grid (aggregates of annotations) use their nearest bin for L_pt and
@@ -51,6 +55,7 @@ Launch:
     python gdso.py --method grpo --out runs/grpo.safetensors  # the GRPO baseline
     torchrun --nproc_per_node=8 gdso.py --model Qwen/Qwen3.5-27B --data my_pairs --bf16 --fsdp \\
         --checkpointing --pairs 64 --group 8 --max-new-tokens 1024 --lr 1e-6 --micro-pairs 1
+        # on 80 GB cards add: --micro-samples 2 --offload
 """
 
 import argparse
