@@ -11,6 +11,7 @@ the fast CPU reference path, and tests/test_kernels.py turns the interpreter on 
 import os
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,3 +113,14 @@ def untied_tiny_base(path):
     assert model.vlm.get_output_embeddings().weight is not model.vlm.get_input_embeddings().weight
     model.save(str(path))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """The 12-prompt tiny world (seed 0) that the GDSO tests train on, rendered once per session and only
+    read; a test module that needs another world defines its own `world`, which takes precedence."""
+    from tiny_world import make_world
+
+    out = tmp_path_factory.mktemp("world12")
+    make_world(str(out), n=12, seed=0)
+    return str(out)

@@ -197,15 +197,6 @@ def test_a_malformed_trace_stays_out_of_its_partners_rewards_and_gap_loss():
 needs_base = pytest.mark.skipif(not os.path.exists(BASE), reason="assets/tiny_base.safetensors not built")
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from tiny_world import make_world
-
-    out = tmp_path_factory.mktemp("world")
-    make_world(str(out), n=12, seed=0)
-    return str(out)
-
-
 def _run(args, nproc=1, env_extra=None, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **(env_extra or {}))
     if nproc > 1:

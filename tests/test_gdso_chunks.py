@@ -38,15 +38,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from tiny_world import make_world
-
-    out = tmp_path_factory.mktemp("world")
-    make_world(str(out), n=12, seed=0)
-    return str(out)
-
-
 def _args(world, *extra):
     # 2 micro-batches of 2 pairs: N = 2 x 2 x G(4) = 16 samples each, S = 3 leaves a last chunk of 1;
     # G = 4 because at G = 2 the tiny base's first rollouts tie within every group (no advantage)

@@ -28,15 +28,6 @@ def untied(tmp_path_factory):
     return untied_tiny_base(tmp_path_factory.mktemp("untied") / "untied.safetensors")
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from tiny_world import make_world
-
-    out = tmp_path_factory.mktemp("world")
-    make_world(str(out), n=12, seed=0)
-    return str(out)
-
-
 def test_only_untied_models_get_head_units(untied):
     tied = common.load_model(os.path.join(ROOT, "assets", "tiny_base.safetensors"))
     assert common._head_units(tied) == []

@@ -88,15 +88,6 @@ def test_layerwise_rollout_needs_fsdp(capsys):
     assert e.value.code == 2 and "--layerwise-rollout needs --fsdp" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from tiny_world import make_world
-
-    out = tmp_path_factory.mktemp("world")
-    make_world(str(out), n=12, seed=0)
-    return str(out)
-
-
 # 2 steps, pi_ref reset at step 1 (FSDP2 left the reference's root gathered after it scored: the copy
 # failed on DTensor against tensor until common.reshard), evaluations at steps 1 and 2 (reasoning mode)
 RUN = ["--init", BASE, "--pairs", "4", "--group", "2", "--max-new-tokens", "40", "--eval-every", "1", "--eval-limit", "8",

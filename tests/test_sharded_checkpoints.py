@@ -50,15 +50,6 @@ def test_streamed_checkpoint_refuses_tensors_out_of_order_or_missing(tmp_path):
     assert not (tmp_path / "s.safetensors").exists()
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from tiny_world import make_world
-
-    out = tmp_path_factory.mktemp("world")
-    make_world(str(out), n=12, seed=0)
-    return str(out)
-
-
 RUN = ["--init", BASE, "--pairs", "4", "--group", "2", "--max-new-tokens", "40", "--eval-every", "0", "--eval-limit", "8",
        "--lr", "1e-3", "--warmup", "1", "--steps", "2", "--beta", "0.05", "--ref-reset-every", "1", "--micro-pairs", "1",
        "--fsdp"]
