@@ -108,6 +108,8 @@ grads = {n: type(p.grad).__name__ if p.grad is not None else None for n, p in
          (("embed", embed.weight), ("head", head.weight))}
 with open(f"{sys.argv[4]}/probe-{rank}.json", "w") as f:
     json.dump({"seen": seen, "grads": grads, "units": [type(embed).__name__, type(head).__name__]}, f)
+common.dist_cleanup()
+common.exit_worker()  # as every script ends under torchrun (its docstring says why)
 '''
 
 

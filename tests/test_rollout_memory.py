@@ -157,6 +157,8 @@ for layerwise in (False, True):
 out["units"] = len(units)
 with open(f"{sys.argv[4]}/probe-{rank}.json", "w") as f:
     json.dump(out, f)
+common.dist_cleanup()
+common.exit_worker()  # as every script ends under torchrun (its docstring says why)
 '''
 
 

@@ -136,6 +136,8 @@ policy, ref, optimizer = gdso.load_models(args, device, train, test)
 step = common.resume_step(args, policy, optimizer, batches, frozen=ref)
 with open(f"{sys.argv[2]}/reads-{rank}.json", "w") as f:
     json.dump({"step": step, "reads": reads}, f)
+common.dist_cleanup()
+common.exit_worker()  # as every script ends under torchrun (its docstring says why)
 '''
 
 
