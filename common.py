@@ -1115,12 +1115,11 @@ def save_checkpoint(path, model, optimizer=None, step=0, batches=None, args=None
     optim_state = full_optimizer_state(model, optimizer) if optimizer is not None else None
     rngs = all_rng_states()
     if is_main():
-        extra = {"step": step, "args": vars(args) if args is not None else {}, **meta}
+        extra = _weights_meta(step, args, meta)
         if optimizer is None:
             _write_weights(path, model, state, extra)
         else:
-            train = {"step": step, "optimizer": optim_state, "rng": rngs, "args": vars(args) if args else {},
-                     "batches": batches.state() if batches is not None else None, "meta": meta}
+            train = _train_state(step, rngs, args, batches, meta, optimizer=optim_state)
             writers = [("model.safetensors", lambda f: _write_weights(f, model, state, extra)),
                        ("train.pt", lambda f: torch.save(train, f))]
             if frozen is not None:  # the step it belongs to, as every file of a set records
@@ -1152,14 +1151,24 @@ def save_sharded(path, model, optimizer, step, batches, args, frozen=None, **met
     dcp.save(_sharded_state(model, optimizer, frozen), checkpoint_id=os.path.join(tmp, SHARDS))
     if is_main():
         fault_point(SHARDS, step)
-    extra = {"step": step, "args": vars(args) if args is not None else {}, **meta}
-    stream_weights(os.path.join(tmp, "model.safetensors"), model, extra)
+    stream_weights(os.path.join(tmp, "model.safetensors"), model, _weights_meta(step, args, meta))
     if is_main():
         fault_point("model", step)
-        train = {"step": step, "format": SHARDS, "rng": rngs, "args": vars(args) if args else {},
-                 "batches": batches.state() if batches is not None else None, "meta": meta}
+        train = _train_state(step, rngs, args, batches, meta, format=SHARDS)
         finish_set(path, step, tmp, [("train.pt", lambda f: torch.save(train, f))], keep=getattr(args, "keep", 2))
     dist.barrier()
+
+
+def _weights_meta(step, args, meta):
+    """What a set's model.safetensors records beside the score model's own metadata."""
+    return {"step": step, "args": vars(args) if args is not None else {}, **meta}
+
+
+def _train_state(step, rngs, args, batches, meta, **fields):
+    """A set's train.pt: step, every rank's RNG state, flags, data position, the script's metadata, and
+    `fields` (the whole optimizer state, or format=SHARDS where the shards hold it)."""
+    return {"step": step, "rng": rngs, "args": vars(args) if args else {},
+            "batches": batches.state() if batches is not None else None, "meta": meta, **fields}
 
 
 def _sharded_state(model, optimizer, frozen=None):
@@ -1651,29 +1660,26 @@ def load_resume(path, model, optimizer, batches=None, frozen=None):
             fail(f"cannot resume: {os.path.join(os.path.dirname(train_file), SHARDS)} does not fit this run's "
                  f"model, optimizer or pi_ref ({str(e).splitlines()[0][:160]}); resume with the flags the run "
                  f"started with")
-        restore_rng_state(train["rng"], train_file)
-        if batches is not None and train["batches"] is not None:
-            batches.load_state(train["batches"])
-        return train["step"], train.get("meta", {})
-    if frozen is not None:
-        ref_meta = frozen_meta(ref, train["step"], train_file)
-    load_weights(model, meta, weights)
-    try:
-        if _is_sharded(model):
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    else:  # the whole state in train.pt and the set's .safetensors files
+        if frozen is not None:
+            ref_meta = frozen_meta(ref, train["step"], train_file)
+        load_weights(model, meta, weights)
+        try:
+            if _is_sharded(model):
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(unwrap(model), optimizer, train["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(train["optimizer"])
-    except (ValueError, KeyError, RuntimeError) as e:  # e.g. --freeze-vision changed under --resume-override
-        fail(f"cannot resume: the optimizer state in {train_file} does not fit this run's trainable parameters "
-             f"({str(e).splitlines()[0][:120]}); resume with the flags the run started with")
+                set_optimizer_state_dict(unwrap(model), optimizer, train["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                optimizer.load_state_dict(train["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:  # e.g. --freeze-vision changed under --resume-override
+            fail(f"cannot resume: the optimizer state in {train_file} does not fit this run's trainable parameters "
+                 f"({str(e).splitlines()[0][:120]}); resume with the flags the run started with")
+        if frozen is not None:
+            load_weights(frozen, ref_meta, ref)
     restore_rng_state(train["rng"], train_file)
     if batches is not None and train["batches"] is not None:
         batches.load_state(train["batches"])
-    if frozen is not None:
-        load_weights(frozen, ref_meta, ref)
     return train["step"], train.get("meta", {})
 
 def write_json(ckpt_path, kind, obj):
