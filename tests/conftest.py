@@ -9,6 +9,7 @@ the fast CPU reference path, and tests/test_kernels.py turns the interpreter on 
 """
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -124,3 +125,17 @@ def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world12")
     make_world(str(out), n=12, seed=0)
     return str(out)
+
+
+def run_script(script, args, nproc=1, env_extra=None, check=True, timeout=300):
+    """`python SCRIPT ARGS` from the repository root, under torchrun with `nproc` > 1, one thread per
+    process -> the CompletedProcess; with check, the test fails (with the output's tail) unless it
+    exits 0. `script`: a repository file name or a path."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **(env_extra or {}))
+    path = os.path.join(ROOT, str(script))  # an absolute path stays itself
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    res = subprocess.run([sys.executable, *launch, path, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    if check:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res

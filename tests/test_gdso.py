@@ -11,13 +11,11 @@ The end-to-end runs start from the shipped tiny base (assets/tiny_base.safetenso
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import assert_same_update
+from conftest import assert_same_update, run_script
 from gdso import SCORE_RANGE, direct_losses, gdso_rewards, group_advantages, pointwise_reward, policy_loss, valid_gaps
 from zr_kernels.gap import gap_l1_ref
 from model import BINS
@@ -198,15 +196,7 @@ needs_base = pytest.mark.skipif(not os.path.exists(BASE), reason="assets/tiny_ba
 
 
 def _run(args, nproc=1, env_extra=None, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **(env_extra or {}))
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               os.path.join(ROOT, "gdso.py"), *args]
-    else:
-        cmd = [sys.executable, os.path.join(ROOT, "gdso.py"), *args]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res.stdout
+    return run_script("gdso.py", args, nproc, env_extra, timeout=timeout).stdout
 
 
 def _weights(path):

@@ -10,15 +10,13 @@ through the method common.wrap registers (ScoreModel.with_head). A tied model ke
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import common
-from conftest import ROOT, assert_same_update, untied_tiny_base
-from test_gdso import needs_base
+from conftest import ROOT, assert_same_update, run_script, untied_tiny_base
+from test_gdso import _run, needs_base
 
 pytestmark = needs_base
 
@@ -55,18 +53,13 @@ def test_one_process_reads_the_head_as_before(untied, world):
 def test_two_fsdp_ranks_with_head_units_match_one_process(untied, world, tmp_path):
     # gdso reads all three of the LM head's outputs: bin logits, L_pt's full-vocabulary log-prob and the
     # trace tokens' log-probs (sft reads the first only)
-    script = "gdso"
     args = ["--pairs", "4", "--group", "2", "--max-new-tokens", "40", "--beta", "0.05", "--micro-pairs", "1",
             "--ref-reset-every", "2"]
     args = ["--init", untied, "--data", world, "--steps", "3", "--eval-every", "0", "--eval-limit", "8", "--lr", "1e-3",
             "--warmup", "1", *args]
     one, two = str(tmp_path / "one.safetensors"), str(tmp_path / "two.safetensors")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    for out, launch in ((one, []), (two, ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
-        flags = ["--fsdp"] if launch else []
-        res = subprocess.run([sys.executable, *launch, os.path.join(ROOT, f"{script}.py"), *args, *flags, "--out", out],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _run([*args, "--out", one])
+    _run([*args, "--fsdp", "--out", two], nproc=2)
     assert_same_update(one, two, untied, min_moved=1e-5)
     from safetensors.torch import load_file
 
@@ -117,11 +110,7 @@ common.exit_worker()  # as every script ends under torchrun (its docstring says 
 def test_the_head_units_are_gathered_only_while_they_compute(untied, world, tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script), ROOT, world, untied, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_script(script, [ROOT, world, untied, tmp_path], nproc=2)
     for rank in (0, 1):
         probe = json.loads((tmp_path / f"probe-{rank}.json").read_text())
         assert all(name.startswith("FSDP") for name in probe["units"])

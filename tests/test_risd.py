@@ -18,14 +18,12 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_same_update
+from conftest import assert_same_update, run_script
 from model import BINS, ScoreModel
 from risd import (cache_key, check_same_tokenizer, kl_loss, load_teacher, mean_over_traces, opd_loss, read_cache,
                   write_cache)
@@ -138,14 +136,7 @@ def test_cache_roundtrip_and_stale_keys_are_refused(tmp_path):
 
 
 def _run(args, nproc=1, timeout=300, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    script = os.path.join(ROOT, "risd.py")
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
-           if nproc > 1 else [sys.executable, script]) + list(args)
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res
+    return run_script("risd.py", args, nproc, check=check, timeout=timeout)
 
 
 def _kls(log):

@@ -12,9 +12,6 @@ turning them on or off.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,7 +19,8 @@ import torch
 
 import common
 import gdso
-from test_gdso import BASE, ROOT, _run, needs_base
+from conftest import ROOT, run_script
+from test_gdso import BASE, _run, needs_base
 
 CPU = torch.device("cpu")
 
@@ -167,11 +165,7 @@ common.exit_worker()  # as every script ends under torchrun (its docstring says 
 def test_layerwise_rollout_gathers_one_unit_at_a_time_and_samples_the_same_tokens(world, tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script), ROOT, world, BASE, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_script(script, [ROOT, world, BASE, tmp_path], nproc=2)
     probes = [json.loads((tmp_path / f"probe-{rank}.json").read_text()) for rank in (0, 1)]
     for p in probes:
         fast, layerwise = p["False"], p["True"]

@@ -10,8 +10,6 @@ reads only its own shard file, and a sharded set is refused without --fsdp in on
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +17,8 @@ from safetensors.torch import load_file
 
 import common
 import model as model_lib
-from test_gdso import BASE, ROOT, _run, needs_base
+from conftest import ROOT, run_script
+from test_gdso import BASE, _run, needs_base
 
 pytestmark = needs_base
 
@@ -103,10 +102,7 @@ def test_a_kill_during_a_sharded_save_loses_nothing(world, uninterrupted, tmp_pa
     # continues from step 1's set and ends where the uninterrupted run does
     out = str(tmp_path / "killed.safetensors")
     args = [*RUN, "--data", world, "--out", out, "--save-every", "1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, ZR_FAULT_AFTER=f"{point}@2")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "gdso.py"), *args]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    res = run_script("gdso.py", args, nproc=2, env_extra={"ZR_FAULT_AFTER": f"{point}@2"}, check=False)
     assert res.returncode != 0
     assert [os.path.basename(f) for f in common.committed_sets(out)] == ["step-00000001"]
     log = _run([*args, "--resume"], nproc=2)
@@ -147,11 +143,7 @@ def test_each_rank_reads_only_its_own_shards(stopped, tmp_path):
     folder = common.newest_set(out)
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script), ROOT, str(tmp_path), *args, "--stop-after", "0", "--resume"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_script(script, [ROOT, tmp_path, *args, "--stop-after", "0", "--resume"], nproc=2)
     for rank in (0, 1):
         got = json.loads((tmp_path / f"reads-{rank}.json").read_text())
         assert got["step"] == 1
@@ -172,10 +164,8 @@ def test_each_rank_reads_only_its_own_shards(stopped, tmp_path):
 def test_a_sharded_set_without_fsdp_is_refused_in_one_line(stopped):
     out, args = stopped
     no_fsdp = [a for a in args if a != "--fsdp"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "gdso.py"), *no_fsdp, "--stop-after", "0", "--resume", "--resume-override", "fsdp"]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    res = run_script("gdso.py", [*no_fsdp, "--stop-after", "0", "--resume", "--resume-override", "fsdp"], nproc=2,
+                     check=False)
     assert res.returncode != 0
     assert "was saved sharded (--fsdp, 2 ranks); resume it with --fsdp on 2 ranks" in res.stderr + res.stdout
     assert "]: Traceback" not in res.stderr  # no worker's ("[rank0]: Traceback"); torchrun prints its own
