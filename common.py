@@ -19,6 +19,7 @@ import datetime
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -854,6 +855,48 @@ def add_run_flags(p, defaults, notes=None, types=None):
             p.add_argument(flag, action="store_true", help=text)
         else:
             p.add_argument(flag, type=types.get(flag, kind), default=default, help=text)
+
+
+def regex(text):
+    """argparse type: a Python regular expression (--train-only)"""
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a regular expression: {e}")
+    return text
+
+
+def add_freeze_flags(p, whose="the model"):
+    """--freeze-vision and --train-only, for the scripts that train a score model (sft.py, tiny_base.py,
+    risd.py, gdso.py); freeze() applies them."""
+    p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"keep {whose}'s vision tower frozen (default)")
+    p.add_argument("--train-only", type=regex, default="", metavar="REGEX",
+                   help=f"train only {whose}'s parameters whose names match REGEX (re.search on the names of "
+                        "model.named_parameters(), e.g. 'layers\\.1\\.mlp|language_model\\.norm'); the rest stay "
+                        "as loaded. The one-token student of the tiny world keeps what its lower layers read only "
+                        "this way (docs/LOG.md)")
+
+
+def freeze(model, args):
+    """Apply --freeze-vision and --train-only to a bare ScoreModel before it is wrapped; a --train-only
+    that leaves nothing to train is a user error that shows what the names look like."""
+    if args.freeze_vision:
+        model.vision_tower().requires_grad_(False)
+    if not args.train_only:
+        return
+    pattern = re.compile(args.train_only)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    kept = [p for n, p in trainable if pattern.search(n)]
+    if not kept:
+        example = next((n for n, _ in trainable if ".mlp." in n), trainable[0][0] if trainable else "")
+        fail(f"--train-only {args.train_only!r} matches none of the {len(trainable)} trainable parameters"
+             + (" (--freeze-vision keeps the vision tower frozen)" if args.freeze_vision else "")
+             + (f"; names look like {example}" if example else ""))
+    for n, p in trainable:
+        p.requires_grad_(bool(pattern.search(n)))
+    print0(f"--train-only {args.train_only}: {len(kept)} of {len(trainable)} tensors trainable "
+           f"({sum(p.numel() for p in kept):,} parameters)")
 
 
 # -----------------------------------------------------------------------------

@@ -507,8 +507,7 @@ def get_args(argv=None):
                    help="rollout sampling temperature (0 = greedy)")
     p.add_argument("--max-new-tokens", type=common.positive_int, default=64,
                    help="trace length budget; no score token by then = malformed")
-    p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep the vision tower frozen (default)")
+    common.add_freeze_flags(p, whose="the policy")
     p.add_argument("--micro-samples", type=common.nonnegative_int, default=0,
                    help="S: forward and backward each micro-batch's 2 x micro-pairs x G samples in chunks of S "
                         "(activations for S sequences), same gradient; 0 = all at once. With --alpha-pw > 0, "
@@ -552,8 +551,7 @@ def load_models(args, device, train, test):
     common.check_resume_model(args, model, f"--model {args.model}" if args.model else f"--init {args.init}")
     common.check_context(model, train, "reasoning", args.max_new_tokens)
     common.check_context(model, test, "reasoning", args.max_new_tokens)
-    if args.freeze_vision:
-        model.vision_tower().requires_grad_(False)
+    common.freeze(model, args)
     policy = common.wrap(model, device, fsdp=args.fsdp, bf16=args.bf16, checkpointing=args.checkpointing)
     ref = None
     if args.beta > 0:

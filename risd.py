@@ -395,8 +395,7 @@ def get_args(argv=None):
                    help="also evaluate the teacher (reasoning, greedy) once at the start")
     p.add_argument("--throughput", action="store_true",
                    help="only measure images/s of the student (direct) vs the teacher (reasoning) and exit")
-    p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep the student's vision tower frozen (default)")
+    common.add_freeze_flags(p, whose="the student")
     args = p.parse_args(argv)  # every value is checked by its type (common.RUN_FLAGS, the ones above)
     if args.steps < 1 and not args.throughput:
         p.error(f"argument --steps: must be at least 1, got {args.steps} (0 only with --throughput)")
@@ -515,8 +514,7 @@ def main(argv=None):
         items = [i for i in items if ok[i]]  # records whose M traces all failed: skipped
     batches = common.Batches(items, args.batch_size, rank, world, seed=args.seed)
     micro, accum = common.split_batch(args.batch_size, args.micro_batch, world)
-    if args.freeze_vision:
-        student.vision_tower().requires_grad_(False)
+    common.freeze(student, args)
     model = common.wrap(student, device, fsdp=args.fsdp, bf16=args.bf16, checkpointing=args.checkpointing)
     optimizer = common.build_optimizer(model, args.lr, args.weight_decay)
     step = common.resume_step(args, model, optimizer, batches)

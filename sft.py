@@ -66,8 +66,7 @@ def build_parser(description, stage_flag=True):
                                                  "(e.g. a test split whose prompts must stay unseen)")
     p.add_argument("--vision-lr-mult", type=common.positive_float, default=1.0,
                    help="lr multiplier for the vision tower (with --no-freeze-vision)")
-    p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep the vision tower frozen (default)")
+    common.add_freeze_flags(p)
     return p
 
 
@@ -130,8 +129,7 @@ def load_checked_model(args, stage, items, train, test):
     # the longest answer must fit when training; scoring reads one token, or a trace (tiny_base.py)
     common.check_context(model, train, stage.mode, stage.answer_len(model, items))
     common.check_context(model, test, stage.mode, stage.eval_tokens)
-    if args.freeze_vision:
-        model.vision_tower().requires_grad_(False)
+    common.freeze(model, args)
     return model
 
 

@@ -132,6 +132,10 @@ FLAGS = [
     ("sft.py", ["--weight-decay", "inf"], ["--weight-decay", "finite"]),
     ("sft.py", ["--clip", "0"], ["--clip", "above 0"]),
     ("sft.py", ["--rationale-weight", "-1"], ["--rationale-weight"]),
+    ("sft.py", ["--train-only", "layers.(1"], ["--train-only", "'layers.(1'", "not a regular expression"]),
+    ("tiny_base.py", ["--train-only", "*mlp"], ["--train-only", "not a regular expression"]),
+    ("gdso.py", ["--train-only", "[mlp"], ["--train-only", "not a regular expression"]),
+    ("risd.py", ["--teacher", BASE, "--train-only", "mlp)"], ["--train-only", "not a regular expression"]),
     ("tiny_base.py", ["--micro-batch", "-4"], ["--micro-batch"]),
     ("gdso.py", ["--group", "1"], ["--group", "at least 2", "got 1", "advantage"]),
     ("gdso.py", ["--group", "0"], ["--group", "got 0"]),
@@ -430,6 +434,12 @@ def test_train_test_overlap_is_a_warning_that_counts(script, world, tmp_path, ou
     refused(res, "1000")  # the batch stops the run before any model; the warning came first
     test = os.path.join(folder, "test.jsonl")
     assert f"warning: of the 19 records of {test}, 3 share an id and 3 an image file with" in res.stdout + res.stderr
+
+
+def test_train_only_that_matches_nothing_trainable_names_what_names_look_like(world, out):
+    # "visual" matches only the vision tower, which --freeze-vision keeps frozen
+    refused(run("sft.py", "--data", world, "--out", os.path.join(out, "run.safetensors"), "--train-only", "visual"),
+            "--train-only 'visual'", "matches none of the", "--freeze-vision", "names look like vlm.model.")
 
 
 def test_resume_with_other_trainable_parameters_or_world_size_is_one_line(world, tmp_path):
