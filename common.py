@@ -873,9 +873,9 @@ def add_freeze_flags(p, whose="the model"):
                    help=f"keep {whose}'s vision tower frozen (default)")
     p.add_argument("--train-only", type=regex, default="", metavar="REGEX",
                    help=f"train only {whose}'s parameters whose names match REGEX (re.search on the names of "
-                        "model.named_parameters(), e.g. 'layers\\.1\\.mlp|language_model\\.norm'); the rest stay "
-                        "as loaded. The one-token student of the tiny world keeps what its lower layers read only "
-                        "this way (docs/LOG.md)")
+                        "model.named_parameters(), e.g. '^(?!.*(linear_attn|self_attn))' for everything but "
+                        "attention); the rest stay as loaded (docs/LOG.md: the tiny one-token student keeps its "
+                        "alignment reading through SFT and RISD only with its attention frozen)")
 
 
 def freeze(model, args):
