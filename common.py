@@ -1528,6 +1528,9 @@ RESUME_HARMLESS = frozenset({
     "eval_prompts", "eval_samples", "same_margin", "grid_every", "grid_prompts", "judge", "baseline",  # reward_ft.py
     "eval_teacher", "throughput",  # risd.py
 })
+# flags added after checkpoint sets were already being written, with the value that runs as they did before the
+# flag existed: a set that did not record one resumes under that value as if it had
+RESUME_ADDED = {"train_only": ""}
 
 
 def flag_name(key):
@@ -1537,7 +1540,8 @@ def flag_name(key):
 def resume_changes(saved, new, override=()):
     """Compare a checkpoint's flags (`saved`, as its metadata's JSON) with this run's (`new`, a dict)
     -> (allowed, overridden, refused): lists of '--flag old -> new'. Allowed: RESUME_HARMLESS ones;
-    overridden: the others that `override` names (flag names without '--', '-' or '_'); refused: the rest."""
+    overridden: the others that `override` names (flag names without '--', '-' or '_'); refused: the rest.
+    A RESUME_ADDED flag that the set did not record is no change at its old-behaviour value."""
     import json
 
     new = json.loads(json.dumps(new, default=str))  # as the checkpoint recorded them
@@ -1545,6 +1549,8 @@ def resume_changes(saved, new, override=()):
     for key in [*new, *(k for k in saved if k not in new)]:
         old, now = saved.get(key, "(not recorded)"), new.get(key, "(none)")
         if old == now or key == "resume":  # set on every resume
+            continue
+        if key not in saved and key in RESUME_ADDED and now == RESUME_ADDED[key]:
             continue
         change = f"{flag_name(key)} {old} -> {now}"
         (allowed if key in RESUME_HARMLESS else overridden if key in override else refused).append(change)

@@ -236,6 +236,11 @@ def test_a_flag_the_checkpoint_did_not_record_counts_as_a_change():
     assert overridden == [] and refused == ["--new-knob (not recorded) -> 1"]
     assert common.resume_changes(saved, new, {"new_knob"})[1:] == (["--new-knob (not recorded) -> 1"], [])
     assert common.resume_changes({**saved, "gone": 1}, saved)[2] == ["--gone 1 -> (none)"]
+    # a flag added later (RESUME_ADDED) at the value that trains as before is no change; any other value is
+    assert common.resume_changes(saved, {**saved, "train_only": ""}) == ([], [], [])
+    assert common.resume_changes(saved, {**saved, "train_only": "mlp"})[2] == ["--train-only (not recorded) -> mlp"]
+    assert common.resume_changes({**saved, "train_only": "mlp"}, {**saved, "train_only": ""})[2] == [
+        "--train-only mlp -> "]
     assert common.override_keys(" --lr,batch-size,eval_every", {"lr", "batch_size", "eval_every"}) == {
         "lr", "batch_size", "eval_every"}
 
