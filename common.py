@@ -874,8 +874,9 @@ def add_freeze_flags(p, whose="the model"):
     p.add_argument("--train-only", type=regex, default="", metavar="REGEX",
                    help=f"train only {whose}'s parameters whose names match REGEX (re.search on the names of "
                         "model.named_parameters(), e.g. '^(?!.*(linear_attn|self_attn))' for everything but "
-                        "attention); the rest stay as loaded (docs/LOG.md: the tiny one-token student keeps its "
-                        "alignment reading through SFT and RISD only with its attention frozen)")
+                        "attention); the rest stay as loaded (docs/LOG.md: on the tiny world's 2,560 training "
+                        "records the one-token student keeps its alignment reading through SFT and RISD only with "
+                        "its attention frozen)")
 
 
 def freeze(model, args):
