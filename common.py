@@ -894,8 +894,10 @@ def freeze(model, args):
         fail(f"--train-only {args.train_only!r} matches none of the {len(trainable)} trainable parameters"
              + (" (--freeze-vision keeps the vision tower frozen)" if args.freeze_vision else "")
              + (f"; names look like {example}" if example else ""))
-    for n, p in trainable:
-        p.requires_grad_(bool(pattern.search(n)))
+    for _, p in trainable:
+        p.requires_grad_(False)
+    for p in kept:
+        p.requires_grad_(True)
     print0(f"--train-only {args.train_only}: {len(kept)} of {len(trainable)} tensors trainable "
            f"({sum(p.numel() for p in kept):,} parameters)")
 

@@ -15,14 +15,13 @@ import json
 import os
 import re
 import runpy
-import subprocess
 import sys
 
 import pytest
 import torch
 
 import common
-from conftest import assert_same_update
+from conftest import assert_same_update, run_script
 import model as model_lib
 from data import SCORE_MARKER, score_to_level
 from model import BIN_TOKENS, ScoreModel
@@ -252,10 +251,6 @@ def test_torchrun_two_ranks_match_one_process(world, tmp_path, fsdp):
             "--micro-batch", "2", "--lr", "3e-3", "--warmup", "1", "--eval-every", "0", "--eval-limit", "4",
             "--save-every", "2"]
     one, two = str(tmp_path / "one.safetensors"), str(tmp_path / "two.safetensors")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    for cmd in ([sys.executable, os.path.join(ROOT, "sft.py"), *args, "--out", one],
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                 os.path.join(ROOT, "sft.py"), *args, "--out", two, *(["--fsdp"] if fsdp else [])]):
-        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    run_script("sft.py", [*args, "--out", one])
+    run_script("sft.py", [*args, "--out", two, *(["--fsdp"] if fsdp else [])], nproc=2)
     assert_same_update(one, two, BASE)

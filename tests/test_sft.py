@@ -10,12 +10,10 @@ FSDP2) accumulating micro-batches match one process.
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-from conftest import assert_same_update
+from conftest import assert_same_update, run_script
 import common
 import tiny_world
 from model import ScoreModel
@@ -25,10 +23,7 @@ BASE = os.path.join(ROOT, "assets", "tiny_base.safetensors")
 
 
 def _run(args, script="sft.py"):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    return res
+    return run_script(script, args, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +88,6 @@ def test_base_stage_refuses_a_real_model(world, tmp_path):
     assert res.returncode != 0 and "pretrains the embedded tiny model" in res.stdout + res.stderr
 
 
-def _run_n(args, nproc):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(ROOT, "sft.py"), *args]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(BASE), reason="assets/tiny_base.safetensors not built")
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
@@ -112,7 +99,7 @@ def test_torchrun_two_ranks_match_one_process(world, tmp_path, fsdp):
     one, two = str(tmp_path / "one.safetensors"), str(tmp_path / "two.safetensors")
     res = _run(args + ["--out", one])
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    _run_n(args + ["--out", two] + (["--fsdp"] if fsdp else []), 2)
+    run_script("sft.py", args + ["--out", two] + (["--fsdp"] if fsdp else []), nproc=2)
     assert_same_update(one, two, BASE)
 
 
