@@ -181,15 +181,25 @@ def true_scores(scene, items):
     return {d: max(S_MIN, S_MAX - float(penalty[d])) for d in DIMENSIONS}
 
 
-def defect_counts(scene, items):
-    """{dimension: number of defects}, every kind and severity counted once (the generic rubric)"""
+# the mild defects, which the conspicuous rubric does not count: a mild noise, blur, artifacts or
+# clutter, and an object hovering just above the ground (the annotators' cheapest non-zero penalties)
+MILD = {"realism": {"mild"}, "clutter": {"mild"}, "support": {"hovering"}}
+
+
+def defect_counts(scene, items, mild=True):
+    """{dimension: number of defects}, every kind and severity counted once (the generic rubric);
+    mild=False leaves out the MILD ones (the conspicuous rubric)"""
     status, extras = check_alignment(scene, items)
     objs = scene["objects"]
+    ok = {"realism": {"none"}, "clutter": {"none"}, "support": {"grounded"}}
+    if not mild:
+        ok = {k: v | MILD[k] for k, v in ok.items()}
     return {
         "alignment": sum(s != "ok" for s, _ in status) + len(extras),
-        "realism": sum(scene[k] != "none" for k in ("noise", "blur", "artifacts")),
-        "aesthetics": sum(o["offset"] != 0 for o in objs) + (scene["clutter"] != "none") + (scene["contrast"] == "low"),
-        "plausibility": sum(o["support"] != "grounded" for o in objs),
+        "realism": sum(scene[k] not in ok["realism"] for k in ("noise", "blur", "artifacts")),
+        "aesthetics": sum(o["offset"] != 0 for o in objs) + (scene["clutter"] not in ok["clutter"])
+        + (scene["contrast"] == "low"),
+        "plausibility": sum(o["support"] not in ok["support"] for o in objs),
     }
 
 
@@ -199,6 +209,18 @@ def generic_scores(scene, items):
     traces that end on this scale, so that zero-shot it reasons right but scores on the wrong scale,
     as a pretrained VLM does before it learns a rubric."""
     return {d: max(S_MIN, S_MAX - float(n)) for d, n in defect_counts(scene, items).items()}
+
+
+def conspicuous_scores(scene, items):
+    """{dimension: score} on a generic rubric further from the annotators': every defect one point,
+    as generic_scores, except that the MILD ones cost nothing (a rater who notices only what is
+    plain to see). The traces still name every defect; only their score lines leave the mild ones
+    out, so a model pretrained on them reads a mild blur and scores as if it were not there."""
+    return {d: max(S_MIN, S_MAX - float(n)) for d, n in defect_counts(scene, items, mild=False).items()}
+
+
+# the scales a world's traces can end on (render --trace-rubric), and tiny_world.py check's --rubric
+TRACE_RUBRICS = {"true": true_scores, "generic": generic_scores, "conspicuous": conspicuous_scores}
 
 
 def make_caption(scene, detail=False):
@@ -284,17 +306,23 @@ _PRICES = {"align": ALIGN_PENALTY, "realism": REALISM_PENALTY, "clutter": CLUTTE
 def rubric_on_lines(trace, dimension, items, rubric="true"):
     """The score a rubric gives to what a trace's lines say, not to the scene: each line read back
     as the defects it names, priced by the annotators' penalties (rubric="true", as true_scores) or
-    one point each ("generic", as generic_scores). On the world's own traces this is the scene's
+    one point each ("generic", as generic_scores; "conspicuous", the MILD ones free, as
+    conspicuous_scores). On the world's own traces this is the scene's
     score; on a checkpoint's, it is what a score line calibrated to that rubric would say after
     those lines, which separates the model's reading from its scale (tiny_world.py check). A line
     that names nothing known costs nothing; the score line itself is not read."""
+    if rubric not in TRACE_RUBRICS:
+        raise ValueError(f"rubric must be one of {', '.join(TRACE_RUBRICS)}, got {rubric!r}")
     penalty = 0.0
     for line in trace.strip().split("\n"):
         if line.strip().startswith(SCORE_MARKER):
             continue
         for kind, severity in _line_defects(dimension, line, items):
             price = _PRICES[kind]
-            penalty += 1.0 if rubric == "generic" else float(price[severity] if isinstance(price, dict) else price)
+            if rubric == "true":
+                penalty += float(price[severity] if isinstance(price, dict) else price)
+            elif rubric == "generic" or severity not in MILD.get(kind, ()):
+                penalty += 1.0
     return max(S_MIN, S_MAX - penalty)
 
 
@@ -441,13 +469,14 @@ def annotate(rng, truth, n, noise=0.5):
 def make_world(out, n, seed=0, candidates=4, annotators=5, test_frac=0.2, noise=0.5, trace_rubric="true",
                items_p=ITEMS_P, repeat_prompts=False):
     """render n prompts x candidates images and write out/{train,test}.jsonl; returns the records.
-    trace_rubric: the scale the records' traces end on, "true" (the annotators' rubric) or "generic"
-    (generic_scores: the tiny base's pretraining world). items_p: the chance of one, two or three
+    trace_rubric: the scale the records' traces end on, one of TRACE_RUBRICS: "true" (the annotators'
+    rubric), "generic" or "conspicuous" (generic_scores, conspicuous_scores: the tiny bases'
+    pretraining worlds). items_p: the chance of one, two or three
     prompt items. repeat_prompts: a prompt may be drawn again (there are only 100 one-item prompts;
     the base's pretraining worlds want thousands); train and test still share none, the split is
     by prompt text."""
-    if trace_rubric not in ("true", "generic"):
-        raise ValueError(f"trace_rubric must be 'true' or 'generic', got {trace_rubric!r}")
+    if trace_rubric not in TRACE_RUBRICS:
+        raise ValueError(f"trace_rubric must be one of {', '.join(TRACE_RUBRICS)}, got {trace_rubric!r}")
     check_items_p(items_p)
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
@@ -469,7 +498,7 @@ def make_world(out, n, seed=0, candidates=4, annotators=5, test_frac=0.2, noise=
             image = f"images/{group}_c{c}.png"
             render_scene(scene).save(os.path.join(out, image))
             truth, caption = true_scores(scene, items), make_caption(scene)
-            traced = truth if trace_rubric == "true" else generic_scores(scene, items)
+            traced = TRACE_RUBRICS[trace_rubric](scene, items)
             for d in DIMENSIONS:
                 scores = annotate(rng, truth[d], annotators, noise)
                 r = {"id": f"{group}_c{c}_{d}", "prompt": prompt_text(items), "image": image,
@@ -929,11 +958,13 @@ def _item_parts(line):
 
 
 @torch.no_grad()
-def check_traces(model, records, batch_size=32, max_new_tokens=96):
+def check_traces(model, records, batch_size=32, max_new_tokens=96, rubric="generic"):
     """Greedy traces against the world's own: {dimension: {"lines", "trace", "score_true",
-    "score_generic", "hpa", "hpa_lines", "hpa_lines_tiebreak"}} (also an "overall" row of the
+    "score_base", "hpa", "hpa_lines", "hpa_lines_tiebreak"}} (also an "overall" row of the
     three HPAs) and {kind of line: accuracy}. A line counts as right only if it is exactly the
-    world's line at the same position; the score line is compared with both rubrics. An alignment
+    world's line at the same position; the score line is compared with the annotators' rubric
+    ("score_true") and with the rubric the base was pretrained on ("score_base": `rubric`, one of
+    TRACE_RUBRICS). An alignment
     item line is also split in two: "item: read" (what the quadrant holds) and "item: verdict"
     (yes / no / at <quadrant>), each right or wrong on its own.
 
@@ -965,8 +996,8 @@ def check_traces(model, records, batch_size=32, max_new_tokens=96):
                     per_kind["item: verdict"].append(g_verdict == w_verdict)
             per_dim[d]["trace"].append([g.strip() for g in got[:-1]] == want[:-1])
             said = parse_score(text)
-            for rubric, scores in (("true", true_scores), ("generic", generic_scores)):
-                per_dim[d][f"score_{rubric}"].append(said == score_to_level(scores(r["scene"], items)[d]))
+            for column, scores in (("true", true_scores), ("base", TRACE_RUBRICS[rubric])):
+                per_dim[d][f"score_{column}"].append(said == score_to_level(scores(r["scene"], items)[d]))
     table = {d: {k: float(np.mean(v)) for k, v in m.items()} for d, m in per_dim.items()}
     mu, on_lines = np.array(mu), np.array(on_lines)
     n = len(records)
@@ -978,13 +1009,13 @@ def check_traces(model, records, batch_size=32, max_new_tokens=96):
     return table, {k: float(np.mean(v)) for k, v in sorted(per_kind.items())}
 
 
-def format_check(table, kinds):
-    lines = [f"{'dimension':<13} {'lines':>6} {'trace':>6} {'score (annotators)':>19} {'score (generic)':>16}"]
+def format_check(table, kinds, rubric="generic"):
+    lines = [f"{'dimension':<13} {'lines':>6} {'trace':>6} {'score (annotators)':>19} {f'score ({rubric})':>18}"]
     for d in DIMENSIONS:
         if d in table:
             t = table[d]
             lines.append(f"{d:<13} {t['lines']:6.3f} {t['trace']:6.3f} {t['score_true']:19.3f} "
-                         f"{t['score_generic']:16.3f}")
+                         f"{t['score_base']:18.3f}")
     lines.append("per kind of line: " + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items()))
     lines.append("")
     lines.append("HPA against the labels (a tie is a miss): the model's own score; the annotators' rubric applied "
@@ -1203,8 +1234,9 @@ def get_args(argv=None):
     p.add_argument("--annotators", type=int, default=5, help="simulated annotations per record")
     p.add_argument("--test-frac", type=float, default=0.2, help="fraction of prompts held out")
     p.add_argument("--noise", type=float, default=0.5, help="annotator noise sd (score units)")
-    p.add_argument("--trace-rubric", default="true", choices=["true", "generic"],
-                   help="scale the traces end on: the annotators' rubric, or the generic one (base pretraining)")
+    p.add_argument("--trace-rubric", default="true", choices=list(TRACE_RUBRICS),
+                   help="scale the traces end on: the annotators' rubric, or a generic one for base pretraining "
+                        "(generic: every defect one point; conspicuous: the same, mild defects free)")
     p.add_argument("--items-p", type=_chances, default=ITEMS_P, metavar="P1,P2,P3",
                    help="chances of a prompt naming one, two or three objects (default %(default)s)")
     p.add_argument("--repeat-prompts", action="store_true",
@@ -1223,6 +1255,9 @@ def get_args(argv=None):
     p.add_argument("--ckpt", required=True, help="score-model .safetensors")
     p.add_argument("--data", default="runs/world/test.jsonl", help="a world JSONL (records carry their scene)")
     p.add_argument("--limit", type=int, default=256, help="records to check (0 = all)")
+    p.add_argument("--rubric", default="generic", choices=[r for r in TRACE_RUBRICS if r != "true"],
+                   help="the generic rubric the checkpoint's base was pretrained on, which its score lines are "
+                        "also compared with (the shipped bases: generic)")
     args = parser.parse_args(argv)
     check_args(parser, args)
     return args
@@ -1275,7 +1310,7 @@ def check_checkpoint(args):
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(format_check(*check_traces(model, records)))
+    print(format_check(*check_traces(model, records, rubric=args.rubric), rubric=args.rubric))
 
 
 def main(argv=None):

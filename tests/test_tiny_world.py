@@ -39,15 +39,28 @@ def test_generic_rubric_counts_defects_not_their_weight():
     many = scene([("top left", "red", "circle", 0, "floating")] + [(q, "red", "cross", 0, "sunk") for q in
                   ("top right", "bottom left", "bottom right")])
     assert tiny_world.generic_scores(many, items)["plausibility"] == 1.0
+    # the conspicuous rubric: the same scene, the mild blur and the hovering square free
+    assert tiny_world.defect_counts(s, items, mild=False) == {"alignment": 2, "realism": 1, "aesthetics": 3,
+                                                              "plausibility": 1}
+    assert tiny_world.conspicuous_scores(s, items) == {"alignment": 3.0, "realism": 4.0, "aesthetics": 2.0,
+                                                       "plausibility": 4.0}
+    mild = scene([("top left", "red", "circle", 0, "hovering")], noise="mild", blur="mild", artifacts="mild",
+                 clutter="mild")
+    assert tiny_world.conspicuous_scores(mild, items) == {"alignment": 4.0, "realism": 5.0, "aesthetics": 5.0,
+                                                          "plausibility": 5.0}
+    assert tiny_world.generic_scores(mild, items) == {"alignment": 4.0, "realism": 2.0, "aesthetics": 4.0,
+                                                      "plausibility": 4.0}
 
 
-def test_pretraining_world_traces_end_on_the_generic_rubric(tmp_path):
-    recs = tiny_world.make_world(str(tmp_path), n=6, seed=3, trace_rubric="generic")
+@pytest.mark.parametrize("rubric", ["generic", "conspicuous"])
+def test_pretraining_world_traces_end_on_the_generic_rubric(tmp_path, rubric):
+    scores = tiny_world.TRACE_RUBRICS[rubric]
+    recs = tiny_world.make_world(str(tmp_path), n=6, seed=3, trace_rubric=rubric)
     for r in recs:
         items = tiny_world.parse_prompt(r["prompt"])
-        assert data.parse_score(r["trace"]) == data.score_to_level(tiny_world.generic_scores(r["scene"], items)[r["dimension"]])
+        assert data.parse_score(r["trace"]) == data.score_to_level(scores(r["scene"], items)[r["dimension"]])
         assert r["score"] == data.aggregate(r["scores"])  # the labels stay the annotators'
-    assert any(tiny_world.generic_scores(r["scene"], tiny_world.parse_prompt(r["prompt"]))[r["dimension"]] != r["true_score"]
+    assert any(scores(r["scene"], tiny_world.parse_prompt(r["prompt"]))[r["dimension"]] != r["true_score"]
                for r in recs)
     with pytest.raises(ValueError, match="trace_rubric"):
         tiny_world.make_world(str(tmp_path), n=2, trace_rubric="annotators")
@@ -122,6 +135,8 @@ def test_rubric_on_lines_prices_the_worlds_own_traces_as_the_scene(tmp_path):
         trace = tiny_world.make_trace(r["scene"], items, d)
         assert tiny_world.rubric_on_lines(trace, d, items) == tiny_world.true_scores(r["scene"], items)[d], trace
         assert tiny_world.rubric_on_lines(trace, d, items, "generic") == tiny_world.generic_scores(r["scene"], items)[d]
+        assert (tiny_world.rubric_on_lines(trace, d, items, "conspicuous")
+                == tiny_world.conspicuous_scores(r["scene"], items)[d])
     # it reads the lines, not the scene: a trace that calls a wrong colour right costs nothing
     line = "top left red circle: blue circle, no."
     items = tiny_world.parse_prompt("a red circle top left")
@@ -129,6 +144,9 @@ def test_rubric_on_lines_prices_the_worlds_own_traces_as_the_scene(tmp_path):
     assert tiny_world.rubric_on_lines(line.replace("no.", "yes.") + "\nextra: none.", "alignment", items) == 5.0
     assert tiny_world.rubric_on_lines("noise: strong.\nblur: mild.\nartifacts: none.", "realism", []) == 1.5
     assert tiny_world.rubric_on_lines("noise: strong.\nblur: mild.\nartifacts: none.", "realism", [], "generic") == 3.0
+    assert tiny_world.rubric_on_lines("noise: strong.\nblur: mild.\nartifacts: none.", "realism", [], "conspicuous") == 4.0
+    with pytest.raises(ValueError, match="rubric"):
+        tiny_world.rubric_on_lines("noise: strong.", "realism", [], "annotators")
 
 
 def test_check_traces_scores_the_worlds_own_traces_perfectly(tmp_path):
