@@ -1010,12 +1010,14 @@ def check_traces(model, records, batch_size=32, max_new_tokens=96, rubric="gener
 
 
 def format_check(table, kinds, rubric="generic"):
-    lines = [f"{'dimension':<13} {'lines':>6} {'trace':>6} {'score (annotators)':>19} {f'score ({rubric})':>18}"]
+    base = f"score ({rubric})"
+    width = max(16, len(base) + 1)
+    lines = [f"{'dimension':<13} {'lines':>6} {'trace':>6} {'score (annotators)':>19} {base:>{width}}"]
     for d in DIMENSIONS:
         if d in table:
             t = table[d]
             lines.append(f"{d:<13} {t['lines']:6.3f} {t['trace']:6.3f} {t['score_true']:19.3f} "
-                         f"{t['score_base']:18.3f}")
+                         f"{t['score_base']:{width}.3f}")
     lines.append("per kind of line: " + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items()))
     lines.append("")
     lines.append("HPA against the labels (a tie is a miss): the model's own score; the annotators' rubric applied "
