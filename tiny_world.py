@@ -467,14 +467,15 @@ def annotate(rng, truth, n, noise=0.5):
 
 
 def make_world(out, n, seed=0, candidates=4, annotators=5, test_frac=0.2, noise=0.5, trace_rubric="true",
-               items_p=ITEMS_P, repeat_prompts=False):
+               items_p=ITEMS_P, repeat_prompts=False, exclude=()):
     """render n prompts x candidates images and write out/{train,test}.jsonl; returns the records.
     trace_rubric: the scale the records' traces end on, one of TRACE_RUBRICS: "true" (the annotators'
     rubric), "generic" or "conspicuous" (generic_scores, conspicuous_scores: the tiny bases'
     pretraining worlds). items_p: the chance of one, two or three
     prompt items. repeat_prompts: a prompt may be drawn again (there are only 100 one-item prompts;
     the base's pretraining worlds want thousands); train and test still share none, the split is
-    by prompt text."""
+    by prompt text. exclude: prompt texts never drawn (another world's test prompts: a world of unlabeled
+    records for RISD that shares no prompt with the labeled world's test split)."""
     if trace_rubric not in TRACE_RUBRICS:
         raise ValueError(f"trace_rubric must be one of {', '.join(TRACE_RUBRICS)}, got {trace_rubric!r}")
     check_items_p(items_p)
@@ -484,6 +485,8 @@ def make_world(out, n, seed=0, candidates=4, annotators=5, test_frac=0.2, noise=
     while len(prompts) < n:  # distinct prompts unless repeat_prompts
         items = sample_items(rng, items_p)
         text = prompt_text(items)
+        if text in exclude:
+            continue
         if repeat_prompts or text not in texts:
             texts.setdefault(text, len(texts))
             prompts.append(items)
@@ -560,8 +563,15 @@ def count_only_predictions(records):
 def render(args):
     """python tiny_world.py render: make_world with the CLI's options, and one line about what it wrote."""
     t0 = time.time()
+    exclude = ()
+    if args.holdout:
+        try:
+            exclude = {r["prompt"] for r in load_jsonl(args.holdout, labeled=False)}
+        except (OSError, ValueError) as e:
+            print(f"error: --holdout {args.holdout}: {e}", file=sys.stderr)
+            sys.exit(2)
     records = make_world(args.out, args.n, args.seed, args.candidates, args.annotators, args.test_frac,
-                         args.noise, args.trace_rubric, args.items_p, args.repeat_prompts)
+                         args.noise, args.trace_rubric, args.items_p, args.repeat_prompts, exclude)
     n_train = sum(r["split"] == "train" for r in records)
     print(f"{len(records)} records ({n_train} train, {len(records) - n_train} test), "
           f"{len(records) // len(DIMENSIONS)} images in {args.out} | {time.time() - t0:.1f}s")
@@ -1239,6 +1249,9 @@ def get_args(argv=None):
     p.add_argument("--trace-rubric", default="true", choices=list(TRACE_RUBRICS),
                    help="scale the traces end on: the annotators' rubric, or a generic one for base pretraining "
                         "(generic: every defect one point; conspicuous: the same, mild defects free)")
+    p.add_argument("--holdout", default="", metavar="JSONL",
+                   help="a JSONL whose prompts are never drawn (e.g. the labeled world's test.jsonl, for a world of "
+                        "unlabeled records to distill on)")
     p.add_argument("--items-p", type=_chances, default=ITEMS_P, metavar="P1,P2,P3",
                    help="chances of a prompt naming one, two or three objects (default %(default)s)")
     p.add_argument("--repeat-prompts", action="store_true",

@@ -66,6 +66,23 @@ def test_pretraining_world_traces_end_on_the_generic_rubric(tmp_path, rubric):
         tiny_world.make_world(str(tmp_path), n=2, trace_rubric="annotators")
 
 
+def test_holdout_prompts_are_never_drawn(tmp_path):
+    """render --holdout: a world of unlabeled records that shares no prompt with a labeled test split;
+    the same seed without it does draw some of them (one-item prompts: 100 exist, 60 drawn)."""
+    tiny_world.main(["render", "--out", str(tmp_path / "w"), "--n", "40", "--seed", "5", "--candidates", "1",
+                     "--items-p", "1,0,0", "--test-frac", "0.5"])
+    held = {r["prompt"] for r in data.load_jsonl(str(tmp_path / "w" / "test.jsonl"))}
+    args = ["render", "--n", "60", "--seed", "6", "--candidates", "1", "--items-p", "1,0,0", "--test-frac", "0"]
+    tiny_world.main(args + ["--out", str(tmp_path / "free")])
+    tiny_world.main(args + ["--out", str(tmp_path / "held"), "--holdout", str(tmp_path / "w" / "test.jsonl")])
+    free = {r["prompt"] for r in data.load_jsonl(str(tmp_path / "free" / "train.jsonl"))}
+    drawn = [r["prompt"] for r in data.load_jsonl(str(tmp_path / "held" / "train.jsonl"))]
+    assert free & held and not set(drawn) & held and len(set(drawn)) == 60
+    with pytest.raises(SystemExit) as e:
+        tiny_world.main(args + ["--out", str(tmp_path / "x"), "--holdout", str(tmp_path / "missing.jsonl")])
+    assert e.value.code == 2
+
+
 def test_a_world_of_repeated_one_item_prompts_keeps_its_test_prompts_out_of_train(tmp_path):
     """items_p=(1, 0, 0) with repeat_prompts: more prompts than the 100 one-item ones that exist,
     every one naming one object, and the split still by prompt text (the base's first stage)."""
