@@ -170,6 +170,7 @@ FLAGS = [
     ("tiny_world.py", ["render", "--n", "2"], ["--n 2", "test.jsonl would be empty"]),
     ("tiny_world.py", ["render", "--test-frac", "1"], ["--test-frac"]),
     ("tiny_world.py", ["render", "--noise", "nan"], ["--noise"]),
+    ("tiny_world.py", ["render", "--holdout", "/nonexistent.jsonl"], ["--holdout", "/nonexistent.jsonl"]),
     ("tiny_world.py", ["check", "--ckpt", "/nonexistent.safetensors"], ["/nonexistent.safetensors", "not found"]),
     ("tiny_world.py", ["check", "--ckpt", BASE, "--data", "/nonexistent.jsonl"], ["/nonexistent.jsonl"]),
 ]
