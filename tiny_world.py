@@ -35,7 +35,8 @@ with "Score: d", d = score_to_level(true score), e.g. for alignment:
   Score: 6
 An alignment line says what the quadrant holds before its verdict, so that the verdict compares
 two phrases already written. The tiny bases' pretraining world (--trace-rubric generic) ends its
-traces on a generic rubric instead, generic_scores: every defect one point, whatever its kind.
+traces on a generic rubric instead, generic_scores: every defect one point, whatever its kind
+(--trace-rubric conspicuous: the same with the mild defects free, conspicuous_scores).
 
 make_world writes the labeled world as records of data.py's format, each also carrying its scene,
 caption and trace; generator_batch is the same distribution rendered on the fly, the tiny
