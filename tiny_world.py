@@ -36,7 +36,8 @@ with "Score: d", d = score_to_level(true score), e.g. for alignment:
 An alignment line says what the quadrant holds before its verdict, so that the verdict compares
 two phrases already written. The tiny bases' pretraining world (--trace-rubric generic) ends its
 traces on a generic rubric instead, generic_scores: every defect one point, whatever its kind
-(--trace-rubric conspicuous: the same with the mild defects free, conspicuous_scores).
+(--trace-rubric conspicuous: the same with the mild defects free, conspicuous_scores; coarse: also
+extra and off-center objects free, coarse_scores).
 
 make_world writes the labeled world as records of data.py's format, each also carrying its scene,
 caption and trace; generator_batch is the same distribution rendered on the fly, the tiny
@@ -185,23 +186,33 @@ def true_scores(scene, items):
 # the mild defects, which the conspicuous rubric does not count: a mild noise, blur, artifacts or
 # clutter, and an object hovering just above the ground (the annotators' cheapest non-zero penalties)
 MILD = {"realism": {"mild"}, "clutter": {"mild"}, "support": {"hovering"}}
+# what each generic rubric leaves out: "mild" (the MILD defects), "extra" (objects the prompt did not
+# ask for), "offcenter" (an object off its quadrant's center). Every other defect costs one point
+FREE = {"generic": (), "conspicuous": ("mild",), "coarse": ("mild", "extra", "offcenter")}
 
 
-def defect_counts(scene, items, mild=True):
+def defect_counts(scene, items, free=()):
     """{dimension: number of defects}, every kind and severity counted once (the generic rubric);
-    mild=False leaves out the MILD ones (the conspicuous rubric)"""
+    free: the kinds of FREE left out (FREE["conspicuous"], FREE["coarse"])"""
+    unknown = set(free) - {"mild", "extra", "offcenter"}
+    if unknown:
+        raise ValueError(f"free names kinds mild, extra, offcenter; got {sorted(unknown)}")
     status, extras = check_alignment(scene, items)
     objs = scene["objects"]
     ok = {"realism": {"none"}, "clutter": {"none"}, "support": {"grounded"}}
-    if not mild:
+    if "mild" in free:
         ok = {k: v | MILD[k] for k, v in ok.items()}
     return {
-        "alignment": sum(s != "ok" for s, _ in status) + len(extras),
+        "alignment": sum(s != "ok" for s, _ in status) + len(extras) * ("extra" not in free),
         "realism": sum(scene[k] not in ok["realism"] for k in ("noise", "blur", "artifacts")),
-        "aesthetics": sum(o["offset"] != 0 for o in objs) + (scene["clutter"] not in ok["clutter"])
-        + (scene["contrast"] == "low"),
+        "aesthetics": sum(o["offset"] != 0 for o in objs) * ("offcenter" not in free)
+        + (scene["clutter"] not in ok["clutter"]) + (scene["contrast"] == "low"),
         "plausibility": sum(o["support"] not in ok["support"] for o in objs),
     }
+
+
+def _one_point_each(scene, items, rubric):
+    return {d: max(S_MIN, S_MAX - float(n)) for d, n in defect_counts(scene, items, FREE[rubric]).items()}
 
 
 def generic_scores(scene, items):
@@ -209,7 +220,7 @@ def generic_scores(scene, items):
     point, whatever its kind or severity (max(1, 5 - defects)). The tiny base is pretrained on
     traces that end on this scale, so that zero-shot it reasons right but scores on the wrong scale,
     as a pretrained VLM does before it learns a rubric."""
-    return {d: max(S_MIN, S_MAX - float(n)) for d, n in defect_counts(scene, items).items()}
+    return _one_point_each(scene, items, "generic")
 
 
 def conspicuous_scores(scene, items):
@@ -217,11 +228,19 @@ def conspicuous_scores(scene, items):
     as generic_scores, except that the MILD ones cost nothing (a rater who notices only what is
     plain to see). The traces still name every defect; only their score lines leave the mild ones
     out, so a model pretrained on them reads a mild blur and scores as if it were not there."""
-    return {d: max(S_MIN, S_MAX - float(n)) for d, n in defect_counts(scene, items, mild=False).items()}
+    return _one_point_each(scene, items, "conspicuous")
+
+
+def coarse_scores(scene, items):
+    """{dimension: score} on a generic rubric further still: conspicuous_scores, and also objects
+    the prompt did not ask for and objects off their quadrant's center cost nothing (a rater who
+    checks that what was asked for is there, not what else is there or where exactly it sits)."""
+    return _one_point_each(scene, items, "coarse")
 
 
 # the scales a world's traces can end on (render --trace-rubric), and tiny_world.py check's --rubric
-TRACE_RUBRICS = {"true": true_scores, "generic": generic_scores, "conspicuous": conspicuous_scores}
+TRACE_RUBRICS = {"true": true_scores, "generic": generic_scores, "conspicuous": conspicuous_scores,
+                 "coarse": coarse_scores}
 
 
 def make_caption(scene, detail=False):
@@ -307,10 +326,10 @@ _PRICES = {"align": ALIGN_PENALTY, "realism": REALISM_PENALTY, "clutter": CLUTTE
 def rubric_on_lines(trace, dimension, items, rubric="true"):
     """The score a rubric gives to what a trace's lines say, not to the scene: each line read back
     as the defects it names, priced by the annotators' penalties (rubric="true", as true_scores) or
-    one point each ("generic", as generic_scores; "conspicuous", the MILD ones free, as
-    conspicuous_scores). On the world's own traces this is the scene's
-    score; on a checkpoint's, it is what a score line calibrated to that rubric would say after
-    those lines, which separates the model's reading from its scale (tiny_world.py check). A line
+    one point each, less what FREE leaves out ("generic", "conspicuous", "coarse": as generic_scores,
+    conspicuous_scores, coarse_scores). On the world's own traces this is the scene's score; on a
+    checkpoint's, it is what a score line calibrated to that rubric would say after those lines,
+    which separates the model's reading from its scale (tiny_world.py check). A line
     that names nothing known costs nothing; the score line itself is not read."""
     if rubric not in TRACE_RUBRICS:
         raise ValueError(f"rubric must be one of {', '.join(TRACE_RUBRICS)}, got {rubric!r}")
@@ -322,7 +341,7 @@ def rubric_on_lines(trace, dimension, items, rubric="true"):
             price = _PRICES[kind]
             if rubric == "true":
                 penalty += float(price[severity] if isinstance(price, dict) else price)
-            elif rubric == "generic" or severity not in MILD.get(kind, ()):
+            elif kind not in FREE[rubric] and not ("mild" in FREE[rubric] and severity in MILD.get(kind, ())):
                 penalty += 1.0
     return max(S_MIN, S_MAX - penalty)
 
@@ -471,8 +490,8 @@ def make_world(out, n, seed=0, candidates=4, annotators=5, test_frac=0.2, noise=
                items_p=ITEMS_P, repeat_prompts=False, exclude=()):
     """render n prompts x candidates images and write out/{train,test}.jsonl; returns the records.
     trace_rubric: the scale the records' traces end on, one of TRACE_RUBRICS: "true" (the annotators'
-    rubric), "generic" or "conspicuous" (generic_scores, conspicuous_scores: the tiny bases'
-    pretraining worlds). items_p: the chance of one, two or three
+    rubric), "generic", "conspicuous" or "coarse" (generic_scores, conspicuous_scores, coarse_scores:
+    the tiny bases' pretraining worlds). items_p: the chance of one, two or three
     prompt items. repeat_prompts: a prompt may be drawn again (there are only 100 one-item prompts;
     the base's pretraining worlds want thousands); train and test still share none, the split is
     by prompt text. exclude: prompt texts never drawn (another world's test prompts: a world of unlabeled
@@ -1249,7 +1268,8 @@ def get_args(argv=None):
     p.add_argument("--noise", type=float, default=0.5, help="annotator noise sd (score units)")
     p.add_argument("--trace-rubric", default="true", choices=list(TRACE_RUBRICS),
                    help="scale the traces end on: the annotators' rubric, or a generic one for base pretraining "
-                        "(generic: every defect one point; conspicuous: the same, mild defects free)")
+                        "(generic: every defect one point; conspicuous: the same, mild defects free; coarse: "
+                        "also extra and off-center objects free)")
     p.add_argument("--holdout", default="", metavar="JSONL",
                    help="a JSONL whose prompts are never drawn (e.g. the labeled world's test.jsonl, for a world of "
                         "unlabeled records to distill on)")

@@ -40,8 +40,8 @@ def test_generic_rubric_counts_defects_not_their_weight():
                   ("top right", "bottom left", "bottom right")])
     assert tiny_world.generic_scores(many, items)["plausibility"] == 1.0
     # the conspicuous rubric: the same scene, the mild blur and the hovering square free
-    assert tiny_world.defect_counts(s, items, mild=False) == {"alignment": 2, "realism": 1, "aesthetics": 3,
-                                                              "plausibility": 1}
+    assert tiny_world.defect_counts(s, items, free=("mild",)) == {"alignment": 2, "realism": 1, "aesthetics": 3,
+                                                                  "plausibility": 1}
     assert tiny_world.conspicuous_scores(s, items) == {"alignment": 3.0, "realism": 4.0, "aesthetics": 2.0,
                                                        "plausibility": 4.0}
     mild = scene([("top left", "red", "circle", 0, "hovering")], noise="mild", blur="mild", artifacts="mild",
@@ -50,9 +50,15 @@ def test_generic_rubric_counts_defects_not_their_weight():
                                                           "plausibility": 5.0}
     assert tiny_world.generic_scores(mild, items) == {"alignment": 4.0, "realism": 2.0, "aesthetics": 4.0,
                                                       "plausibility": 4.0}
+    # the coarse rubric: conspicuous, and the extra blue cross and the off-center circle free too
+    assert tiny_world.coarse_scores(s, items) == {"alignment": 4.0, "realism": 4.0, "aesthetics": 3.0,
+                                                  "plausibility": 4.0}
+    assert tiny_world.coarse_scores(mild, items) == tiny_world.conspicuous_scores(mild, items)
+    with pytest.raises(ValueError, match="hovering"):
+        tiny_world.defect_counts(s, items, free=("hovering",))
 
 
-@pytest.mark.parametrize("rubric", ["generic", "conspicuous"])
+@pytest.mark.parametrize("rubric", ["generic", "conspicuous", "coarse"])
 def test_pretraining_world_traces_end_on_the_generic_rubric(tmp_path, rubric):
     scores = tiny_world.TRACE_RUBRICS[rubric]
     recs = tiny_world.make_world(str(tmp_path), n=6, seed=3, trace_rubric=rubric)
@@ -152,8 +158,9 @@ def test_rubric_on_lines_prices_the_worlds_own_traces_as_the_scene(tmp_path):
         trace = tiny_world.make_trace(r["scene"], items, d)
         assert tiny_world.rubric_on_lines(trace, d, items) == tiny_world.true_scores(r["scene"], items)[d], trace
         assert tiny_world.rubric_on_lines(trace, d, items, "generic") == tiny_world.generic_scores(r["scene"], items)[d]
-        assert (tiny_world.rubric_on_lines(trace, d, items, "conspicuous")
-                == tiny_world.conspicuous_scores(r["scene"], items)[d])
+        for rubric in ("conspicuous", "coarse"):
+            assert (tiny_world.rubric_on_lines(trace, d, items, rubric)
+                    == tiny_world.TRACE_RUBRICS[rubric](r["scene"], items)[d]), (rubric, trace)
     # it reads the lines, not the scene: a trace that calls a wrong colour right costs nothing
     line = "top left red circle: blue circle, no."
     items = tiny_world.parse_prompt("a red circle top left")
@@ -162,6 +169,8 @@ def test_rubric_on_lines_prices_the_worlds_own_traces_as_the_scene(tmp_path):
     assert tiny_world.rubric_on_lines("noise: strong.\nblur: mild.\nartifacts: none.", "realism", []) == 1.5
     assert tiny_world.rubric_on_lines("noise: strong.\nblur: mild.\nartifacts: none.", "realism", [], "generic") == 3.0
     assert tiny_world.rubric_on_lines("noise: strong.\nblur: mild.\nartifacts: none.", "realism", [], "conspicuous") == 4.0
+    assert tiny_world.rubric_on_lines(line + "\nextra: blue cross.", "alignment", items, "coarse") == 4.0
+    assert tiny_world.rubric_on_lines(line + "\nextra: blue cross.", "alignment", items, "conspicuous") == 3.0
     with pytest.raises(ValueError, match="rubric"):
         tiny_world.rubric_on_lines("noise: strong.", "realism", [], "annotators")
 
