@@ -191,23 +191,28 @@ MILD = {"realism": {"mild"}, "clutter": {"mild"}, "support": {"hovering"}}
 FREE = {"generic": (), "conspicuous": ("mild",), "coarse": ("mild", "extra", "offcenter")}
 
 
+def _free(kind, severity, free):
+    """whether a generic rubric that leaves out `free` (a value of FREE) prices this defect at nothing;
+    kind and severity in rubric_on_lines' vocabulary (_line_defects)"""
+    return kind in free or ("mild" in free and severity in MILD.get(kind, ()))
+
+
 def defect_counts(scene, items, free=()):
     """{dimension: number of defects}, every kind and severity counted once (the generic rubric);
     free: the kinds of FREE left out (FREE["conspicuous"], FREE["coarse"])"""
-    unknown = set(free) - {"mild", "extra", "offcenter"}
+    unknown = set(free) - {"mild", *_PRICES}
     if unknown:
-        raise ValueError(f"free names kinds mild, extra, offcenter; got {sorted(unknown)}")
+        raise ValueError(f"free names mild or a defect kind of {sorted(_PRICES)}; got {sorted(unknown)}")
     status, extras = check_alignment(scene, items)
     objs = scene["objects"]
-    ok = {"realism": {"none"}, "clutter": {"none"}, "support": {"grounded"}}
-    if "mild" in free:
-        ok = {k: v | MILD[k] for k, v in ok.items()}
+    counted = lambda kind, severity=None: not _free(kind, severity, free)  # noqa: E731
     return {
-        "alignment": sum(s != "ok" for s, _ in status) + len(extras) * ("extra" not in free),
-        "realism": sum(scene[k] not in ok["realism"] for k in ("noise", "blur", "artifacts")),
-        "aesthetics": sum(o["offset"] != 0 for o in objs) * ("offcenter" not in free)
-        + (scene["clutter"] not in ok["clutter"]) + (scene["contrast"] == "low"),
-        "plausibility": sum(o["support"] not in ok["support"] for o in objs),
+        "alignment": sum(s != "ok" for s, _ in status) + sum(counted("extra") for _ in extras),
+        "realism": sum(scene[k] != "none" and counted("realism", scene[k]) for k in ("noise", "blur", "artifacts")),
+        "aesthetics": sum(o["offset"] != 0 and counted("offcenter") for o in objs)
+        + (scene["clutter"] != "none" and counted("clutter", scene["clutter"]))
+        + (scene["contrast"] == "low" and counted("contrast")),
+        "plausibility": sum(o["support"] != "grounded" and counted("support", o["support"]) for o in objs),
     }
 
 
@@ -341,7 +346,7 @@ def rubric_on_lines(trace, dimension, items, rubric="true"):
             price = _PRICES[kind]
             if rubric == "true":
                 penalty += float(price[severity] if isinstance(price, dict) else price)
-            elif kind not in FREE[rubric] and not ("mild" in FREE[rubric] and severity in MILD.get(kind, ())):
+            elif not _free(kind, severity, FREE[rubric]):
                 penalty += 1.0
     return max(S_MIN, S_MAX - penalty)
 
