@@ -207,12 +207,15 @@ def defect_counts(scene, items, free=()):
     objs = scene["objects"]
     counted = lambda kind, severity=None: not _free(kind, severity, free)  # noqa: E731
     return {
-        "alignment": sum(s != "ok" for s, _ in status) + sum(counted("extra") for _ in extras),
-        "realism": sum(scene[k] != "none" and counted("realism", scene[k]) for k in ("noise", "blur", "artifacts")),
+        "alignment": sum(s != "ok" and counted("align", s) for s, _ in status)
+        + sum(counted("extra") for _ in extras),
+        "realism": sum(scene[k] != "none" and counted("realism", scene[k])
+                       for k in ("noise", "blur", "artifacts")),
         "aesthetics": sum(o["offset"] != 0 and counted("offcenter") for o in objs)
         + (scene["clutter"] != "none" and counted("clutter", scene["clutter"]))
         + (scene["contrast"] == "low" and counted("contrast")),
-        "plausibility": sum(o["support"] != "grounded" and counted("support", o["support"]) for o in objs),
+        "plausibility": sum(o["support"] != "grounded" and counted("support", o["support"])
+                            for o in objs),
     }
 
 

@@ -54,6 +54,9 @@ def test_generic_rubric_counts_defects_not_their_weight():
     assert tiny_world.coarse_scores(s, items) == {"alignment": 4.0, "realism": 4.0, "aesthetics": 3.0,
                                                   "plausibility": 4.0}
     assert tiny_world.coarse_scores(mild, items) == tiny_world.conspicuous_scores(mild, items)
+    # free may name any kind rubric_on_lines prices, and defect_counts honours each: wrong items too
+    assert tiny_world.defect_counts(s, items, free=("align",))["alignment"] == 1
+    assert tiny_world.defect_counts(s, items, free=("align", "extra"))["alignment"] == 0
     with pytest.raises(ValueError, match="hovering"):
         tiny_world.defect_counts(s, items, free=("hovering",))
 
